@@ -2,11 +2,22 @@
 
 Every fast path sits beside its plain-torch reference. Tensors in attention are [T, heads, head_dim]
 (NPU's "TND"); sample boundaries are `cu_seqlens` (int32, starts with 0), FlashAttention's convention.
+Fast paths: CUDA -> our Triton kernels (FlashAttention-2, RMSNorm) and torch._grouped_mm; Ascend ->
+torch_npu's fused ops (imported only there). Triton is optional: without it the CUDA paths fall back
+to SDPA / plain torch, and under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors (CI).
 """
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. Ascend or CPU-only installs: the "triton" paths are then unavailable
+    triton = None
 
 # ----------------------------------------------------------------------------- devices
 
@@ -22,12 +33,48 @@ def detect_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name=None):
+    """`--device` value -> device type; None/"auto" picks `detect_device()`. Asking for a device that
+    is not there is an error that says what is missing."""
+    if name in (None, "auto"):
+        return detect_device()
+    if name == "npu":
+        _torch_npu()
+        if not torch.npu.is_available():
+            raise RuntimeError("--device npu: torch_npu is installed but sees no NPU")
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device")
+    elif name not in ("npu", "cuda", "cpu"):
+        raise ValueError(f"--device {name!r}: choose from npu, cuda, cpu, auto")
+    return name
+
+
+def _torch_npu():
+    """torch_npu, imported only when an Ascend path is taken (it registers the "npu" device)."""
+    try:
+        import torch_npu
+    except ImportError as e:
+        raise RuntimeError("the npu paths need torch_npu (pip install -r requirements-npu.txt on an "
+                           "Ascend machine with CANN)") from e
+    return torch_npu
+
+
+def _on_npu(x):
+    """Whether x lives on an Ascend NPU, i.e. whether the small ops take their torch_npu path."""
+    return x.device.type == "npu"
+
+
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_BACKENDS = ("reference", "sdpa")
+ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "npu")
 
 
 def default_backend(device_type):
+    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton), else reference."""
+    if device_type == "npu":
+        return "npu"
+    if device_type == "cuda":
+        return "triton" if triton is not None else "sdpa"
     return "reference"
 
 
@@ -37,7 +84,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
 
     cu_seqlens_k (default: cu_seqlens) lets keys have their own lengths (KV-cache decoding); causal
     masking is then aligned to the bottom-right, as in FlashAttention-2: query i of a sample with
-    lengths (Lq, Lk) sees keys j <= i + Lk - Lq.
+    lengths (Lq, Lk) sees keys j <= i + Lk - Lq. max_seqlen(_k) size the "triton"/"flash_attn" grids
+    and are trusted, as FlashAttention does (checking them would cost a host sync).
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
@@ -49,6 +97,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
         return ReferenceAttention.apply(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
     if backend == "sdpa":
         return _sdpa_attention(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
+    if backend == "triton":
+        return _triton_attention(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k),
+                                 causal, scale)
+    if backend == "flash_attn":
+        return _flash_attn_attention(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen),
+                                     int(max_seqlen_k), causal, scale)
+    if backend == "npu":
+        return _npu_attention(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
@@ -183,14 +239,350 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, causal, scale):
     return out
 
 
+def _flash_attn_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """flash_attn's varlen kernel (bottom-right causal since v2.1, GQA native), when installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("attention backend 'flash_attn' needs the flash-attn package; "
+                           "use 'triton' or 'sdpa'") from e
+    return flash_attn_varlen_func(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, softmax_scale=scale,
+                                  causal=causal)
+
+
+@functools.lru_cache(maxsize=None)
+def _npu_causal_mask(device):
+    """npu_fusion_attention's compressed causal mask for sparse_mode 3 (True = masked)."""
+    return torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=device), diagonal=1)
+
+
+def _npu_attention(q, k, v, cu_q, cu_k, causal, scale):
+    """torch_npu.npu_fusion_attention on packed "TND" tokens; torch_npu supplies the backward.
+    actual_seq_(kv)len are host lists of cumulative lengths without the leading 0; sparse_mode 3 is
+    causal per sample aligned bottom-right, 0 with no mask is full attention; head_num = query heads."""
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens for q ({len(cu_q)}) and k ({len(cu_k)}) differ in sample count")
+    return _torch_npu().npu_fusion_attention(
+        q, k, v, q.shape[1], "TND", atten_mask=_npu_causal_mask(q.device) if causal else None,
+        scale=scale, actual_seq_qlen=cu_q[1:].tolist(), actual_seq_kvlen=cu_k[1:].tolist(),
+        sparse_mode=3 if causal else 0)[0]
+
+
+def _triton_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    if triton is None:
+        raise RuntimeError("attention backend 'triton' needs the triton package; use 'sdpa' or 'reference'")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"attention backend 'triton' runs on cuda tensors (or on any device under "
+                           f"TRITON_INTERPRET=1); got {q.device.type}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention backend 'triton' takes fp16/bf16/fp32 q, k, v of one dtype; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"attention backend 'triton' supports head_dim <= 256, got {q.shape[-1]}")
+    cu_q = cu_q.to(device=q.device, dtype=torch.int32)
+    cu_k = cu_k.to(device=q.device, dtype=torch.int32)
+    return TritonAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+if triton is not None:
+    # FlashAttention-2 (Dao 2023) over packed samples: program (block, sample, head) finds its rows
+    # from cu_seqlens; head_dim is padded to a power of two (the ViT's 80 -> 128) and masked.
+    # Scores live in the log2 domain (s * scale * log2 e) so the softmax uses exp2; LSE is saved
+    # in those units. Causal masking is bottom-right: key j is visible to query i iff j <= i + Lk - Lq.
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, scale_log2, n_q,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+                         GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+        """FlashAttention-2 Alg. 1: one query tile, an online softmax over key tiles, fp32 state."""
+        start_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q0, k0 = tl.load(cu_q + b), tl.load(cu_k + b)
+        len_q, len_k = tl.load(cu_q + b + 1) - q0, tl.load(cu_k + b + 1) - k0
+        if start_m * BLOCK_M >= len_q:
+            return
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < len_q
+        d_ok = offs_d < HEAD_DIM
+        rows = (q0 + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        hk = h // GROUPS  # GQA: consecutive query heads share one kv head
+        k_base = K + k0.to(tl.int64) * sk_t + hk * sk_h
+        v_base = V + k0.to(tl.int64) * sv_t + hk * sv_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        diag = len_k - len_q
+        end_n = len_k
+        if CAUSAL:  # key tiles wholly above the diagonal are skipped
+            end_n = tl.minimum(len_k, (start_m + 1) * BLOCK_M + diag)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            visible = (cols < len_k)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
+        tl.store(O + rows[:, None] * so_t + h * so_h + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + h * n_q + q0 + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k, scale, scale_log2, n_q,
+                              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdk_t, sdk_h,
+                              GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+        """FlashAttention-2 Alg. 2, outer loop over key tiles: dV = P^T dO, dK = scale dS^T Q with
+        P recomputed from the saved LSE and dS = P * (dP - D). The GROUPS query heads that share a
+        kv head are summed here, so GQA needs no atomics."""
+        start_n, b, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q0, k0 = tl.load(cu_q + b), tl.load(cu_k + b)
+        len_q, len_k = tl.load(cu_q + b + 1) - q0, tl.load(cu_k + b + 1) - k0
+        if start_n * BLOCK_N >= len_k:
+            return
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < len_k
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        cols = (k0 + offs_n).to(tl.int64)
+        k = tl.load(K + cols[:, None] * sk_t + hk * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + hk * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        diag = len_k - len_q
+        begin_m = 0
+        if CAUSAL:  # queries before the key tile's diagonal never see it
+            begin_m = tl.maximum(start_n * BLOCK_N - diag, 0)
+        for g in range(GROUPS):
+            h = hk * GROUPS + g
+            for start_m in range(begin_m, len_q, BLOCK_M):
+                rows_in = start_m + offs_m
+                row_ok = rows_in < len_q
+                rows = (q0 + rows_in).to(tl.int64)
+                q_mask = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DO + rows[:, None] * so_t + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSE + h * n_q + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + h * n_q + rows, mask=row_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+                visible = row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (offs_n[None, :] <= rows_in[:, None] + diag)
+                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        out_off = cols[:, None] * sdk_t + hk * sdk_h + offs_d[None, :]
+        tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, scale, scale_log2, n_q,
+                            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+                            GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+        """FlashAttention-2 Alg. 2's dQ = scale dS K, as its own pass over key tiles per query tile
+        (recomputing P rather than accumulating dQ with atomics)."""
+        start_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q0, k0 = tl.load(cu_q + b), tl.load(cu_k + b)
+        len_q, len_k = tl.load(cu_q + b + 1) - q0, tl.load(cu_k + b + 1) - k0
+        if start_m * BLOCK_M >= len_q:
+            return
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < len_q
+        d_ok = offs_d < HEAD_DIM
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        rows = (q0 + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * so_t + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + h * n_q + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + h * n_q + rows, mask=row_ok, other=0.0)
+        hk = h // GROUPS
+        k_base = K + k0.to(tl.int64) * sk_t + hk * sk_h
+        v_base = V + k0.to(tl.int64) * sv_t + hk * sv_h
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        diag = len_k - len_q
+        end_n = len_k
+        if CAUSAL:
+            end_n = tl.minimum(len_k, (start_m + 1) * BLOCK_M + diag)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            visible = row_ok[:, None] & (cols < len_k)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        tl.store(DQ + rows[:, None] * so_t + h * so_h + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+class TritonAttention(torch.autograd.Function):
+    """Our varlen FlashAttention-2 in Triton: the kernels above, fp32 accumulation, O(T) memory.
+    Tiles (BLOCK_M queries x BLOCK_N keys) follow FlashAttention-2's H100 choices; not tuned here."""
+
+    FWD_BLOCKS = (128, 64)
+    BWD_BLOCKS = (64, 64)
+
+    @staticmethod
+    def _launch_args(q, k, causal):
+        D = q.shape[-1]
+        return dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=D, CAUSAL=causal,
+                    BLOCK_D=max(16, triton.next_power_of_2(D)),
+                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 = default for 16-bit
+                    num_warps=4 if D <= 64 else 8)
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        T, H, _ = q.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(H, T, dtype=torch.float32, device=q.device)  # log2 units
+        block_m, block_n = TritonAttention.FWD_BLOCKS
+        grid = (triton.cdiv(max_q, block_m), len(cu_q) - 1, H)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, scale * math.log2(math.e), T,
+                               q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                               v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                               BLOCK_M=block_m, BLOCK_N=block_n, **TritonAttention._launch_args(q, k, causal))
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.causal, ctx.scale = max_q, max_k, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dout = dout.contiguous()
+        T, H, _ = q.shape
+        # FlashAttention-2 Alg. 2 line 4: D_i = rowsum(dO_i * O_i), one fused torch reduction
+        delta = (dout.float() * out.float()).sum(-1).t().contiguous()
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        args = TritonAttention._launch_args(q, k, ctx.causal)
+        block_m, block_n = TritonAttention.BWD_BLOCKS
+        scales = (ctx.scale, ctx.scale * math.log2(math.e), T)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   dout.stride(0), dout.stride(1))
+        n_samples = len(cu_q) - 1
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_k, block_n), n_samples, k.shape[1])](
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *scales, *strides, dk.stride(0), dk.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, **args)
+        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_q, block_m), n_samples, H)](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *scales, *strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, **args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- small ops
 
 
 def rms_norm(x, weight, eps=1e-6):
-    """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain as Qwen/Llama do."""
+    """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain as Qwen/Llama do.
+    Fused: torch_npu.npu_rms_norm on Ascend, our Triton kernel on CUDA."""
+    if _on_npu(x):
+        return _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+    if x.is_cuda and triton is not None and x.numel():
+        return TritonRMSNorm.apply(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * y.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, D, eps, BLOCK_D: tl.constexpr):
+        """One row: rstd = 1/sqrt(mean(x^2) + eps); y = w * cast(x * rstd), the reference's rounding."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < D
+        x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        y = (x * rstd).to(X.dtype.element_ty).to(tl.float32) * w
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, n_rows, stride_x, stride_dy, stride_dx,
+                             D, BLOCK_D: tl.constexpr):
+        """Rows pid, pid + P, ...: dx = rstd (g - xhat mean(g xhat)) with g = dy w; this program's
+        share of dw = sum_rows dy cast(xhat) goes to DW_PARTIAL[pid] (summed by the caller)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < D
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_D], tl.float32)
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            r = tl.cast(row, tl.int64)
+            x = tl.load(X + r * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + r)
+            xhat = x * rstd
+            dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+            g = dy * w
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, 0) / D))
+            tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
+        tl.store(DW_PARTIAL + pid * D + cols, dw, mask=ok)
+
+
+class TritonRMSNorm(torch.autograd.Function):
+    """rms_norm as two Triton kernels (one read of x forward, one of x and dy backward)."""
+
+    BWD_PROGRAMS = 512  # enough rows per program to amortise the dw partials, enough programs to fill a GPU
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        n, D = x2.shape
+        y = torch.empty(n, D, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+        _rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
+                                   BLOCK_D=triton.next_power_of_2(D))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], D)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n, D = x2.shape
+        dy2 = dy.reshape(n, D)
+        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+        dx = torch.empty(n, D, dtype=x2.dtype, device=x2.device)
+        programs = min(n, TritonRMSNorm.BWD_PROGRAMS)
+        dw_partial = torch.empty(programs, D, dtype=torch.float32, device=x2.device)
+        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, n, x2.stride(0),
+                                          dy2.stride(0), dx.stride(0), D, BLOCK_D=triton.next_power_of_2(D))
+        return dx.view(ctx.x_shape), dw_partial.sum(0).to(weight.dtype), None
 
 
 def rotate_half(x):
@@ -200,11 +592,114 @@ def rotate_half(x):
 
 def apply_rope(x, cos, sin):
     """Rotary embedding (RoFormer, Su et al. 2021) in the half-split layout: x*cos + rotate_half(x)*sin.
-    x [T, H, D]; cos/sin [T, D] (already repeated over the two halves)."""
+    x [T, H, D]; cos/sin [T, D] (already repeated over the two halves). On CUDA it stays plain torch:
+    an elementwise op that torch.compile fuses with its neighbours, unmeasured against a kernel here."""
+    if _on_npu(x) and x.shape[-1] % 64 == 0:  # npu_rotary_mul's head-dim limits vary by release
+        c, s = (t.to(x.dtype)[None, :, None, :] for t in (cos, sin))  # BSND layout, cos/sin "1S1D"
+        return _torch_npu().npu_rotary_mul(x[None], c, s)[0]
     xf = x.float()
     return (xf * cos[:, None, :] + rotate_half(xf) * sin[:, None, :]).to(x.dtype)
 
 
 def swiglu(gate, up):
-    """SwiGLU (Shazeer 2020): silu(gate) * up."""
+    """SwiGLU (Shazeer 2020): silu(gate) * up. npu_swiglu takes [gate, up] concatenated; on CUDA it
+    stays plain torch (elementwise, left to torch.compile), like apply_rope."""
+    if _on_npu(gate):
+        return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
     return F.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- grouped matmul (MoE)
+
+
+def grouped_mm(x, w, counts):
+    """Per-expert matmuls over tokens sorted by expert: x [N, K], w [E, K, M], counts [E] tokens per
+    expert (zeros allowed) -> [N, M], rows of expert e multiplied by w[e].
+    Fast paths: npu_grouped_matmul on Ascend, torch._grouped_mm on CUDA (rows must be 16-byte
+    aligned); the reference is a loop over experts, which also checks counts against N."""
+    if _on_npu(x):
+        return NpuGroupedMM.apply(x, w, counts)
+    if x.is_cuda and (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * w.element_size()) % 16 == 0:
+        return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    sizes = counts.tolist()
+    if len(sizes) != w.shape[0] or sum(sizes) != x.shape[0]:
+        raise ValueError(f"grouped_mm: counts {sizes} must have one entry per expert ({w.shape[0]}) and "
+                         f"sum to the number of tokens ({x.shape[0]})")
+    return torch.cat([xe @ we for xe, we in zip(x.split(sizes), w)])
+
+
+class NpuGroupedMM(torch.autograd.Function):
+    """npu_grouped_matmul has no autograd of its own: forward groups x's rows (group_type 0);
+    backward is dx = grouped(dy, w^T) and dw[e] = x_e^T dy_e, a grouping of the contraction axis
+    (group_type 2). group_list_type 1: per-expert counts."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ctx.save_for_backward(x, w, counts)
+        return _torch_npu().npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0,
+                                               group_list_type=1)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, counts = ctx.saved_tensors
+        npu = _torch_npu()
+        dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=counts, split_item=2,
+                                    group_type=0, group_list_type=1)[0]
+        dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=counts, split_item=3, group_type=2,
+                                    group_list_type=1)[0]
+        return dx, dw, None
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk=1024, z_loss=False):
+    """Sum over tokens with labels != -100 of cross-entropy(hidden @ weight^T, labels), and with
+    z_loss=True also the sum of logsumexp^2 (the z-loss term of PaLM / MM1), as (ce, z).
+    hidden [T, d], weight [V, d]. Logits exist only `chunk` tokens at a time, in fp32, forward and
+    (recomputed) backward, so [T, V] fp32 logits never do. Plain torch: runs on every device."""
+    keep = labels != -100
+    hidden, labels = hidden[keep], labels[keep]
+    if labels.numel() and (labels.min() < 0 or labels.max() >= weight.shape[0]):
+        raise ValueError(f"linear_cross_entropy: labels must be -100 or in [0, {weight.shape[0]}); got "
+                         f"min {labels.min().item()}, max {labels.max().item()}")
+    ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    return (ce, z) if z_loss else ce
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Chunked over tokens; saves only the per-token logsumexp. Backward recomputes a chunk's logits:
+    d/dlogits = g_ce (softmax - onehot) + g_z 2 lse softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            logits = (hidden[i:i + chunk] @ weight.t()).float()
+            lse_c = torch.logsumexp(logits, dim=-1)
+            ce += (lse_c - logits.gather(1, labels[i:i + chunk, None])[:, 0]).sum()
+            z += lse_c.square().sum()
+            lse[i:i + chunk] = lse_c
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return ce, z
+
+    @staticmethod
+    def backward(ctx, g_ce, g_z):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h, lse_c, y = hidden[i:i + ctx.chunk], lse[i:i + ctx.chunk], labels[i:i + ctx.chunk]
+            grad = torch.exp((h @ weight.t()).float() - lse_c[:, None])  # softmax
+            grad *= (g_ce + 2 * g_z * lse_c)[:, None]
+            grad[torch.arange(len(y), device=y.device), y] -= g_ce
+            grad = grad.to(hidden.dtype)
+            if need_dh:
+                dh[i:i + ctx.chunk] = grad @ weight
+            if need_dw:
+                dw += (grad.t() @ h).float()
+        return dh, None if dw is None else dw.to(weight.dtype), None, None

@@ -1,5 +1,9 @@
-"""varlen attention backends against a naive softmax(QK^T)V, values and gradients."""
+"""varlen attention backends against a naive softmax(QK^T)V, values and gradients.
+
+The "triton" backend runs on CUDA when there is one, else in Triton's CPU interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 when CUDA is unavailable)."""
 import math
+import os
 
 import pytest
 import torch
@@ -21,30 +25,58 @@ def naive_attention(q, k, v, cu_q, cu_k, causal):
         s = qh @ kh.transpose(1, 2) / math.sqrt(q.shape[-1])
         if causal:
             lq, lk = qe - qs, ke - ks
-            allowed = torch.arange(lk)[None] <= torch.arange(lq)[:, None] + lk - lq
+            rows, cols = torch.arange(lq, device=q.device), torch.arange(lk, device=q.device)
+            allowed = cols[None] <= rows[:, None] + lk - lq
             s = s.masked_fill(~allowed, -math.inf)
         outs.append((s.softmax(-1) @ vh).transpose(0, 1))
     return torch.cat(outs)
 
 
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def device_for(backend, dtype):
+    """Where a backend's test tensors live; skips what this machine cannot run."""
+    if backend != "triton":
+        return "cpu"
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("triton 3.9's interpreter multiplies bf16 tl.dot operands as raw uint16 bits")
+    return "cpu" if INTERPRETED else "cuda"
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 16-32 so the tiny test samples span several query and key tiles."""
+    monkeypatch.setattr(kernels.ReferenceAttention, "BLOCK", 16)
+    monkeypatch.setattr(kernels.TritonAttention, "FWD_BLOCKS", (32, 16))
+    monkeypatch.setattr(kernels.TritonAttention, "BWD_BLOCKS", (16, 32))
+
+
+def random_qkv(lengths, heads, head_dim, dtype, device, kv_lengths=None):
+    def cumulative(ns):
+        cu = [0]
+        for n in ns:
+            cu.append(cu[-1] + n)
+        return cu
+    cu, cu_k = cumulative(lengths), cumulative(kv_lengths or lengths)
+    h, hkv = heads
+    q = torch.randn(cu[-1], h, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(cu_k[-1], hkv, head_dim, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(cu_k[-1], hkv, head_dim, dtype=dtype, device=device, requires_grad=True)
+    return q, k, v, cu, cu_k
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
-def test_matches_naive(backend, causal, dtype, heads, monkeypatch):
-    monkeypatch.setattr(kernels.ReferenceAttention, "BLOCK", 16)  # several tiles per sample
+def test_matches_naive(backend, causal, dtype, heads, small_tiles):
     lengths = [5, 40, 0, 35, 1]
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    cu_t = torch.tensor(cu, dtype=torch.int32)
-    h, hkv = heads
-    q = torch.randn(cu[-1], h, 16, dtype=dtype, requires_grad=True)
-    k = torch.randn(cu[-1], hkv, 16, dtype=dtype, requires_grad=True)
-    v = torch.randn(cu[-1], hkv, 16, dtype=dtype, requires_grad=True)
+    q, k, v, cu, _ = random_qkv(lengths, heads, 16, dtype, device_for(backend, dtype))
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
     out = varlen_attention(q, k, v, cu_t, max(lengths), causal=causal, backend=backend)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
@@ -57,14 +89,63 @@ def test_matches_naive(backend, causal, dtype, heads, monkeypatch):
         torch.testing.assert_close(g.float(), r.float(), atol=atol * 4, rtol=rtol)
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 def test_kv_longer_than_q_is_bottom_right_causal(backend):
     """KV-cache decoding: one new query per sample sees every cached key of its own sample."""
-    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
-    cu_k = torch.tensor([0, 7, 20], dtype=torch.int32)
-    q, k, v = torch.randn(2, 2, 8), torch.randn(20, 1, 8), torch.randn(20, 1, 8)
-    out = varlen_attention(q, k, v, cu_q, 1, causal=True, backend=backend, cu_seqlens_k=cu_k, max_seqlen_k=13)
-    torch.testing.assert_close(out, naive_attention(q, k, v, [0, 1, 2], [0, 7, 20], True), atol=1e-5, rtol=1e-5)
+    device = device_for(backend, torch.float32)
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(n, h, 16, device=device) for n, h in ((2, 2), (20, 1), (20, 1)))
+    out = varlen_attention(q, k, v, cu_q, 1, causal=True, backend=backend, cu_seqlens_k=cu_k,
+                           max_seqlen_k=13)
+    torch.testing.assert_close(out, naive_attention(q, k, v, [0, 1, 2], [0, 7, 20], True), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_chunked_prefill_bottom_right_causal_grads(backend, small_tiles):
+    """Several new queries per sample over a longer cache (Lk > Lq > 1): values and gradients."""
+    device = device_for(backend, torch.float32)
+    q, k, v, cu, cu_k = random_qkv([5, 20], (4, 2), 16, torch.float32, device, kv_lengths=[12, 37])
+    cu_t, cu_k_t = (torch.tensor(c, dtype=torch.int32, device=device) for c in (cu, cu_k))
+    out = varlen_attention(q, k, v, cu_t, 20, causal=True, backend=backend, cu_seqlens_k=cu_k_t,
+                           max_seqlen_k=37)
+    ref = naive_attention(q, k, v, cu, cu_k, True)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_head_dims(head_dim, dtype, small_tiles):
+    """The decoder's head dims (64, 128) and the ViT's 80 (padded to a 128 tile and masked)."""
+    device = device_for("triton", dtype)
+    q, k, v, cu, _ = random_qkv([9, 30], (2, 1), head_dim, dtype, device)
+    out = varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device=device), 30, causal=False,
+                           backend="triton")
+    ref = naive_attention(q, k, v, cu, cu, False)
+    grad = torch.randn_like(out)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad.float())
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), atol=atol * 4, rtol=rtol)
+
+
+def test_default_backends():
+    assert kernels.default_backend("npu") == "npu"
+    assert kernels.default_backend("cuda") == ("triton" if kernels.triton is not None else "sdpa")
+    assert kernels.default_backend("cpu") == "reference"
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+def test_triton_backend_refuses_cpu_tensors_outside_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(4, 2, 16)
+    with pytest.raises(RuntimeError, match="cuda"):
+        varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="triton")
 
 
 def test_reference_memory_linear_in_length():
