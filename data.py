@@ -1,0 +1,809 @@
+"""Data: tokenizer, chat template, image preprocessing, sample formats, the synthetic curriculum,
+JSONL datasets, mixing by ratio, and packing into PackedBatch (flat token stream, no padding).
+
+Label convention (Hugging Face's): labels are aligned with the tokens, labels[t] is the token at t
+when it carries loss, else -100. The model shifts within each sample (by cu_seqlens): position t
+learns labels[t + 1] of the same sample, never the next sample's first token.
+
+Data problems (unreadable image, bad record, too-long sample) raise `DataError` (a ValueError)
+naming the file:line / sample; loaders skip and count them instead when on_bad="skip".
+"""
+import base64
+import bisect
+import hashlib
+import json
+import math
+import os
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import tiktoken
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+PATCH = 14  # ViT patch side in pixels
+MERGE = 2  # PatchMerger merges 2x2 patches into one LLM token
+FACTOR = PATCH * MERGE
+MIN_PIXELS = 56 * 56  # Qwen2-VL processor defaults
+MAX_PIXELS = 28 * 28 * 1280
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+IGNORE = -100
+IMAGE_TAG = "<image>"
+
+
+class DataError(ValueError):
+    """A problem with the data (not the code): names the file:line, path or sample."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>"]
+# cl100k's split pattern, the default for .tiktoken rank files (which do not store one)
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# GPT-2's pattern, used by ByteLevel pre-tokenizers with use_regex=true
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level BPE alphabet: printable bytes map to themselves, the rest to chr(256+n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the recipe's special tokens. With no arguments: byte-level
+    (ids 0..255 are the bytes, then SPECIAL_TOKENS as 256..261)."""
+
+    def __init__(self, mergeable_ranks=None, special_tokens=None, pat_str=r"\s+|\S+", normalization=None,
+                 name="bytes"):
+        if mergeable_ranks is None:
+            mergeable_ranks = {bytes([b]): b for b in range(256)}
+        special_tokens = dict(special_tokens or {})
+        next_id = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1
+        for s in SPECIAL_TOKENS:  # the recipe needs all six; append those the vocabulary lacks
+            if s not in special_tokens:
+                special_tokens[s] = next_id
+                next_id += 1
+        self.normalization = normalization
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=special_tokens)
+        self.special_tokens = special_tokens
+        self.vocab_size = next_id
+        self.eos_id, self.im_start_id, self.im_end_id, self.vision_start_id, self.vision_end_id, \
+            self.image_pad_id = (special_tokens[s] for s in SPECIAL_TOKENS)
+
+    def encode(self, text, special=True):
+        """Token ids of `text`. special=True parses special-token strings in the text (as Hugging Face
+        tokenizers do); special=False encodes them as plain text (used for data content)."""
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
+        if special:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids), errors="replace")
+
+    @classmethod
+    def from_tiktoken_file(cls, path, pat_str=CL100K_PATTERN):
+        """A standard .tiktoken file (`base64(token) rank` per line); specials follow the last rank."""
+        ranks = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 2:
+                    raise DataError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:80]!r}")
+                ranks[base64.b64decode(parts[0])] = int(parts[1])
+        return cls(ranks, pat_str=pat_str, name=os.path.basename(path))
+
+    @classmethod
+    def from_hf(cls, path):
+        """Convert a Hugging Face byte-level BPE tokenizer.json (Qwen2/Qwen3 style) to tiktoken ranks,
+        keeping the Hugging Face ids (rank = id) so checkpoints keep their embedding rows."""
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        with open(file, encoding="utf-8") as f:
+            tj = json.load(f)
+        model = tj["model"]
+        if model.get("type") != "BPE":
+            raise DataError(f"{file}: model type {model.get('type')!r} is not BPE")
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        ranks = {}
+        for tok, i in model["vocab"].items():
+            if tok in added:
+                continue
+            try:
+                ranks[bytes(byte_of[c] for c in tok)] = i
+            except KeyError:
+                raise DataError(f"{file}: vocab entry {tok!r} is not byte-level BPE") from None
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise DataError(f"{file}: byte-level vocab lacks {len(missing)} single bytes, e.g. {missing[:5]}")
+        # tiktoken merges the adjacent pair whose concatenation has the lowest rank; this equals
+        # Hugging Face's merge-priority order only if each merge's result has a higher id than
+        # both parts and ids increase with merge order.
+        made, last = set(), -1
+        for k, m in enumerate(model.get("merges", [])):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            ia, ib, iab = model["vocab"].get(a), model["vocab"].get(b), model["vocab"].get(a + b)
+            if iab is None or ia is None or ib is None or not (iab > max(ia, ib) and iab > last):
+                raise DataError(f"{file}: merge {k} {a!r}+{b!r} is not consistent with vocab ids")
+            last = iab
+            made.add(a + b)
+        stray = [t for t, i in model["vocab"].items() if len(t) > 1 and t not in made and t not in added]
+        if stray:
+            raise DataError(f"{file}: {len(stray)} vocab entries are neither bytes nor merges, e.g. {stray[:3]}")
+        return cls(ranks, added, pat_str=_hf_pattern(tj, file), normalization=_hf_normalization(tj, file),
+                   name=os.path.basename(os.path.dirname(os.path.abspath(file))))
+
+
+def _hf_pattern(tj, file):
+    """The split regex of a tokenizer.json pre-tokenizer (Split + ByteLevel, or ByteLevel alone)."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    pattern = None
+    for s in steps:
+        if s.get("type") == "Split":
+            if s.get("behavior") != "Isolated" or s.get("invert"):
+                raise DataError(f"{file}: only Split(behavior=Isolated, invert=false) is supported")
+            pattern = s["pattern"].get("Regex")
+            if pattern is None:
+                raise DataError(f"{file}: Split pattern must be a Regex")
+        elif s.get("type") == "ByteLevel":
+            if s.get("add_prefix_space"):
+                raise DataError(f"{file}: ByteLevel add_prefix_space=true is not supported")
+            if s.get("use_regex", True):
+                pattern = GPT2_PATTERN
+        else:
+            raise DataError(f"{file}: unsupported pre-tokenizer {s.get('type')!r}")
+    if pattern is None:
+        raise DataError(f"{file}: no split pattern in pre_tokenizer")
+    return pattern
+
+
+def _hf_normalization(tj, file):
+    norm = tj.get("normalizer")
+    if norm is None:
+        return None
+    if norm.get("type") in ("NFC", "NFD", "NFKC", "NFKD"):
+        return norm["type"]
+    raise DataError(f"{file}: unsupported normalizer {norm.get('type')!r}")
+
+
+# ----------------------------------------------------------------------------- images
+
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """Qwen2-VL's rule: sides multiples of `factor`, aspect kept, pixel count in [min, max]."""
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f"aspect ratio {max(height, width) / min(height, width):.1f} > 200 ({width}x{height})")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def load_image(path):
+    """Open and decode an image file; any failure is a DataError naming the path."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except OSError as e:  # missing file, unknown format, truncated bytes
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def to_rgb(img):
+    """RGB; transparency is composited onto white (as the Hugging Face processors do)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def process_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """PIL image -> (pixel_patches [P, 3*14*14] float32, grid (1, h, w) in patches), patches in
+    Qwen2-VL order: each 2x2 merge window's four patches are contiguous, windows row-major."""
+    img = to_rgb(img)
+    h, w = smart_resize(img.height, img.width, FACTOR, min_pixels, max_pixels)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BICUBIC)
+    x = (np.asarray(img, dtype=np.float32) / np.float32(255) - CLIP_MEAN) / CLIP_STD  # [H, W, 3]
+    gh, gw = h // PATCH, w // PATCH
+    x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (win_row, win_col, row_in_win, col_in_win, C, py, px)
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * PATCH * PATCH)), (1, gh, gw)
+
+
+# ----------------------------------------------------------------------------- samples
+
+@dataclass
+class Sample:
+    tokens: list
+    labels: list  # aligned with tokens: tokens[i] where token i carries loss, else -100
+    images: list  # [(patches [P, 588], (1, h, w))] in the order of their <|image_pad|> runs
+    task: str
+    answer: str = None  # reference reply (for_generation=True)
+    id: str = ""  # where the sample came from (file:line or synthetic/split/seed/index), for errors
+    image_starts: list = field(default_factory=list)  # token index of each image's first pad
+
+
+def check_record(record):
+    """Why a record cannot be encoded, or None. (Image files are checked when read.)"""
+    images = record.get("images", [])
+    fmt = record.get("format")
+    if fmt == "conversation":
+        turns = record.get("conversations")
+        if not turns or not isinstance(turns, list):
+            return "no conversations"
+        if any(not isinstance(t, dict) or t.get("from") not in ("system", "human", "gpt")
+               or not isinstance(t.get("value"), str) for t in turns):
+            return "turns need from=system|human|gpt and a string value"
+        if not any(t["from"] == "gpt" for t in turns):
+            return "no gpt reply"
+        if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
+            return "empty reply"
+        tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
+    elif fmt in ("caption", "interleaved", "text"):
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            return "empty text"
+        tags = record["text"].count(IMAGE_TAG)
+    else:
+        return f"unknown format {fmt!r}"
+    if tags != len(images):
+        return f"{tags} {IMAGE_TAG} tags for {len(images)} images"
+    return None
+
+
+def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_generation=False):
+    """Record dict -> Sample. Conversations use Qwen's chat template
+    `<|im_start|>role\\n...<|im_end|>\\n` and carry loss on assistant replies and their <|im_end|>
+    (not the template's trailing "\\n"); a "system" turn becomes a system message (there is no default
+    system prompt). Caption/interleaved/text records carry loss on all text
+    and end with <|endoftext|>. Image tokens never carry loss. for_generation=True drops the last
+    reply, ends the prompt with `<|im_start|>assistant\\n` and puts the reply in `answer`."""
+    rid = record.get("id", "?")
+    reason = check_record(record)
+    if reason:
+        raise DataError(f"{rid}: {reason}")
+    images = []
+    for img in record.get("images", []):
+        try:
+            pil = load_image(img) if isinstance(img, str) else img
+            images.append(process_image(pil, min_pixels, max_pixels))
+        except DataError as e:
+            named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
+            raise DataError(f"{rid}: {e}{named}") from e
+    tok = tokenizer
+    tokens, labels, starts, queue = [], [], [], iter(images)
+
+    def add(ids, loss):
+        tokens.extend(ids)
+        labels.extend(ids if loss else [IGNORE] * len(ids))
+
+    def add_text(text, loss):  # text with <image> tags; content never parses special tokens
+        for k, piece in enumerate(text.split(IMAGE_TAG)):
+            if k:
+                _, (_, h, w) = next(queue)
+                add([tok.vision_start_id], False)
+                starts.append(len(tokens))
+                add([tok.image_pad_id] * (h * w // MERGE ** 2), False)
+                add([tok.vision_end_id], False)
+            add(tok.encode(piece, special=False), loss)
+
+    answer = None
+    if record["format"] == "conversation":
+        turns = record["conversations"]
+        if for_generation:
+            if turns[-1]["from"] != "gpt":
+                raise DataError(f"{rid}: for_generation needs the conversation to end with a gpt reply")
+            turns, answer = turns[:-1], turns[-1]["value"]
+        role = {"system": "system", "human": "user", "gpt": "assistant"}
+        for t in turns:
+            reply = t["from"] == "gpt"
+            add([tok.im_start_id] + tok.encode(role[t["from"]] + "\n", special=False), False)
+            add_text(t["value"], reply)
+            add([tok.im_end_id], reply)
+            add(tok.encode("\n", special=False), False)
+        if for_generation:
+            add([tok.im_start_id] + tok.encode("assistant\n", special=False), False)
+    else:
+        if for_generation:
+            raise DataError(f"{rid}: for_generation needs a conversation record")
+        add_text(record["text"], True)
+        add([tok.eos_id], True)
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts)
+
+
+# ----------------------------------------------------------------------------- synthetic curriculum
+
+SYNTHETIC_TASKS = ["caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr", "grounding",
+                   "multi_image", "arithmetic"]
+TASK_METRIC = {"caption": "anls", "vqa_color": "vqa", "vqa_shape": "vqa", "vqa_count": "vqa",
+               "vqa_position": "vqa", "ocr": "anls", "grounding": "iou", "multi_image": "choice",
+               "arithmetic": "exact"}
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (225, 195, 30),
+          "purple": (140, 60, 180)}
+SHAPES = ["circle", "square", "triangle"]
+SPLITS = {"train": 0, "dev": 1, "test": 2}
+SIZES = {"train": 1_000_000, "dev": 256, "test": 512}
+SCENE = 84  # scene side in pixels: 6x6 patches -> 9 LLM tokens
+_FONT = ImageFont.load_default_imagefont()  # Pillow's built-in bitmap font: offline, same everywhere
+
+
+def _split_of(content_hash):
+    """Content decides the split (80/10/10), so no content is ever in two splits."""
+    bucket = int(content_hash[:8], 16) % 10
+    return "train" if bucket < 8 else "dev" if bucket == 8 else "test"
+
+
+def _background(rng, w, h):
+    return Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(225, 256, 3)))
+
+
+def _draw_shape(draw, shape, color, box):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=COLORS[color])
+
+
+def _scene(rng, objects, cells=None, side=SCENE):
+    """Draw (color, shape) objects into distinct cells of a 2x2 grid (so they never overlap);
+    returns the image and the objects' pixel boxes."""
+    img = _background(rng, side, side)
+    draw = ImageDraw.Draw(img)
+    cell = side // 2
+    cells = list(rng.permutation(4)[:len(objects)]) if cells is None else cells
+    boxes = []
+    for (color, shape), c in zip(objects, cells):
+        s = int(rng.integers(cell * 4 // 10, cell * 8 // 10 + 1))
+        x = (c % 2) * cell + int(rng.integers(1, cell - s))
+        y = (c // 2) * cell + int(rng.integers(1, cell - s))
+        box = (x, y, x + s - 1, y + s - 1)
+        _draw_shape(draw, shape, color, box)
+        boxes.append(box)
+    return img, boxes
+
+
+def _objects(rng, n, distinct="both"):
+    """n (color, shape) pairs; distinct="color"/"shape"/"both" keeps that attribute unique."""
+    colors, shapes = list(COLORS), SHAPES
+    c = rng.permutation(len(colors))[:n] if distinct in ("color", "both") else rng.integers(0, len(colors), n)
+    s = rng.permutation(len(shapes))[:n] if distinct in ("shape", "both") else rng.integers(0, len(shapes), n)
+    return [(colors[i], shapes[j]) for i, j in zip(c, s)]
+
+
+def _phrase(objs):
+    names = [f"a {c} {s}" for c, s in objs]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _make(task, rng):
+    """One task instance: (images, question, answer, statement), independent of style.
+    `statement` is the pre-training sentence (with <image> tags); question holds the tags too."""
+    if task == "caption":
+        objs = _objects(rng, int(rng.integers(1, 4)), "both")
+        img, _ = _scene(rng, objs, sorted(rng.permutation(4)[:len(objs)].tolist()))
+        text = _phrase(objs)
+        return [img], "<image>\nDescribe the image.", text, f"<image>{text}."
+    if task == "vqa_color":
+        objs = _objects(rng, int(rng.integers(1, 3)), "shape")
+        img, _ = _scene(rng, objs)
+        c, s = objs[int(rng.integers(len(objs)))]
+        return [img], f"<image>\nWhat color is the {s}?", c, f"<image>The {s} is {c}."
+    if task == "vqa_shape":
+        objs = _objects(rng, int(rng.integers(1, 3)), "color")
+        img, _ = _scene(rng, objs)
+        c, s = objs[int(rng.integers(len(objs)))]
+        return [img], f"<image>\nWhat shape is the {c} object?", s, f"<image>The {c} object is a {s}."
+    if task == "vqa_count":
+        n = int(rng.integers(1, 5))
+        img, _ = _scene(rng, _objects(rng, n, "none"))
+        return [img], "<image>\nHow many shapes are there?", str(n), f"<image>There are {n} shapes."
+    if task == "vqa_position":
+        objs = _objects(rng, 2, "both")
+        pair = [(0, 1), (2, 3), (0, 2), (1, 3)][int(rng.integers(4))]
+        cells = list(pair) if rng.integers(2) else list(pair[::-1])
+        img, _ = _scene(rng, objs, cells)
+        a, b = cells
+        rel = ("left" if a < b else "right") if a // 2 == b // 2 else ("above" if a < b else "below")
+        (c1, s1), (c2, s2) = objs
+        return ([img], f"<image>\nWhere is the {c1} {s1} relative to the {c2} {s2}?", rel,
+                f"<image>The {c1} {s1} is {rel} the {c2} {s2}." if rel in ("above", "below")
+                else f"<image>The {c1} {s1} is {rel} of the {c2} {s2}.")
+    if task == "ocr":
+        word = "".join(chr(65 + int(i)) for i in rng.integers(0, 26, int(rng.integers(3, 5))))
+        small = _background(rng, 56, 14)  # drawn at half size with the bitmap font, then upscaled 2x
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        ImageDraw.Draw(small).text((int(rng.integers(0, 56 - 6 * len(word))), 1), word, fill=ink, font=_FONT)
+        img = small.resize((112, 28), Image.NEAREST)
+        return [img], "<image>\nWhat word is written in the image?", word, f"<image>The word is {word}."
+    if task == "grounding":
+        objs = _objects(rng, int(rng.integers(1, 3)), "both")
+        img, boxes = _scene(rng, objs)
+        k = int(rng.integers(len(objs)))
+        x1, y1, x2, y2 = (round(v * 1000 / SCENE) for v in boxes[k])
+        c, s = objs[k]
+        box = f"({x1},{y1}),({x2},{y2})"
+        return [img], f"<image>\nLocate the {c} {s}.", box, f"<image>The {c} {s} is at {box}."
+    if task == "multi_image":
+        objs = _objects(rng, 2, "both")
+        imgs = [_scene(rng, [o], side=56)[0] for o in objs]
+        k = int(rng.integers(2))
+        c, s = objs[k]
+        letter = "AB"[k]
+        return (imgs, f"Image A: <image>\nImage B: <image>\nWhich image shows a {c} {s}? Answer A or B.", letter,
+                f"Image A: <image>\nImage B: <image>\nThe {c} {s} is in image {letter}.")
+    if task == "arithmetic":
+        a, b = (int(v) for v in rng.integers(0, 20, 2))
+        return [], f"What is {a}+{b}?", str(a + b), f"{a}+{b}={a + b}"
+    raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
+
+
+def content_hash(images, text):
+    """Hash of what a record shows (image pixels and a style-independent text)."""
+    h = hashlib.blake2b(text.encode(), digest_size=16)
+    for img in images:
+        h.update(img.tobytes())
+    return h.hexdigest()
+
+
+class SyntheticTasks:
+    """The built-in curriculum: scenes of coloured shapes drawn with Pillow. record(index) is a pure
+    function of (seed, split, index): index i is task tasks[i % len(tasks)], instance i // len(tasks).
+    style="pretrain" gives caption/interleaved/text records (loss on all text, stage 2);
+    style="instruct" gives single-turn conversations (loss on the reply only).
+    A content hash assigns every possible instance to exactly one split (drawn by rejection)."""
+
+    def __init__(self, tasks=SYNTHETIC_TASKS, split="train", seed=0, style="instruct", size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if style not in ("pretrain", "instruct"):
+            raise ValueError(f"style must be 'pretrain' or 'instruct', got {style!r}")
+        unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown synthetic tasks {unknown}; known: {SYNTHETIC_TASKS}")
+        self.tasks, self.split, self.seed, self.style = list(tasks), split, seed, style
+        self.size = SIZES[split] if size is None else size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return self.record(index)
+
+    def record(self, index):
+        task = self.tasks[index % len(self.tasks)]
+        for attempt in range(1000):
+            rng = np.random.default_rng([self.seed, SPLITS[self.split], zlib.crc32(task.encode()),
+                                         index // len(self.tasks), attempt])
+            images, question, answer, statement = _make(task, rng)
+            if _split_of(content_hash(images, task + "|" + question + "|" + answer)) == self.split:
+                break
+        else:
+            raise RuntimeError(f"synthetic {task}: no {self.split} instance in 1000 draws")  # each split >= 10%
+        rec = {"task": task, "images": images, "id": f"synthetic/{self.split}/{self.seed}/{index}"}
+        if self.style == "instruct":
+            rec.update(format="conversation", conversations=[{"from": "human", "value": question},
+                                                             {"from": "gpt", "value": answer}])
+        else:
+            rec.update(format="text" if not images else "caption" if len(images) == 1 else "interleaved",
+                       text=statement)
+        return rec
+
+
+# ----------------------------------------------------------------------------- JSONL datasets
+
+class JsonlDataset:
+    """LLaVA-style JSONL: {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
+    "value": "<image>\\n..."}]}, or {"text": ...} (text-only; with images: caption/interleaved, images
+    placed at the front when the text has no <image> tag). Optional "task". Paths are relative to
+    image_root. The file is scanned once: bad records (malformed JSON, missing image file, wrong
+    number of <image> tags, empty reply) raise DataError naming file:line (on_bad="raise") or are
+    skipped: `skipped` counts them and `errors` holds their messages. Corrupt image bytes surface
+    at encode time (DataError naming the image path and the record's file:line)."""
+
+    def __init__(self, path, image_root=".", on_bad="raise"):
+        if on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+        self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
+        self.offsets, self.errors = [], []  # (byte offset, line number) of every good record
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        self._parse(line, lineno)
+                        self.offsets.append((offset, lineno))
+                    except DataError as e:
+                        if on_bad == "raise":
+                            raise
+                        self.errors.append(str(e))
+                offset += len(line)
+
+    def _parse(self, line, lineno):
+        where = f"{self.path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: malformed JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: malformed JSON (not an object)")
+        images = obj.get("images", [obj["image"]] if "image" in obj else [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise DataError(f"{where}: image/images must be a path or a list of paths")
+        images = [os.path.join(self.image_root, p) for p in images]
+        rec = {"task": obj.get("task", self.task), "images": images, "id": where}
+        if "conversations" in obj:
+            rec.update(format="conversation", conversations=obj["conversations"])
+        else:
+            text = obj.get("text")
+            if isinstance(text, str) and images and IMAGE_TAG not in text:
+                text = IMAGE_TAG * len(images) + text
+            rec.update(format="text" if not images else "caption" if len(images) == 1 else "interleaved", text=text)
+        reason = check_record(rec)
+        if reason:
+            raise DataError(f"{where}: {reason}")
+        for p in images:
+            if not os.path.isfile(p):
+                raise DataError(f"{where}: missing image ({p})")
+        return rec
+
+    @property
+    def skipped(self):
+        return len(self.errors)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        offset, lineno = self.offsets[index]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return self._parse(f.readline(), lineno)
+
+
+# ----------------------------------------------------------------------------- mixing
+
+class Mixture:
+    """Samples sources by ratio (e.g. MM1's caption:interleaved:text = 5:5:1). mixture[n] is a pure
+    function of (seed, n): position n picks a source at random by weight and takes that source's
+    next item in an order reshuffled every epoch. Being a pure function of the position, it has no
+    state of its own: a loader resumes it by remembering the position."""
+
+    BLOCK = 4096  # source choices are drawn in blocks so that jumping to position n costs n/BLOCK draws
+
+    def __init__(self, sources, weights, seed=0):
+        if set(sources) != set(weights):
+            raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must name the same keys")
+        for name, src in sources.items():
+            if len(src) == 0:
+                raise ValueError(f"mixture source {name!r} is empty")
+            if weights[name] < 0:
+                raise ValueError(f"mixture weight {name!r} is negative")
+        if sum(weights.values()) <= 0:
+            raise ValueError("mixture weights must not all be zero")
+        self.names = list(sources)
+        self.sources = [sources[k] for k in self.names]
+        p = np.array([weights[k] for k in self.names], dtype=np.float64)
+        self.p, self.seed = p / p.sum(), seed
+        self._prefix = [np.zeros(len(p), dtype=np.int64)]  # per-source counts before each block
+        self._perm, self._block = {}, (None, None)  # caches: per-source (epoch, order), last block's choices
+
+    def _choices(self, block):
+        if self._block[0] != block:
+            self._block = (block, np.random.default_rng([self.seed, 0, block]).choice(len(self.p), self.BLOCK,
+                                                                                      p=self.p))
+        return self._block[1]
+
+    def locate(self, n):
+        """(source number, index in that source) of position n."""
+        block, r = divmod(n, self.BLOCK)
+        while len(self._prefix) <= block:
+            self._prefix.append(self._prefix[-1] + np.bincount(self._choices(len(self._prefix) - 1),
+                                                               minlength=len(self.p)))
+        choices = self._choices(block)
+        k = int(choices[r])
+        count = int(self._prefix[block][k] + np.count_nonzero(choices[:r] == k))
+        epoch, i = divmod(count, len(self.sources[k]))
+        if self._perm.get(k, (None,))[0] != epoch:
+            self._perm[k] = (epoch, np.random.default_rng([self.seed, 1, k, epoch]).permutation(len(self.sources[k])))
+        return k, int(self._perm[k][1][i])
+
+    def __getitem__(self, n):
+        k, i = self.locate(n)
+        return self.sources[k][i]
+
+
+# ----------------------------------------------------------------------------- packing
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [T] all samples concatenated
+    labels: torch.Tensor  # [T] input_ids where the token carries loss, else -100 (aligned, not shifted)
+    position_ids: torch.Tensor  # [T], or [3, T] (t, h, w) for M-RoPE; restart at 0 for every sample
+    cu_seqlens: torch.Tensor  # [B+1] int32 sample boundaries
+    max_seqlen: int
+    pixel_patches: torch.Tensor  # [P, 3*14*14] all images' patches
+    image_grid: torch.Tensor  # [n_img, 3] (t, h, w) in patches
+
+    def to(self, device):
+        return PackedBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+
+
+def mrope_positions(n_tokens, image_starts, grids):
+    """Qwen2-VL M-RoPE (t, h, w) positions of one sample: text tokens share one running position in
+    all rows; an image's pads at merged-grid (row, col) get (s, s+row, s+col) with s the position the
+    image starts at, and the text after it continues from the image's largest position + 1."""
+    pos = np.zeros((3, n_tokens), dtype=np.int64)
+    cur = i = 0
+    for start, (_, h, w) in zip(image_starts, grids):
+        pos[:, i:start] = np.arange(cur, cur + start - i)
+        cur += start - i
+        gh, gw = h // MERGE, w // MERGE
+        pos[0, start:start + gh * gw] = cur
+        pos[1, start:start + gh * gw] = cur + np.repeat(np.arange(gh), gw)
+        pos[2, start:start + gh * gw] = cur + np.tile(np.arange(gw), gh)
+        cur += max(gh, gw)
+        i = start + gh * gw
+    pos[:, i:] = np.arange(cur, cur + n_tokens - i)
+    return pos
+
+
+def collate(samples, mrope=False):
+    """One PackedBatch of the given samples, in order (e.g. prompts for generation)."""
+    lengths = [len(s.tokens) for s in samples]
+    ids, labels, pos = [], [], []
+    for s in samples:
+        ids.extend(s.tokens)
+        labels.extend(s.labels)
+        if mrope:
+            pos.append(mrope_positions(len(s.tokens), s.image_starts, [g for _, g in s.images]))
+        else:
+            pos.append(np.arange(len(s.tokens)))
+    images = [im for s in samples for im in s.images]
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        position_ids=torch.from_numpy(np.concatenate(pos, axis=-1)).long() if samples else torch.zeros(
+            (3, 0) if mrope else (0,), dtype=torch.long),
+        cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
+        max_seqlen=max(lengths, default=0),
+        pixel_patches=torch.cat([p for p, _ in images]) if images else torch.zeros(0, 3 * PATCH * PATCH),
+        image_grid=torch.tensor([g for _, g in images], dtype=torch.long).reshape(-1, 3))
+
+
+def fit(sample, max_tokens, truncate=False):
+    """The sample if it fits max_tokens; with truncate, its text cut from the end (never an image);
+    otherwise DataError naming the sample."""
+    n = len(sample.tokens)
+    if n <= max_tokens:
+        return sample
+    if not truncate:
+        raise DataError(f"sample {sample.id} ({sample.task}) has {n} tokens > max_tokens={max_tokens} "
+                        f"(set truncate to cut its text)")
+    images_end = max((st + g[1] * g[2] // MERGE ** 2 + 1 for st, (_, g) in zip(sample.image_starts, sample.images)),
+                     default=0)
+    if images_end > max_tokens:
+        raise DataError(f"sample {sample.id} ({sample.task}): its images alone reach token {images_end} > "
+                        f"max_tokens={max_tokens}; text-only truncation cannot fit it")
+    return Sample(sample.tokens[:max_tokens], sample.labels[:max_tokens], sample.images, sample.task,
+                  sample.answer, sample.id, sample.image_starts)
+
+
+def best_fit_decreasing(lengths, capacity):
+    """Bins (lists of indices) of total length <= capacity: longest first, each into the bin with the
+    least room that still fits it."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, free = [], []  # free: sorted (room left, bin index)
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(bins) - 1))
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def pack(samples, max_tokens, mrope=False, truncate=False):
+    """Best-fit-decreasing packing of samples into PackedBatches of at most max_tokens tokens; no sample
+    is split. A longer sample is a DataError, or has its text truncated when truncate=True."""
+    samples = [fit(s, max_tokens, truncate) for s in samples]
+    return [collate([samples[i] for i in b], mrope) for b in best_fit_decreasing([len(s.tokens) for s in samples],
+                                                                                 max_tokens)]
+
+
+class PackedLoader:
+    """Infinite iterator of PackedBatches of at most max_tokens tokens. Rank r of world_size reads
+    positions r, r+W, r+2W, ... of the source (a Mixture; any other indexable source is wrapped in a
+    one-source Mixture seeded by `seed`, i.e. read in an order reshuffled each epoch), keeps
+    `buffer_size` encoded samples, and each step emits the fullest best-fit-decreasing bin of the
+    buffer (ties: the bin with the oldest sample). state_dict() = {"reads", "buffer" (read numbers
+    of the buffered samples), "batches", "tokens", "skipped"}: samples are pure functions of their
+    position, so load_state_dict re-encodes the buffer and reproduces the uninterrupted batches.
+    `efficiency` is the filled fraction of the token budget over all batches so far. Bad samples
+    (DataError: unreadable image, too long without truncate) raise, or with on_bad="skip" are
+    counted in `skipped` (last message in `last_error`)."""
+
+    def __init__(self, source, tokenizer, max_tokens, seed=0, rank=0, world_size=1, min_pixels=MIN_PIXELS,
+                 max_pixels=MAX_PIXELS, mrope=False, truncate=False, on_bad="raise", buffer_size=256):
+        if on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.source = source if isinstance(source, Mixture) else Mixture({"data": source}, {"data": 1.0}, seed)
+        self.tokenizer, self.max_tokens, self.rank, self.world_size = tokenizer, max_tokens, rank, world_size
+        self.min_pixels, self.max_pixels, self.mrope, self.truncate = min_pixels, max_pixels, mrope, truncate
+        self.on_bad, self.buffer_size = on_bad, buffer_size
+        self.load_state_dict({"reads": 0, "buffer": [], "batches": 0, "tokens": 0, "skipped": 0})
+
+    def _sample(self, j):
+        """Encoded sample of this rank's j-th read (source position rank + j * world_size), or None when it
+        is bad and skipped."""
+        try:
+            record = self.source[self.rank + j * self.world_size]
+            return fit(encode(record, self.tokenizer, self.min_pixels, self.max_pixels), self.max_tokens,
+                       self.truncate)
+        except DataError as e:
+            if self.on_bad == "raise":
+                raise
+            self.skipped += 1
+            self.last_error = str(e)
+            return None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self.buffer) < self.buffer_size:
+            s = self._sample(self.reads)
+            if s is not None:
+                self.buffer.append((self.reads, s))
+            self.reads += 1
+        lengths = [len(s.tokens) for _, s in self.buffer]
+        # emit the fullest bin; ties go to the bin holding the oldest sample
+        chosen = max(best_fit_decreasing(lengths, self.max_tokens), key=lambda b: (sum(lengths[i] for i in b), -min(b)))
+        chosen = set(chosen)
+        batch = collate([x[1] for i, x in enumerate(self.buffer) if i in chosen], self.mrope)
+        self.buffer = [x for i, x in enumerate(self.buffer) if i not in chosen]
+        self.batches += 1
+        self.tokens += len(batch.input_ids)
+        return batch
+
+    @property
+    def efficiency(self):
+        return self.tokens / max(1, self.batches * self.max_tokens)
+
+    def state_dict(self):
+        return {"reads": self.reads, "buffer": [j for j, _ in self.buffer], "batches": self.batches,
+                "tokens": self.tokens, "skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        self.reads, self.batches, self.tokens = state["reads"], state["batches"], state["tokens"]
+        self.skipped, self.last_error = state["skipped"], None
+        self.buffer = [(j, self._sample(j)) for j in state["buffer"]]
