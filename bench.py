@@ -1,0 +1,530 @@
+"""Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
+(kernels.py's path vs plain torch vs torch.compile), a training step (tokens/s, MFU, peak memory), and
+packing vs padding the same samples (useful tokens/s).
+
+    python bench.py                                  # every part on the best device (npu > cuda > cpu)
+    python bench.py --device cuda --what attention   # one part
+    python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
+
+Timing: median of --reps calls after warm-up; device events on cuda/npu; on cpu the process's CPU time when
+torch runs one thread (OMP_NUM_THREADS=1: immune to other jobs sharing the cores), else wall time.
+Peak memory: the most memory allocated at once above what was allocated before the call (its inputs
+excluded), from the allocator's counters on cuda/npu and from the profiler's allocation events on cpu.
+"""
+import argparse
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+import kernels
+import train
+from model import MLLM, config_from_preset, count_parameters
+
+# ----------------------------------------------------------------------------- shapes and presets
+
+# attention: packed micro-batches of `tokens` tokens split into samples in these proportions
+SAMPLE_SPLIT = (3, 2, 2, 1)
+ATTENTION = {  # tokens, head dims, model width (heads = width // head_dim, FlashAttention-2's benchmark: 2048)
+    "accel": dict(tokens=(4096, 8192, 16384), head_dims=(64, 128), width=2048),
+    "cpu": dict(tokens=(1024, 2048, 4096), head_dims=(64, 128), width=256),
+    "quick": dict(tokens=(256, 512), head_dims=(64,), width=128),
+}
+OPS = {  # tokens, hidden, heads x head_dim (rotary), MLP width, cross-entropy tokens / hidden / vocab
+    "accel": dict(T=16384, hidden=4096, heads=32, head_dim=128, inter=12288, ce_T=8192, ce_hidden=4096,
+                  vocab=151936),
+    "cpu": dict(T=4096, hidden=1024, heads=8, head_dim=64, inter=2816, ce_T=4096, ce_hidden=128, vocab=16000),
+    "quick": dict(T=256, hidden=128, heads=2, head_dim=32, inter=256, ce_T=512, ce_hidden=32, vocab=1000),
+}
+CE_CHUNK = {"quick": 128}  # else kernels.linear_cross_entropy's default chunk
+
+# ~0.5B dense model for the GPU step: Qwen3-0.6B's decoder shapes (its config.json) with a 12-block ViT;
+# the byte tokenizer's image_pad_id (261) stays, so the synthetic data runs on it unchanged
+DENSE_0_6B = {"text.vocab_size": 151936, "text.hidden_size": 1024, "text.num_layers": 28, "text.num_heads": 16,
+              "text.num_kv_heads": 8, "text.head_dim": 128, "text.intermediate_size": 3072, "text.qk_norm": True,
+              "text.tie_word_embeddings": True, "text.rope_theta": 1000000.0,
+              "vision.depth": 12, "vision.hidden_size": 768, "vision.num_heads": 12, "vision.intermediate_size": 3072,
+              "vision.window_size": 112, "vision.fullatt_blocks": (2, 5, 8, 11)}
+STEP = {  # model (preset + overrides), tokens per packed micro-batch, samples for the packing comparison
+    "accel": dict(model="dense-0.6b", length=16384, packing_samples=1500),
+    "cpu": dict(model="tiny", length=2048, packing_samples=256),
+    "quick": dict(model="tiny", length=256, packing_samples=24),
+}
+MODELS = {"tiny": {}, "dense-0.6b": DENSE_0_6B}
+
+# dense bf16 peak per device, from the vendors' datasheets (NVIDIA H100/H200 SXM: 989 TFLOP/s, H100 PCIe:
+# 756, A100: 312); Ascend 910B: ~313 as commonly quoted (Huawei publishes 256 fp16 for the first Ascend 910,
+# Hot Chips 2019, and no per-chip datasheet figure for the 910B) -- pass --peak-tflops for another figure
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("910B", 313.0))
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+
+def synchronize(device):
+    if device != "cpu":
+        getattr(torch, device).synchronize()
+
+
+def host_clock(device):
+    """Seconds for host-timed runs: on cpu with one torch thread, this process's CPU time, so other jobs on a
+    shared machine do not count; otherwise wall time (after synchronizing the device)."""
+    return time.process_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def time_ms(fn, device, warmup, reps):
+    """Median wall time of fn() in ms after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    if device == "cpu":
+        clock, times = host_clock(device), []
+        for _ in range(reps):
+            t0 = clock()
+            fn()
+            times.append(1e3 * (clock() - t0))
+        return statistics.median(times)
+    mod = getattr(torch, device)
+    events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
+    mod.synchronize()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    mod.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def peak_mib(fn, device):
+    """Most memory (MiB) allocated at once during fn() above what was allocated before it."""
+    if device == "cpu":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        # every allocation (+bytes) and free (-bytes) with its time: the running sum is the memory in use
+        mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        return max(0, max(itertools.accumulate(b for _, b in mem), default=0)) / 2 ** 20
+    mod = getattr(torch, device)
+    mod.synchronize()
+    mod.reset_peak_memory_stats()
+    base = mod.memory_allocated()
+    fn()
+    mod.synchronize()
+    return (mod.max_memory_allocated() - base) / 2 ** 20
+
+
+def device_name(device):
+    if device == "cpu":
+        model = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return getattr(torch, device).get_device_name()
+
+
+def cpu_matmul_flops(n=2048, reps=3):
+    """This machine's fp32 matmul rate (the best of `reps`, timed with host_clock like the step itself)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    clock, best = host_clock("cpu"), math.inf
+    for _ in range(reps):
+        t0 = clock()
+        a @ b
+        best = min(best, clock() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, override_tflops):
+    """(FLOP/s, where the figure comes from) for MFU."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device == "cpu":
+        return cpu_matmul_flops(), f"measured: fp32 2048^3 matmul, {torch.get_num_threads()} thread(s), best of 3"
+    name = device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12, f"datasheet: {key} dense bf16 {tflops:g} TFLOP/s"
+    return (train.measured_peak_flops(torch.device(device), torch.bfloat16),
+            f"measured: bf16 matmul ({name} not in bench.PEAK_TFLOPS)")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_flops(lengths, heads, head_dim, causal):
+    """Forward FLOPs by FlashAttention-2's benchmark convention (benchmarks/benchmark_flash_attention.py in
+    Dao-AILab/flash-attention): 4 * L^2 * heads * head_dim per sample (QK^T and PV), halved when causal;
+    the backward counts 2.5x the forward."""
+    return sum(4 * n * n * heads * head_dim for n in lengths) / (2 if causal else 1)
+
+
+def attention_backends(device):
+    names = ["reference", "sdpa"]
+    if kernels.triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        names.append("triton")  # on cpu only under Triton's interpreter
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attn")
+    if device == "npu":
+        names.append("npu")
+    return names
+
+
+def split_tokens(tokens):
+    lengths = [tokens * p // sum(SAMPLE_SPLIT) for p in SAMPLE_SPLIT]
+    lengths[0] += tokens - sum(lengths)
+    return lengths
+
+
+def attention_call(backend, device):
+    """varlen_attention with `backend`; "sdpa" on cuda is pinned to SDPA's flash kernel (the issue's
+    baseline: FlashAttention-2 inside PyTorch)."""
+    def call(q, k, v, cu, max_len, causal):
+        if backend == "sdpa" and device == "cuda":
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return kernels.varlen_attention(q, k, v, cu, max_len, causal=causal, backend="sdpa")
+        return kernels.varlen_attention(q, k, v, cu, max_len, causal=causal, backend=backend)
+    return call
+
+
+def bench_attention(device, size, warmup, reps):
+    shapes, dtype = ATTENTION[size], torch.float32 if device == "cpu" else torch.bfloat16
+    ours = kernels.default_backend(device)
+    rows = []
+    for tokens, head_dim, causal in itertools.product(shapes["tokens"], shapes["head_dims"], (True, False)):
+        heads, lengths = shapes["width"] // head_dim, split_tokens(tokens)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
+        fwd_flops = attention_flops(lengths, heads, head_dim, causal)
+        shape_rows = []
+        for backend in attention_backends(device):
+            attn = attention_call(backend, device)
+            fwd = lambda: attn(q, k, v, cu, max(lengths), causal)  # noqa: E731
+            fwd_bwd = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
+            # the plain-torch reference loops over tiles in Python: a few calls suffice off the cpu
+            w, r = (1, min(reps, 3)) if backend == "reference" and device != "cpu" else (warmup, reps)
+            fwd_ms = time_ms(fwd, device, w, r)
+            fb_ms = time_ms(fwd_bwd, device, w, r)
+            shape_rows.append(dict(
+                backend=backend, tokens=tokens, samples=len(lengths), heads=heads, head_dim=head_dim,
+                causal=causal, dtype=str(dtype).removeprefix("torch."), fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+                fwd_tflops=fwd_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * fwd_flops / fb_ms / 1e9,
+                peak_mib=peak_mib(fwd_bwd, device)))
+        by = {r["backend"]: r for r in shape_rows}
+        for r in shape_rows:  # speed relative to the baselines: > 1 is faster than them
+            r["x_sdpa"] = by["sdpa"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["x_sdpa_fwd"] = by["sdpa"]["fwd_ms"] / r["fwd_ms"]
+            if "flash_attn" in by:
+                r["x_flash_attn"] = by["flash_attn"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["ours"] = r["backend"] == ours
+        rows += shape_rows
+    return rows
+
+
+# ----------------------------------------------------------------------------- small ops
+
+
+def plain_rms_norm(x, weight, eps=1e-6):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def plain_rope(x, cos, sin):
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]).to(x.dtype)
+
+
+def plain_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def plain_cross_entropy(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum")
+
+
+def op_cases(device, size):
+    """name -> (kernels.py's function, plain torch, inputs, inputs that take gradients)."""
+    s, dtype = OPS[size], torch.float32 if device == "cpu" else torch.bfloat16
+    rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device, dtype=dt)  # noqa: E731
+    x, w = rand(s["T"], s["hidden"]), 1 + 0.1 * rand(s["hidden"], dt=torch.float32)
+    xr = rand(s["T"], s["heads"], s["head_dim"])
+    angles = torch.rand(s["T"], s["head_dim"] // 2, device=device) * 6.3
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    gate, up = rand(s["T"], s["inter"]), rand(s["T"], s["inter"])
+    h, wv = rand(s["ce_T"], s["ce_hidden"]), 0.05 * rand(s["vocab"], s["ce_hidden"])
+    labels = torch.randint(0, s["vocab"], (s["ce_T"],), device=device)
+    chunk = CE_CHUNK.get(size, 1024)
+    return {
+        "rms_norm": (kernels.rms_norm, plain_rms_norm, (x, w), (x, w)),
+        "apply_rope": (kernels.apply_rope, plain_rope, (xr, cos, sin), (xr,)),
+        "swiglu": (kernels.swiglu, plain_swiglu, (gate, up), (gate, up)),
+        "linear_cross_entropy": (lambda h, w, y: kernels.linear_cross_entropy(h, w, y, chunk=chunk),
+                                 plain_cross_entropy, (h, wv, labels), (h, wv)),
+    }
+
+
+def bench_ops(device, size, warmup, reps, compile_too):
+    rows = []
+    for name, (ours, plain, inputs, grad_inputs) in op_cases(device, size).items():
+        for t in grad_inputs:
+            t.requires_grad_(True)
+        impls = {"kernels": ours, "torch": plain}
+        if compile_too:
+            impls["torch.compile"] = torch.compile(plain)
+        for impl, fn in impls.items():
+            row = dict(op=name, impl=impl, shape="x".join(map(str, inputs[0].shape)),
+                       dtype=str(inputs[0].dtype).removeprefix("torch."))
+            try:
+                dout = torch.randn_like(fn(*inputs))
+                fwd = lambda: fn(*inputs)  # noqa: E731
+                fwd_bwd = lambda: torch.autograd.grad(fn(*inputs), grad_inputs, dout)  # noqa: E731
+                row.update(fwd_ms=time_ms(fwd, device, warmup, reps), fwd_bwd_ms=time_ms(fwd_bwd, device, warmup, reps),
+                           peak_mib=peak_mib(fwd_bwd, device))
+            except Exception as e:  # torch.compile needs a working inductor backend (a C++ compiler on cpu)
+                if impl != "torch.compile":
+                    raise
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+        for t in grad_inputs:
+            t.requires_grad_(False)
+    return rows
+
+
+# ----------------------------------------------------------------------------- training step and packing
+
+
+def synthetic_samples(stage_num, n, seed=0):
+    """n encoded samples of train.py's stage `stage_num` synthetic mix, in mixture order."""
+    stage = train.STAGES[stage_num]
+    source = data.Mixture({t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix},
+                          dict(stage.mix), seed)
+    tok = data.Tokenizer()
+    return [data.encode(source[i], tok) for i in range(n)]
+
+
+def build_model(name, device):
+    """fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
+    do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
+    torch.manual_seed(0)
+    config = config_from_preset("tiny", **MODELS[name])
+    return MLLM(config).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
+
+
+def bench_step(device, size, warmup, reps, peak_override):
+    s = STEP[size]
+    model = build_model(s["model"], device)
+    config = model.config
+    # stage 3's samples average ~75 tokens: enough for warmup + reps full micro-batches (the last,
+    # least full bins of best-fit-decreasing are not timed)
+    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
+    batches = data.pack(samples, s["length"])[:warmup + reps]
+    divisors = [max(1, train.loss_tokens(b)) for b in batches]
+    batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+    def step(batch):
+        b, n_loss = batch
+        loss, _ = model(b, loss_divisor=n_loss)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for b in batches[:warmup]:
+        step(b)
+    synchronize(device)
+    if device != "cpu":
+        getattr(torch, device).reset_peak_memory_stats()
+    clock, times = host_clock(device), []
+    for b in batches[warmup:]:
+        t0 = clock()
+        step(b)
+        synchronize(device)
+        times.append(clock() - t0)
+    if device == "cpu":  # weights and optimizer state are allocated before the profiled step
+        static = sum(t.numel() * t.element_size() for t in
+                     itertools.chain(model.parameters(), (v for st in optimizer.state.values() for v in st.values()
+                                                          if torch.is_tensor(v))))
+        mem = static / 2 ** 20 + peak_mib(lambda: step(batches[-1]), device)
+    else:
+        mem = getattr(torch, device).max_memory_allocated() / 2 ** 20
+    timed = [b for b, _ in batches[warmup:]]
+    tokens = sum(int(b.input_ids.shape[0]) for b in timed)
+    # PaLM-style model FLOPs (train.step_flops), every module training as in stages 2 and 3
+    flops = train.step_flops(config, train.matmul_params(config), timed, train.MODULE_GROUPS)
+    peak, peak_source = peak_flops(device, peak_override)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return [dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],
+                 samples_per_step=statistics.mean(len(b.cu_seqlens) - 1 for b in timed), steps=len(timed),
+                 dtype=dtype, attn_backend=kernels.default_backend(device), step_ms=1e3 * statistics.median(times),
+                 tokens_per_s=tokens / sum(times), tflops=flops / sum(times) / 1e12, mfu=flops / sum(times) / peak,
+                 peak_tflops=peak / 1e12, peak_source=peak_source, peak_mib=mem)]
+
+
+def pad_to_longest(samples, length, pad_id):
+    """[B, Lmax] micro-batches of consecutive samples with B * Lmax <= length, each sample right-padded to
+    Lmax with pad_id (label -100) and kept as its own sequence, so the pads are computed as in a padded
+    batch; emitted in the packed format so both sides run the same code."""
+    groups, cur = [], []
+    for s in samples:
+        if cur and (len(cur) + 1) * max(len(x.tokens) for x in cur + [s]) > length:
+            groups.append(cur)
+            cur = []
+        cur.append(s)
+    groups.append(cur)
+    batches = []
+    for g in groups:
+        longest = max(len(s.tokens) for s in g)
+        padded = [data.Sample(s.tokens + [pad_id] * (longest - len(s.tokens)),
+                              s.labels + [data.IGNORE] * (longest - len(s.tokens)), s.images, s.task, s.answer,
+                              s.id, s.image_starts) for s in g]
+        batches.append(data.collate(padded))
+    return batches
+
+
+def bench_packing(device, size, reps):
+    s = STEP[size]
+    model = build_model(s["model"], device)
+    rows = []
+    for stage_num in (2, 3):
+        samples = synthetic_samples(stage_num, s["packing_samples"])
+        useful = sum(len(x.tokens) for x in samples)
+        n_loss = sum(train.loss_tokens(data.collate([x])) for x in samples)
+        layouts = {"packed": data.pack(samples, s["length"]),
+                   "padded": pad_to_longest(samples, s["length"], data.Tokenizer().eos_id)}
+        layouts = {k: [b.to(device) for b in v] for k, v in layouts.items()}
+
+        def run(batches):  # forward + backward of every micro-batch (gradient accumulation, no update)
+            for b in batches:
+                loss, _ = model(b, loss_divisor=n_loss)
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        for batches in layouts.values():  # warm-up: one micro-batch of each layout
+            run(batches[:1])
+        clock, seconds = host_clock(device), {k: [] for k in layouts}
+        for _ in range(reps):  # alternate the layouts so drifting machine load hits both alike
+            for k, batches in layouts.items():
+                synchronize(device)
+                t0 = clock()
+                run(batches)
+                synchronize(device)
+                seconds[k].append(clock() - t0)
+        t = {k: statistics.median(v) for k, v in seconds.items()}
+        computed = {k: sum(int(b.input_ids.shape[0]) for b in v) for k, v in layouts.items()}
+        rows.append(dict(model=s["model"], stage=stage_num, style=train.STAGES[stage_num].style, samples=len(samples),
+                         length=s["length"], useful_tokens=useful, packed_batches=len(layouts["packed"]),
+                         padded_batches=len(layouts["padded"]), padded_tokens=computed["padded"],
+                         pad_fraction=1 - useful / computed["padded"], packed_tokens_per_s=useful / t["packed"],
+                         padded_tokens_per_s=useful / t["padded"], speedup=t["padded"] / t["packed"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables and main
+
+COLUMNS = {
+    "attention": ["backend", "tokens", "head_dim", "heads", "causal", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_tflops",
+                  "fwd_bwd_tflops", "peak_mib", "x_sdpa_fwd", "x_sdpa", "x_flash_attn"],
+    "ops": ["op", "impl", "shape", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mib", "error"],
+    "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
+             "tflops", "mfu", "peak_tflops", "peak_mib"],
+    "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
+                "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
+}
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) and abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def print_table(title, rows):
+    cols = [c for c in COLUMNS[title] if any(c in r for r in rows)]
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n## {title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
+
+
+def summary(result):
+    """The figures the targets are stated in (README's Performance section)."""
+    out = {}
+    for r in result.get("attention", []):
+        if r["ours"] and r["backend"] != "sdpa":
+            out[f"attention {r['backend']}/sdpa fwd+bwd T={r['tokens']} D={r['head_dim']} "
+                f"{'causal' if r['causal'] else 'full'}"] = r["x_sdpa"]
+    ce = {r["impl"]: r for r in result.get("ops", []) if r["op"] == "linear_cross_entropy" and "peak_mib" in r}
+    if {"kernels", "torch"} <= ce.keys():
+        out["cross-entropy peak memory, full logits / chunked"] = ce["torch"]["peak_mib"] / ce["kernels"]["peak_mib"]
+    for r in result.get("step", []):
+        out[f"step {r['model']} MFU"] = r["mfu"]
+    for r in result.get("packing", []):
+        out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
+    p.add_argument("--what", default="attention,ops,step,packing", help="comma-separated parts to run")
+    p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bench.PEAK_TFLOPS "
+                   "by device name; on cpu a measured fp32 matmul)")
+    args = p.parse_args(argv)
+    parts = [w.strip() for w in args.what.split(",") if w.strip()]
+    unknown = [w for w in parts if w not in COLUMNS]
+    if unknown or not parts:
+        p.error(f"--what: unknown part(s) {unknown}; choose from {', '.join(COLUMNS)}")
+    device = kernels.resolve_device(args.device)
+    size = "quick" if args.quick else "cpu" if device == "cpu" else "accel"
+    warmup = args.warmup if args.warmup is not None else 1 if device == "cpu" or args.quick else 3
+    reps = args.reps if args.reps is not None else 2 if args.quick else 3 if device == "cpu" else 10
+    torch.manual_seed(0)
+    result = {"command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),
+              "device": device, "device_name": device_name(device), "torch": torch.__version__,
+              "triton": getattr(kernels.triton, "__version__", None), "warmup": warmup, "reps": reps,
+              "host_clock": "process CPU time" if host_clock(device) is time.process_time else "wall"}
+    print(f"bench: {device} ({result['device_name']}), torch {torch.__version__}, "
+          f"median of {reps} after {warmup} warm-up, {result['host_clock']} on the host")
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "attention":
+            rows = bench_attention(device, size, warmup, reps)
+        elif part == "ops":
+            rows = bench_ops(device, size, warmup, reps, compile_too=not args.quick)
+        elif part == "step":
+            rows = bench_step(device, size, warmup, reps, args.peak_tflops)
+        else:
+            rows = bench_packing(device, size, reps)
+        result[part] = rows
+        result[f"{part}_seconds"] = time.perf_counter() - t0
+        print_table(part, rows)
+        result["summary"] = summary(result)
+        with open(args.out, "w") as f:  # after every part, so a later failure keeps what was measured
+            json.dump(result, f, indent=1)
+    print("\n## summary")
+    for k, v in result["summary"].items():
+        print(f"{k}: {v:.3g}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

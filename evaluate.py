@@ -1,0 +1,479 @@
+"""Evaluation: greedy generation over eval sets, the scorers (exact match, VQA accuracy, ANLS, IoU@0.5,
+multiple-choice letter), checkpoint averaging and test-time resolution search (MindVL), and the report
+(markdown table + eval.json).
+
+    python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
+    python evaluate.py --ckpt runs/tiny/stage3-avg --tasks vqa_color,vqa_count --resolutions 28x28,56x56,84x84
+    python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/
+    python evaluate.py --average runs/tiny/stage3-1024 runs/tiny/stage3-2048 --weights 1,1 --out runs/tiny/avg
+
+train.py calls the same functions in-process for the default run.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import data
+from model import MLLM
+
+# ----------------------------------------------------------------------------- scorers
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(s):
+    """The VQA evaluation's answer normalisation (Antol et al. 2015, official eval script), compactly:
+    lowercase, punctuation dropped (kept inside numbers such as 1.5), number words to digits, articles
+    removed, whitespace collapsed."""
+    s = s.lower().strip()
+    s = re.sub(r"(?<!\d)[.,](?!\d)|[;:!?'\"()\[\]{}<>/\\*`~@#$%^&_=+|-]", " ", s)
+    words = [_NUMBER_WORDS.get(w, w) for w in s.split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def exact_match(pred, ref):
+    """1 if the prediction equals the reference up to case and surrounding/repeated whitespace."""
+    return float(" ".join(pred.split()).casefold() == " ".join(ref.split()).casefold())
+
+
+def vqa_accuracy(pred, refs):
+    """VQA accuracy (Antol et al. 2015): min(#annotators who gave the answer / 3, 1), averaged over the
+    10 leave-one-annotator-out subsets. With one reference (our data) the formula degenerates: a single
+    annotator would cap a correct answer at 1/3, so the one reference is taken as unanimous and the score
+    is exact match of the normalised answers."""
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    p = normalize_answer(pred)
+    hits = [normalize_answer(r) == p for r in refs]
+    if len(refs) == 1:
+        return float(hits[0])
+    return sum(min((sum(hits) - h) / 3, 1.0) for h in hits) / len(refs)
+
+
+def levenshtein(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def anls(pred, refs, threshold=0.5):
+    """Average Normalized Levenshtein Similarity for one question (Biten et al. 2019, ST-VQA): the best
+    over references of 1 - NL, where NL = edit distance / max length (case-insensitive, stripped), and 0
+    when NL >= threshold (0.5), so an answer that is mostly wrong earns nothing."""
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    p = " ".join(pred.split()).lower()
+    best = 0.0
+    for r in refs:
+        r = " ".join(r.split()).lower()
+        nl = levenshtein(p, r) / max(len(p), len(r), 1)
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX = re.compile(rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)")
+
+
+def parse_box(text):
+    """The first box written `(x1,y1),(x2,y2)` in text as (x1, y1, x2, y2) floats, or None."""
+    m = _BOX.search(text)
+    return tuple(float(v) for v in m.groups()) if m else None
+
+
+def box_iou(a, b):
+    """Intersection over union of two (x1, y1, x2, y2) boxes (corners in any order)."""
+    ax1, ax2, ay1, ay2 = min(a[0], a[2]), max(a[0], a[2]), min(a[1], a[3]), max(a[1], a[3])
+    bx1, bx2, by1, by2 = min(b[0], b[2]), max(b[0], b[2]), min(b[1], b[3]), max(b[1], b[3])
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iou_at_05(pred, ref):
+    """1 if the first box in the prediction overlaps the reference box with IoU >= 0.5 (the usual
+    referring-expression grounding criterion), else 0; no parsable box scores 0."""
+    p, r = parse_box(pred), parse_box(ref)
+    if r is None:
+        raise ValueError(f"reference {ref!r} has no box (x1,y1),(x2,y2)")
+    return float(p is not None and box_iou(p, r) >= 0.5)
+
+
+def choice_letter(text):
+    """The option letter a multiple-choice answer picks: the first standalone capital A-H ("B", "(B)",
+    "B.", "Answer: B"), or None."""
+    m = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text)
+    return m.group(1) if m else None
+
+
+def choice_match(pred, ref):
+    letter = choice_letter(ref)
+    if letter is None:
+        raise ValueError(f"reference {ref!r} names no option letter A-H")
+    return float(choice_letter(pred) == letter)
+
+
+SCORERS = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "iou": iou_at_05, "choice": choice_match}
+DEFAULT_METRIC = "vqa"  # a JSONL eval set whose task data.TASK_METRIC does not know
+
+
+# ----------------------------------------------------------------------------- eval sets
+
+
+def synthetic_eval_set(task, split, n, seed=0):
+    """The first n instruction-style records of one synthetic task in the dev or test split."""
+    source = data.SyntheticTasks([task], split=split, seed=seed, style="instruct")
+    if n > len(source):
+        raise ValueError(f"{task}: {n} eval samples asked, the {split} split has {len(source)}")
+    return [source[i] for i in range(n)]
+
+
+def parse_data_flag(spec, flag="--data"):
+    """'name=path' or 'name=path:weight' -> (name, path, weight)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"{flag} {spec!r}: expected name=path or name=path:weight")
+    path, weight = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and re.fullmatch(r"\d+(\.\d*)?|\.\d+", tail):
+        path, weight = head, float(tail)
+    return name, path, weight
+
+
+def jsonl_eval_set(path, image_root, on_bad="raise"):
+    ds = data.JsonlDataset(path, image_root, on_bad=on_bad)
+    records = [ds[i] for i in range(len(ds))]
+    bad = [r["id"] for r in records if r["format"] != "conversation"]
+    if bad:
+        raise ValueError(f"{path}: eval records must be conversations ending with a gpt reply; not: {bad[:3]}")
+    return records
+
+
+def metric_of(task):
+    return data.TASK_METRIC.get(task, DEFAULT_METRIC)
+
+
+def build_eval_sets(tasks, split, n, seed=0, jsonl=(), image_root="."):
+    """{name: records}: each synthetic task's `split` slice of n, then each JSONL eval set (name, path)
+    in full; the dev/test distinction for JSONL sets is made by resolution_search (halves)."""
+    sets = {t: synthetic_eval_set(t, split, n, seed) for t in tasks}
+    for name, path in jsonl:
+        sets[name] = jsonl_eval_set(path, image_root)
+    return sets
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, batch_size=64,
+                     max_new_tokens=48, dtype=torch.float32):
+    """Greedy replies to the records' last human turn, all prompts of a batch decoded together."""
+    mrope = model.config.text.mrope_section is not None
+    samples = [data.encode(r, tokenizer, min(min_pixels, max_pixels), max_pixels, for_generation=True)
+               for r in records]
+    answers = []
+    for i in range(0, len(samples), batch_size):
+        batch = data.collate(samples[i:i + batch_size], mrope=mrope).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model.generate(batch, max_new_tokens, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id))
+        answers.extend(tokenizer.decode(ids).strip() for ids in out)
+    return answers, [s.answer for s in samples]
+
+
+def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_pixels=data.MAX_PIXELS,
+                   device=None, batch_size=64, max_new_tokens=48, dtype=torch.float32, n_examples=3):
+    """{name: {"score", "metric", "n", "examples"}} with score the mean over the set (0..1)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name, records in eval_sets.items():
+        preds, refs = generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, batch_size,
+                                       max_new_tokens, dtype)
+        metric = metric_of(records[0]["task"] if name not in data.TASK_METRIC else name)
+        scores = [SCORERS[metric](p, r) for p, r in zip(preds, refs)]
+        results[name] = {"score": sum(scores) / len(scores), "metric": metric, "n": len(scores),
+                         "examples": [{"pred": p, "ref": r} for p, r in zip(preds[:n_examples], refs)]}
+    model.train(was_training)
+    return results
+
+
+def scores_of(results):
+    return {name: r["score"] for name, r in results.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoint averaging
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_diff(a, b):
+    """Dotted names of the config fields in which two config dicts differ."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+def read_config(ckpt):
+    path = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt}: not a checkpoint (no config.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def average_checkpoints(ckpts, weights=None, out=None):
+    """MindVL §3 (model merging): the element-wise weighted mean of the checkpoints' weights (weights are
+    normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
+    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename) and returns the state."""
+    if len(ckpts) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
+    weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
+    configs = [read_config(c) for c in ckpts]
+    for c, cfg in zip(ckpts[1:], configs[1:]):
+        diff = config_diff(configs[0], cfg)
+        if diff:
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
+    states = [load_file(os.path.join(c, "model.safetensors")) for c in ckpts]
+    for c, s in zip(ckpts[1:], states[1:]):
+        if s.keys() != states[0].keys():
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
+                             f"({sorted(s.keys() ^ states[0].keys())[:5]})")
+    total = sum(weights)
+    avg = {}
+    for name, t0 in states[0].items():
+        acc = torch.zeros(t0.shape, dtype=torch.float64)
+        for w, s in zip(weights, states):
+            acc += (w / total) * s[name].double()
+        avg[name] = acc.to(t0.dtype)
+    if out is not None:
+        tmp = out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(avg, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(configs[0], f, indent=2)
+        with open(os.path.join(tmp, "averaged_from.json"), "w") as f:
+            json.dump({"checkpoints": list(ckpts), "weights": weights}, f, indent=2)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return avg
+
+
+# ----------------------------------------------------------------------------- test-time resolution search
+
+
+def parse_resolution(s):
+    """A pixel budget: '0.4M', '200K', '3136' or '56x56' -> pixels (int)."""
+    t = s.strip().upper()
+    m = re.fullmatch(r"(\d+)X(\d+)", t)
+    if m:
+        return int(m.group(1)) * int(m.group(2))
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([KM]?)", t)
+    if not m:
+        raise ValueError(f"resolution {s!r}: expected e.g. 0.4M, 200K, 3136 or 56x56")
+    pixels = round(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6}[m.group(2)])
+    if pixels < data.FACTOR ** 2:
+        raise ValueError(f"resolution {s!r} = {pixels} pixels is below one merged patch ({data.FACTOR ** 2})")
+    return pixels
+
+
+def select_resolutions(dev_scores, default):
+    """Per task, the max_pixels with the best dev score; ties go to the default resolution if it is among
+    the best, else to the smallest (cheapest). dev_scores: {max_pixels: {task: score}}."""
+    tasks = next(iter(dev_scores.values())).keys()
+    chosen = {}
+    for task in tasks:
+        best = max(s[task] for s in dev_scores.values())
+        tied = [r for r, s in dev_scores.items() if s[task] >= best - 1e-12]
+        chosen[task] = default if default in tied else min(tied)
+    return chosen
+
+
+def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, default_max_pixels, min_pixels,
+                      log=print, test_default=None, **eval_kwargs):
+    """MindVL §3 test-time resolution search: score every max_pixels in `resolutions` (plus the default) on
+    the dev sets, keep the best per task, then score the test sets at the chosen resolution beside the
+    default one (`test_default`: those default scores when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px}, "test_default", "test_searched"}."""
+    candidates = sorted(set(resolutions) | {default_max_pixels})
+    dev = {}
+    for px in candidates:
+        dev[px] = scores_of(evaluate_model(model, tokenizer, dev_sets, min_pixels, px, **eval_kwargs))
+        log(f"resolution search: dev at max_pixels={px}: " + ", ".join(f"{t} {s:.3f}" for t, s in dev[px].items()))
+    chosen = select_resolutions(dev, default_max_pixels)
+    if test_default is None:  # the caller may already have the test scores at the default resolution
+        test_default = scores_of(evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels,
+                                                **eval_kwargs))
+    test_searched = {}
+    for px in sorted(set(chosen.values())):
+        tasks = {t: test_sets[t] for t, p in chosen.items() if p == px}
+        if px == default_max_pixels:
+            test_searched.update({t: test_default[t] for t in tasks})
+        else:
+            test_searched.update(scores_of(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs)))
+    return {"dev": dev, "chosen": chosen, "test_default": test_default,
+            "test_searched": {t: test_searched[t] for t in test_default}}
+
+
+def split_halves(sets):
+    """JSONL eval sets have no dev split: even-indexed records serve as dev, odd-indexed as test."""
+    return {k: v[0::2] for k, v in sets.items()}, {k: v[1::2] for k, v in sets.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown_table(rows, tasks=None):
+    """Rows {name: {task: score}} -> markdown with one column per task plus their mean (scores in %)."""
+    tasks = tasks or list(next(iter(rows.values())))
+    lines = ["| checkpoint | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    for name, scores in rows.items():
+        vals = [scores[t] for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
+                     + f" | {100 * sum(vals) / len(vals):.1f} |")
+    return "\n".join(lines)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def resolve_checkpoints(path):
+    """[(name, checkpoint dir)]: a checkpoint dir itself, a stage dir (its `latest` checkpoint), or a run
+    dir (every stage in it, in training order)."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [(os.path.basename(os.path.normpath(path)), path)]
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return [(os.path.basename(os.path.normpath(path)), os.path.join(path, f.read().strip()))]
+    if os.path.isdir(path):
+        found = []
+        for sub in sorted(os.listdir(path)):
+            full = os.path.join(path, sub)
+            if sub.startswith("stage") and os.path.isdir(full) and not sub.endswith(".tmp"):
+                if os.path.isfile(os.path.join(full, "latest")) or os.path.isfile(os.path.join(full, "model.safetensors")):
+                    found.extend(resolve_checkpoints(full))
+        if found:
+            return found
+    raise FileNotFoundError(f"--ckpt {path}: not a checkpoint, stage directory or run directory")
+
+
+def load_model(ckpt, device):
+    return MLLM.from_pretrained(ckpt).to(device).eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint, stage or run directories to evaluate")
+    p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS),
+                   help="comma-separated synthetic tasks to evaluate ('' for none)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="a JSONL eval set (conversations; scored by data.TASK_METRIC of its task, else VQA accuracy)")
+    p.add_argument("--image-root", default=".", help="directory the JSONL image paths are relative to")
+    p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
+    p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
+    p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image pixel floor (smart resize)")
+    p.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel budget = the default resolution")
+    p.add_argument("--resolutions", default="", help="test-time resolution search over these max_pixels, e.g. 0.1M,0.2M,0.4M")
+    p.add_argument("--dev-n", type=int, default=64, help="dev samples per task for the resolution search")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
+    p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype for generation")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level)")
+    p.add_argument("--average", nargs="+", default=None, metavar="CKPT", help="average these checkpoints into --out")
+    p.add_argument("--weights", default=None, help="comma-separated averaging weights (default equal)")
+    p.add_argument("--out", default=None, help="output dir: the averaged checkpoint, or where eval.json goes")
+    args = p.parse_args(argv)
+
+    if args.average:
+        if not args.out:
+            p.error("--average needs --out DIR")
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        average_checkpoints(args.average, weights, args.out)
+        print(f"wrote the average of {len(args.average)} checkpoints to {args.out}")
+        if not args.ckpt:
+            return
+        args.ckpt.append(args.out)
+    if not args.ckpt:
+        p.error("give --ckpt (or --average ... --out)")
+    from kernels import detect_device
+    device = torch.device(detect_device() if args.device == "auto" else args.device)
+    tokenizer = load_tokenizer(args.tokenizer)
+    tasks = [t for t in args.tasks.split(",") if t]
+    jsonl = [parse_data_flag(s)[:2] for s in args.data]
+    kw = dict(device=device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
+    t0 = time.time()
+    report = {"settings": vars(args), "checkpoints": {}}
+    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, jsonl, args.image_root)
+    for name, ckpt in ckpts:
+        res = evaluate_model(load_model(ckpt, device), tokenizer, test_sets, args.min_pixels, args.max_pixels, **kw)
+        report["checkpoints"][name] = {"path": ckpt, "results": res}
+    rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
+    if args.resolutions:
+        name, ckpt = ckpts[-1]
+        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, jsonl, args.image_root)
+        search = resolution_search(load_model(ckpt, device), tokenizer, dev_sets, test_half,
+                                   [parse_resolution(r) for r in args.resolutions.split(",")], args.max_pixels,
+                                   args.min_pixels, **kw)
+        report["resolution_search"] = {"checkpoint": ckpt, **search}
+        rows[f"{name} (default res, search test set)"] = search["test_default"]
+        rows[f"{name} + resolution search"] = search["test_searched"]
+    table = markdown_table(rows)
+    print(table)
+    report["table"], report["wall_s"] = table, time.time() - t0
+    out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
+    write_json(report, os.path.join(out, "eval.json"))
+    print(f"wrote {os.path.join(out, 'eval.json')}")
+
+
+def resolution_eval_sets(tasks, dev_n, test_n, seed, jsonl=(), image_root="."):
+    """(dev sets, test sets) for the resolution search: synthetic dev/test splits, JSONL sets halved."""
+    dev = build_eval_sets(tasks, "dev", dev_n, seed)
+    test = build_eval_sets(tasks, "test", test_n, seed)
+    if jsonl:
+        jdev, jtest = split_halves(build_eval_sets([], "test", 0, seed, jsonl, image_root))
+        dev.update(jdev)
+        test.update(jtest)
+    return dev, test
+
+
+def load_tokenizer(path):
+    """data.Tokenizer: byte-level by default, a .tiktoken file, or a Hugging Face tokenizer.json."""
+    if path is None:
+        return data.Tokenizer()
+    if path.endswith(".tiktoken"):
+        return data.Tokenizer.from_tiktoken_file(path)
+    return data.Tokenizer.from_hf(path)
+
+
+if __name__ == "__main__":
+    main()

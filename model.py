@@ -1,0 +1,739 @@
+"""The model: configs and presets, the Qwen2.5-ViT vision encoder, the PatchMerger connector, the dense
+Qwen2/Qwen3 decoder, the MLLM that splices image features into the packed token stream (loss and KV-cache
+generation), our checkpoints (save_pretrained / from_pretrained) and Hugging Face weight loaders.
+
+Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample boundaries `cu_seqlens`);
+see DESIGN.md. Compute-heavy ops go through kernels.py so fused paths land in one place.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from kernels import apply_rope, rms_norm, swiglu, varlen_attention
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    patch_size: int = 14
+    spatial_merge_size: int = 2          # PatchMerger joins merge x merge patches into one token
+    window_size: int = 112               # window attention side, in pixels
+    fullatt_blocks: tuple = (7, 15, 23, 31)  # the other blocks use window attention
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.fullatt_blocks = tuple(self.fullatt_blocks)
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim * self.num_heads != self.hidden_size or head_dim % 4:
+            raise ValueError(f"vision hidden_size {self.hidden_size} / num_heads {self.num_heads} must give "
+                             "a head_dim divisible by 4 (2D rotary: half rows, half columns)")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ValueError(f"vision window_size {self.window_size} is not a multiple of patch_size * "
+                             f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_layers: int = 36
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 12288
+    qk_norm: bool = True                 # Qwen3: per-head RMSNorm on q and k before rotary
+    qkv_bias: bool = False               # Qwen2: bias on q/k/v projections
+    tie_word_embeddings: bool = False
+    rope_theta: float = 1000000.0
+    mrope_section: tuple | None = None          # Qwen2-VL M-RoPE (t, h, w) split of head_dim/2; None = 1D rotary
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.mrope_section is not None:
+            self.mrope_section = tuple(self.mrope_section)
+            if sum(self.mrope_section) != self.head_dim // 2:
+                raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = "
+                                 f"{self.head_dim // 2}")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_pad_id: int = 151655           # <|image_pad|>: one placeholder per merged image token
+    z_loss: float = 0.0                  # MM1 z-loss coefficient on logsumexp^2
+    activation_checkpointing: bool = False
+    attn_backend: str | None = None             # kernels.varlen_attention backend; None = best for the device
+
+    @staticmethod
+    def from_dict(d):
+        d = dict(d)
+        return ModelConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+PRESETS = {
+    # CPU-sized: a few million parameters, byte-level tokenizer ids (data.Tokenizer), 1D rotary
+    "tiny": {
+        "vision": {"depth": 2, "hidden_size": 96, "num_heads": 4, "intermediate_size": 256,
+                   "window_size": 56, "fullatt_blocks": (1,)},
+        "text": {"vocab_size": 262, "hidden_size": 192, "num_layers": 4, "num_heads": 6, "num_kv_heads": 2,
+                 "head_dim": 32, "intermediate_size": 512, "tie_word_embeddings": True, "rope_theta": 10000.0},
+        "image_pad_id": 261,
+    },
+    # MindVL-8B's shapes: Qwen2.5-VL's 675M vision tower + Qwen3-8B
+    "qwen2.5-vit-675m+qwen3-8b": {
+        "vision": {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                   "window_size": 112, "fullatt_blocks": (7, 15, 23, 31)},
+        "text": {"vocab_size": 151936, "hidden_size": 4096, "num_layers": 36, "num_heads": 32, "num_kv_heads": 8,
+                 "head_dim": 128, "intermediate_size": 12288, "qk_norm": True, "qkv_bias": False,
+                 "tie_word_embeddings": False, "rope_theta": 1000000.0},
+        "image_pad_id": 151655,
+    },
+}
+
+
+def config_from_preset(name, **overrides):
+    """PRESETS[name] with overrides: top-level fields (z_loss=...) or nested ones as "text.num_layers"=...
+    (pass those as **{"text.num_layers": 2})."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    d = {"vision": dict(PRESETS[name]["vision"]), "text": dict(PRESETS[name]["text"]),
+         **{k: v for k, v in PRESETS[name].items() if k not in ("vision", "text")}}
+    for key, value in overrides.items():
+        section, _, sub = key.rpartition(".")
+        if section:
+            if section not in ("vision", "text"):
+                raise ValueError(f"override {key!r}: section must be 'vision' or 'text'")
+            d[section][sub] = value
+        else:
+            d[key] = value
+    return ModelConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Qwen2/Qwen3 decoder without bias, Qwen2.5-ViT with bias)."""
+
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _max_len(cu_seqlens):
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
+
+
+def _run_block(block, use_checkpoint, *args):
+    """One block, or the same block recomputed in backward (activation checkpointing) when training."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+# ----------------------------------------------------------------------------- vision encoder (Qwen2.5-ViT)
+
+
+def vision_layout(image_grid, merge, window_units, device):
+    """Token bookkeeping for a batch of images whose patches arrive in Qwen2-VL order (each merge x merge
+    group contiguous, groups row-major). Returns (rows, cols) patch coordinates for 2D rotary, the token
+    permutation that puts each window's merge groups together (Qwen2.5-VL window attention: windows
+    row-major, groups row-major inside a window), and cu_seqlens over images and over windows."""
+    rows, cols, order = [], [], []
+    cu_images, cu_windows = [0], [0]
+    groups_before = 0
+    for i, (t, h, w) in enumerate(image_grid.tolist()):
+        if t != 1 or h % merge or w % merge:
+            raise ValueError(f"image_grid[{i}] = {(t, h, w)}: need t == 1 and h, w multiples of {merge}")
+        gh, gw = h // merge, w // merge
+        r = torch.arange(h)[:, None].expand(h, w)
+        c = torch.arange(w)[None, :].expand(h, w)
+        rows.append(r.reshape(gh, merge, gw, merge).permute(0, 2, 1, 3).flatten())
+        cols.append(c.reshape(gh, merge, gw, merge).permute(0, 2, 1, 3).flatten())
+        groups = torch.arange(gh * gw).view(gh, gw) + groups_before
+        for r0 in range(0, gh, window_units):
+            for c0 in range(0, gw, window_units):
+                window = groups[r0:r0 + window_units, c0:c0 + window_units].flatten()
+                order.append(window)
+                cu_windows.append(cu_windows[-1] + window.numel() * merge * merge)
+        cu_images.append(cu_images[-1] + h * w)
+        groups_before += gh * gw
+    group_order = torch.cat(order)
+    token_order = (group_order[:, None] * merge * merge + torch.arange(merge * merge)).flatten()
+    as_cu = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return (torch.cat(rows).to(device), torch.cat(cols).to(device), token_order.to(device),
+            as_cu(cu_images), as_cu(cu_windows))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, backend=backend)
+        return self.proj(out.flatten(1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = VisionAttention(c)
+        self.norm2 = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen, backend)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """Qwen2.5-ViT: native-resolution patches, 2D rotary, window attention except in `fullatt_blocks`.
+    (pixel_patches [P, 3*14*14], image_grid [n_img, 3]) -> [P, hidden] in the input's patch order."""
+
+    def __init__(self, config: VisionConfig, attn_backend=None, activation_checkpointing=False):
+        super().__init__()
+        self.config = config
+        self.attn_backend, self.activation_checkpointing = attn_backend, activation_checkpointing
+        # a still image: Qwen2.5-VL's Conv3d over 2 repeated frames folds to one linear map (see load_hf_vision)
+        self.patch_embed = nn.Linear(3 * config.patch_size ** 2, config.hidden_size, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.apply(_init_weights)
+
+    def rotary(self, rows, cols):
+        """2D rotary (Qwen2-VL): the first half of each head's frequencies rotate by row, the second by column."""
+        head_dim = self.config.hidden_size // self.config.num_heads
+        half = head_dim // 2
+        inv_freq = 1.0 / self.config.rope_theta ** (
+            torch.arange(0, half, 2, dtype=torch.float32, device=rows.device) / half)
+        freqs = torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, pixel_patches, image_grid):
+        c = self.config
+        if int(image_grid.prod(-1).sum()) != pixel_patches.shape[0]:
+            raise ValueError(f"image_grid {image_grid.tolist()} covers {int(image_grid.prod(-1).sum())} patches "
+                             f"but pixel_patches has {pixel_patches.shape[0]}")
+        window_units = c.window_size // c.patch_size // c.spatial_merge_size
+        rows, cols, order, cu_images, cu_windows = vision_layout(
+            image_grid, c.spatial_merge_size, window_units, pixel_patches.device)
+        max_image, max_window = _max_len(cu_images), _max_len(cu_windows)
+        x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))[order]
+        cos, sin = self.rotary(rows[order], cols[order])
+        for i, block in enumerate(self.blocks):
+            full = i in c.fullatt_blocks
+            x = _run_block(block, self.activation_checkpointing, x, cos, sin, cu_images if full else cu_windows,
+                           max_image if full else max_window, self.attn_backend)
+        return x[torch.argsort(order)]
+
+
+class PatchMerger(nn.Module):
+    """The MLP connector: RMSNorm, concatenate each 2x2 group of patches, Linear-GELU-Linear to the
+    decoder width. [P, d_vision] -> [P/4, out_dim]."""
+
+    def __init__(self, config: VisionConfig, out_dim):
+        super().__init__()
+        self.group_dim = config.hidden_size * config.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fc1 = nn.Linear(self.group_dim, self.group_dim)
+        self.fc2 = nn.Linear(self.group_dim, out_dim)
+        self.apply(_init_weights)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.ln_q(x).view(-1, self.group_dim))))
+
+
+# ----------------------------------------------------------------------------- decoder (Qwen2 / Qwen3)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, mrope_section):
+    """cos/sin [T, head_dim] for 1D positions [T] or M-RoPE positions [3, T] (t, h, w)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
+                               / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq
+    if position_ids.dim() == 2:
+        if mrope_section is None:
+            raise ValueError("position_ids [3, T] (M-RoPE) given but the text config has mrope_section=None")
+        # Qwen2-VL M-RoPE: consecutive frequency bands rotate by temporal, height, width position
+        freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(mrope_section, dim=-1))], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class KVCache:
+    """Keys/values of all samples, packed (sample b's keys contiguous at cu_seqlens[b]). Each decoder call
+    first `extend`s the per-sample lengths by that call's tokens; each layer then `update`s its tensors."""
+
+    def __init__(self, num_layers):
+        self.k, self.v = [None] * num_layers, [None] * num_layers
+        self.cu_seqlens = self.max_seqlen = None
+
+    def extend(self, cu_seqlens_new):
+        """Make room for this call's tokens (cu_seqlens_new over them) at the end of each sample."""
+        new_lens = cu_seqlens_new[1:] - cu_seqlens_new[:-1]
+        old_lens = (torch.zeros_like(new_lens) if self.cu_seqlens is None
+                    else self.cu_seqlens[1:] - self.cu_seqlens[:-1])
+        cu = F.pad((old_lens + new_lens).cumsum(0), (1, 0)).to(torch.int32)
+        self.old_index = self._slots(cu[:-1], old_lens)
+        self.new_index = self._slots(cu[:-1] + old_lens, new_lens)
+        self.cu_seqlens, self.max_seqlen = cu, _max_len(cu)
+
+    @staticmethod
+    def _slots(starts, lens):
+        """Flat indices starts[b] + arange(lens[b]) for every sample b."""
+        within = torch.arange(int(lens.sum()), device=lens.device) - torch.repeat_interleave(
+            lens.cumsum(0) - lens, lens)
+        return torch.repeat_interleave(starts.long(), lens) + within
+
+    def update(self, layer, k, v):
+        total = int(self.cu_seqlens[-1])
+        out = []
+        for cache, new in ((self.k, k), (self.v, v)):
+            merged = new.new_empty(total, *new.shape[1:])
+            if cache[layer] is not None:
+                merged[self.old_index] = cache[layer]
+            merged[self.new_index] = new
+            cache[layer] = merged
+            out.append(merged)
+        return out
+
+
+class Attention(nn.Module):
+    """GQA with optional qkv bias (Qwen2) and optional per-head QK-norm (Qwen3), varlen over the packed stream."""
+
+    def __init__(self, c: TextConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cu_k, max_k = cu_seqlens, max_seqlen
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
+                               cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+        return self.o_proj(out.flatten(1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TextConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer_idx)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, backend, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Qwen3-style (or Qwen2 with qkv_bias, no qk_norm) decoder over a packed stream.
+    decoder(input_ids [T], position_ids [T] or [3, T], cu_seqlens, max_seqlen) -> logits [T, V]."""
+
+    def __init__(self, config: TextConfig, attn_backend=None, activation_checkpointing=False):
+        super().__init__()
+        self.config = config
+        self.attn_backend, self.activation_checkpointing = attn_backend, activation_checkpointing
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(_init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None, cache=None):
+        """Final-norm hidden states [T, d] (the head is applied by the caller: logits or a chunked loss)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+        if cache is not None:
+            cache.extend(cu_seqlens)
+        for layer in self.layers:
+            if cache is None:
+                x = _run_block(layer, self.activation_checkpointing, x, cos, sin, cu_seqlens, max_seqlen,
+                               self.attn_backend)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, cache)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None):
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds))
+
+
+# ----------------------------------------------------------------------------- the MLLM
+
+
+class MLLM(nn.Module):
+    """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
+
+    Labels follow the Hugging Face convention: labels[t] is the token at t (or -100); position t is trained
+    to predict labels[t + 1] of the same sample, so no sample learns to predict the next sample's start."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        flags = dict(attn_backend=config.attn_backend, activation_checkpointing=config.activation_checkpointing)
+        self.vision = VisionEncoder(config.vision, **flags)
+        self.connector = PatchMerger(config.vision, config.text.hidden_size)
+        self.decoder = Decoder(config.text, **flags)
+
+    def embed(self, batch):
+        """Token embeddings with the merged image features spliced over the <|image_pad|> tokens, in order."""
+        x = self.decoder.embed_tokens(batch.input_ids)
+        is_pad = batch.input_ids == self.config.image_pad_id
+        n_pad, n_images = int(is_pad.sum()), batch.image_grid.shape[0]
+        n_features = int(batch.image_grid.prod(-1).sum()) // self.config.vision.spatial_merge_size ** 2
+        if n_pad != n_features:
+            raise ValueError(f"batch has {n_pad} <|image_pad|> tokens (id {self.config.image_pad_id}) but its "
+                             f"{n_images} images (image_grid {batch.image_grid.tolist()}) give "
+                             f"{n_features} features")
+        if n_images == 0:
+            return x
+        features = self.connector(self.vision(batch.pixel_patches, batch.image_grid))
+        return x.masked_scatter(is_pad[:, None], features.to(x.dtype))
+
+    def hidden_states(self, batch):
+        return self.decoder.hidden_states(None, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                                          inputs_embeds=self.embed(batch))
+
+    def logits(self, batch):
+        return self.decoder.lm_head(self.hidden_states(batch))
+
+    def forward(self, batch, loss_divisor=None):
+        """(loss, stats): cross-entropy summed over loss tokens, divided by their count (token mean) or by
+        `loss_divisor` (the trainer's global count over micro-batches and ranks), plus the MM1 z-loss."""
+        hidden = self.hidden_states(batch)
+        targets = torch.roll(batch.labels, -1)
+        targets[batch.cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
+        keep = targets != -100
+        logits = self.decoder.lm_head(hidden[keep]).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        ce_sum = (lse - logits.gather(1, targets[keep][:, None])[:, 0]).sum()
+        n_loss = int(keep.sum())
+        divisor = loss_divisor if loss_divisor is not None else max(n_loss, 1)
+        ce = ce_sum / divisor
+        z = self.config.z_loss * (lse ** 2).sum() / divisor  # MM1: z-loss keeps the softmax normaliser near 1
+        stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
+                 "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
+        return ce + z, stats
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens, stop_ids=()):
+        """Greedy decoding of every prompt in the packed batch at once with a KV cache. Returns the new
+        tokens per prompt, up to (not including) the first stop id. Positions continue per sample from its
+        largest position + 1 (for M-RoPE all three sections alike, as Qwen2-VL does)."""
+        cu = batch.cu_seqlens
+        lens = cu[1:] - cu[:-1]
+        if (lens == 0).any():
+            raise ValueError(f"generate: empty prompt at sample index {int((lens == 0).nonzero()[0])}")
+        B, stop = len(lens), set(stop_ids)
+        sample_of = torch.repeat_interleave(torch.arange(B, device=cu.device), lens.long())
+        flat_pos = batch.position_ids if batch.position_ids.dim() == 1 else batch.position_ids.amax(0)
+        next_pos = torch.zeros(B, dtype=torch.long, device=cu.device).scatter_reduce(
+            0, sample_of, flat_pos.long(), "amax", include_self=False) + 1
+        cache = KVCache(len(self.decoder.layers))
+        hidden = self.decoder.hidden_states(None, batch.position_ids, cu, batch.max_seqlen,
+                                            inputs_embeds=self.embed(batch), cache=cache)[cu[1:].long() - 1]
+        one_each = torch.arange(B + 1, dtype=torch.int32, device=cu.device)
+        out, done = [[] for _ in range(B)], [False] * B
+        for step in range(max_new_tokens):
+            tokens = self.decoder.lm_head(hidden).argmax(-1)
+            for b, t in enumerate(tokens.tolist()):
+                done[b] = done[b] or t in stop
+                if not done[b]:
+                    out[b].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            pos = next_pos + step
+            if batch.position_ids.dim() == 2:
+                pos = pos.expand(3, B)
+            hidden = self.decoder.hidden_states(tokens, pos, one_each, 1, cache=cache)
+        return out
+
+    def save_pretrained(self, path):
+        """`model.safetensors` (our key names, tied weights once) + `config.json`."""
+        os.makedirs(path, exist_ok=True)
+        tmp = os.path.join(path, "model.safetensors.tmp")
+        save_file({n: p.detach().contiguous() for n, p in _named_state(self).items()}, tmp)
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+
+    @staticmethod
+    def from_pretrained(path):
+        config = ModelConfig.from_dict(_read_json(os.path.join(path, "config.json")))
+        with torch.device("meta"):
+            model = MLLM(config)
+        file = os.path.join(path, "model.safetensors")
+        _assign_state(model, load_file(file), file)
+        return model
+
+
+def count_parameters(config: ModelConfig):
+    """Parameter count (tied weights once), built on the meta device so real shapes cost no memory."""
+    with torch.device("meta"):
+        model = MLLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _named_state(module):
+    """Parameters and buffers by name; a tied weight appears once, under its first name."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+def _assign_state(module, state, where):
+    """Load `state` (our names) into `module` (possibly on meta) exactly; missing/unexpected keys name `where`."""
+    expected = _named_state(module)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)}, model expects "
+                             f"{tuple(expected[name].shape)}")
+    module.load_state_dict(state, strict=False, assign=True)
+    for m in module.modules():
+        if isinstance(m, Decoder):
+            m.tie_weights()
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+
+# transformers >= 4.52 module names -> the (older) names published checkpoints use; both occur on disk
+HF_PREFIX_ALIASES = {"model.visual.": "visual.", "model.language_model.": "model."}
+
+# (our name prefix, Hugging Face name prefix), first match wins; the rest of the name is identical
+HF_DECODER_NAMES = [("lm_head.", "lm_head."), ("", "model.")]
+HF_VISION_NAMES = [("patch_embed.weight", "visual.patch_embed.proj.weight"), ("", "visual.")]
+HF_MERGER_NAMES = [("fc1.", "visual.merger.mlp.0."), ("fc2.", "visual.merger.mlp.2."), ("", "visual.merger.")]
+
+
+def fold_patch_embed(w):
+    """Conv3d [d, 3, 2, 14, 14] over 2 frames -> Linear [d, 3*14*14]: a still image repeats its frame, so
+    the conv of the repeated frame equals the frame times the kernel summed over time."""
+    return w.sum(2).flatten(1)
+
+
+HF_CONVERT = {"visual.patch_embed.proj.weight": fold_patch_embed}
+
+
+def _hf_name(name, table):
+    for ours, theirs in table:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise KeyError(f"no Hugging Face name for {name!r}")
+
+
+def _read_hf_tensors(path, keep=lambda name: True):
+    """All tensors of a HF checkpoint dir (single `model.safetensors` or sharded with an index file),
+    under the names of HF_PREFIX_ALIASES; `keep` filters by name before reading."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), "pt") as f:
+            for key in f.keys():
+                name = key
+                for new, old in HF_PREFIX_ALIASES.items():
+                    if key.startswith(new):
+                        name = old + key[len(new):]
+                if keep(name):
+                    tensors[name] = f.get_tensor(key)
+    return tensors
+
+
+def _take_hf(module, table, tensors, where):
+    """Our state dict for `module`, popped from `tensors` (HF names); a missing key is named."""
+    state = {}
+    for name in _named_state(module):
+        hf = _hf_name(name, table)
+        if hf not in tensors:
+            raise KeyError(f"{where}: missing key {hf!r} (for our {name!r})")
+        state[name] = HF_CONVERT.get(hf, lambda t: t)(tensors.pop(hf))
+    return state
+
+
+def _check_consumed(tensors, where):
+    if tensors:
+        raise KeyError(f"{where}: unexpected keys {sorted(tensors)}")
+
+
+def text_config_from_hf(d, tie_word_embeddings=None):
+    """TextConfig from a Qwen2 / Qwen3 / Qwen2.5-VL (text part) config.json dict."""
+    kind = d.get("model_type")
+    if kind not in ("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"):
+        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen2_5_vl)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"unsupported rope scaling {rope}")
+    if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window"):
+        raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} or sliding window in {kind} config")
+    qwen3 = kind == "qwen3"
+    if qwen3 and d.get("attention_bias"):
+        raise ValueError("qwen3 config with attention_bias=true (o_proj bias) is not supported")
+    heads = d["num_attention_heads"]
+    return TextConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads, intermediate_size=d["intermediate_size"],
+        qk_norm=qwen3, qkv_bias=not qwen3,
+        tie_word_embeddings=(d.get("tie_word_embeddings", False) if tie_word_embeddings is None
+                             else tie_word_embeddings),
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)), mrope_section=rope.get("mrope_section"),
+        rms_norm_eps=d["rms_norm_eps"])
+
+
+def vision_config_from_hf(d):
+    """(VisionConfig, out_hidden_size) from a Qwen2.5-VL `vision_config` dict."""
+    if d.get("in_channels", d.get("in_chans", 3)) != 3 or d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported vision config: in_channels {d.get('in_channels', d.get('in_chans'))}, "
+                         f"hidden_act {d.get('hidden_act')!r}")
+    rope = d.get("rope_parameters") or {}
+    config = VisionConfig(
+        depth=d["depth"], hidden_size=d["hidden_size"], num_heads=d["num_heads"],
+        intermediate_size=d["intermediate_size"], patch_size=d.get("patch_size", 14),
+        spatial_merge_size=d.get("spatial_merge_size", 2), window_size=d["window_size"],
+        fullatt_blocks=d["fullatt_block_indexes"], rope_theta=rope.get("rope_theta", 10000.0))
+    return config, d["out_hidden_size"]
+
+
+def _qwen2_5_vl_config(path):
+    cfg = _read_json(os.path.join(path, "config.json"))
+    if cfg.get("model_type") != "qwen2_5_vl":
+        raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
+    return cfg
+
+
+def load_hf_decoder(path):
+    """Decoder from a Hugging Face Qwen2 / Qwen3 causal-LM checkpoint directory."""
+    config = text_config_from_hf(_read_json(os.path.join(path, "config.json")))
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    tensors = _read_hf_tensors(path)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+    state = _take_hf(decoder, HF_DECODER_NAMES, tensors, path)
+    _check_consumed(tensors, path)
+    _assign_state(decoder, state, path)
+    return decoder
+
+
+def load_hf_vision(path):
+    """(VisionEncoder, PatchMerger) from the `visual.*` weights of a Hugging Face Qwen2.5-VL checkpoint."""
+    config, out_dim = vision_config_from_hf(_qwen2_5_vl_config(path)["vision_config"])
+    with torch.device("meta"):
+        vision, merger = VisionEncoder(config), PatchMerger(config, out_dim)
+    tensors = _read_hf_tensors(path, keep=lambda name: name.startswith("visual."))
+    vision_state = _take_hf(vision, HF_VISION_NAMES, tensors, path)
+    merger_state = _take_hf(merger, HF_MERGER_NAMES, tensors, path)
+    _check_consumed(tensors, path)
+    _assign_state(vision, vision_state, path)
+    _assign_state(merger, merger_state, path)
+    return vision, merger
+
+
+def load_hf(path):
+    """MLLM (M-RoPE decoder) from a whole Hugging Face Qwen2.5-VL checkpoint directory."""
+    cfg = _qwen2_5_vl_config(path)
+    vision, out_dim = vision_config_from_hf(cfg["vision_config"])
+    text_dict = cfg.get("text_config") or cfg  # older checkpoints keep the text fields at the top level
+    tie = cfg.get("tie_word_embeddings", False) or text_dict.get("tie_word_embeddings", False)
+    text = text_config_from_hf({"model_type": "qwen2_5_vl", **text_dict}, tie_word_embeddings=tie)
+    if out_dim != text.hidden_size:
+        raise ValueError(f"{path}: vision out_hidden_size {out_dim} != text hidden_size {text.hidden_size}")
+    with torch.device("meta"):
+        model = MLLM(ModelConfig(vision=vision, text=text, image_pad_id=cfg["image_token_id"]))
+    tensors = _read_hf_tensors(path)
+    if tie:
+        tensors.pop("lm_head.weight", None)
+    state = {}
+    for prefix, module, table in (("vision.", model.vision, HF_VISION_NAMES),
+                                  ("connector.", model.connector, HF_MERGER_NAMES),
+                                  ("decoder.", model.decoder, HF_DECODER_NAMES)):
+        state |= {prefix + k: v for k, v in _take_hf(module, table, tensors, path).items()}
+    _check_consumed(tensors, path)
+    _assign_state(model, state, path)
+    return model

@@ -1,0 +1,454 @@
+"""Distributed training on torch.distributed: process groups from torchrun, a hand-written FSDP (ZeRO-3) over
+the model's blocks, PyTorch's FSDP2 over the same units as the yardstick, global-norm clipping, and sharded /
+full checkpoints.
+
+Hand-written FSDP: each unit (a ViT block, a decoder layer, and the root = everything else) keeps its
+parameters as one flat fp32 shard per rank (`FlatParam`). The full parameters exist only while the unit runs:
+all-gathered in the compute dtype before its forward (the next unit's gather is prefetched), freed after it,
+gathered again when backward reaches the unit, and freed once its gradient is reduce-scattered into the fp32
+shard's `.grad`. The optimizer sees only the shards. Gradients are the mean over ranks (SUM, then divided by
+the world size: ReduceOp.AVG is missing on Ascend HCCL), so a rank's loss should be its loss-token sum over
+the global count / world_size; then N ranks reproduce one process on the same global batch.
+
+Usage (train.py):
+    dist = init_distributed(device_type)
+    model = shard_model(model, dist, mode="ours", group_of=lambda name, p: ...)  # after freezing
+    optimizer = torch.optim.AdamW(groups of the trainable shards by p.fsdp_group, ...)
+    loss, stats = model(batch, loss_divisor=global_loss_tokens / dist.world_size); loss.backward()
+    clip_grad_norm_(model.parameters(), 1.0, dist); optimizer.step()
+    save_sharded(model, optimizer, dist, dir); state = gather_full_state_dict(model, dist)  # rank 0
+Every rank must run the same units in the same order (collectives pair up by order): a micro-batch without
+images on one rank skips the ViT blocks there and breaks the step. A sharded model runs `forward` only (not
+`generate`); evaluation loads the full checkpoint in one process. Expert parallelism (all_to_all dispatch and
+combine of routed experts, whose parameters then stay out of the FSDP units) is to come with the MoE decoder.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from kernels import resolve_device
+
+# torch 2.13 renamed the flat collectives; torch_npu pins older torch releases that have only the old names
+_all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
+_reduce_scatter = getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor
+
+# ----------------------------------------------------------------------------- process groups
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device_type):
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment); without those variables this is one process and no group is created."""
+    device_type = resolve_device(device_type)  # checks it exists; imports torch_npu for "npu"
+    if "WORLD_SIZE" not in os.environ:
+        return Dist(device=torch.device(device_type))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu") if device_type == "cpu" else torch.device(device_type, local_rank)
+    if device_type != "cpu":
+        getattr(torch, device_type).set_device(device)
+    # device_id binds the group to this rank's accelerator (required by HCCL, eager init for NCCL)
+    tdist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size,
+                             device_id=None if device_type == "cpu" else device)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def barrier(dist):
+    if dist.world_size > 1:
+        tdist.barrier()
+
+
+def close_distributed(dist):
+    """Leave the process group (after a barrier, so no rank exits while another still talks to it)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(tensor, dist):
+    """Sum `tensor` over ranks in place (and return it)."""
+    if dist.world_size > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------- hand-written FSDP (ZeRO-3)
+
+
+def fsdp_units(model):
+    """The sharding units: each ViT block, each decoder layer, then the root (embeddings, head, connector,
+    norms: the parameters of `model` outside the blocks)."""
+    return [*model.vision.blocks, *model.decoder.layers, model]
+
+
+class FlatParam:
+    """Parameters of one unit that share requires_grad and optimizer group, as one flat fp32 tensor padded to a
+    multiple of the world size; this rank owns the slice `shard` (an nn.Parameter, tagged `.fsdp_group`).
+    `full` is the gathered flat tensor in the compute dtype; its storage is allocated only while the unit
+    runs, and the module attributes of the original parameters are views into it then (meta placeholders
+    otherwise, so a stray use fails loudly instead of reading freed memory)."""
+
+    def __init__(self, entries, dist, compute_dtype, requires_grad, group):
+        # entries: (name, parameter, [(module, attribute), ...]) - a tied parameter has several places
+        self.dist, self.compute_dtype = dist, compute_dtype
+        self.names = [name for name, _, _ in entries]
+        self.shapes = [p.shape for _, p, _ in entries]
+        self.places = [places for _, _, places in entries]
+        self.numels = [p.numel() for _, p, _ in entries]
+        total = sum(self.numels)
+        self.shard_numel = -(-total // dist.world_size)
+        self.padding = self.shard_numel * dist.world_size - total
+        flat = torch.cat([p.detach().reshape(-1).float() for _, p, _ in entries])
+        flat = torch.cat([flat, flat.new_zeros(self.padding)]).to(dist.device)
+        own = flat[dist.rank * self.shard_numel:(dist.rank + 1) * self.shard_numel]
+        self.shard = nn.Parameter(own.clone(), requires_grad=requires_grad)
+        self.shard.fsdp_group = group
+        self.full = torch.empty(flat.numel(), dtype=compute_dtype, device=dist.device, requires_grad=requires_grad)
+        self.full.untyped_storage().resize_(0)
+        self.placeholders = [torch.empty(s, dtype=compute_dtype, device="meta") for s in self.shapes]
+        self.gathering = None  # (work, send buffer) of an all-gather in flight
+        self.ready = False
+        for places in self.places:  # the original parameters go; model.parameters() yields the shards instead
+            for module, attr in places:
+                del module._parameters[attr]
+        self._set_module_tensors(self.placeholders)
+
+    def gather(self, async_op):
+        """Start (or do) the all-gather of the shards into `full`, unless it is there or on its way."""
+        if not self.ready and self.gathering is None:
+            self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+            send = self.shard.detach().to(self.compute_dtype)
+            # tensors autograd saved in forward alias `full`, so the refill must not bump its version counter;
+            # gloo writes the output from its worker thread, later than a version-preserving context could
+            # cover, so gather into `.data`: the same storage under a version counter of its own
+            self.gathering = (_all_gather(self.full.data, send, async_op=True), send)
+        if not async_op:
+            self.wait()
+
+    def wait(self):
+        if self.gathering is not None:
+            self.gathering[0].wait()
+            self.gathering, self.ready = None, True
+
+    def use_full(self):
+        """Point the module attributes at views of the gathered flat tensor (through autograd, so the
+        gradients of all views accumulate into `full.grad`)."""
+        views = self.full.split([*self.numels, self.padding])
+        self._set_module_tensors([v.view(s) for v, s in zip(views, self.shapes)])
+
+    def free(self):
+        self.wait()
+        if self.ready:
+            self.full.untyped_storage().resize_(0)
+            self.ready = False
+            self._set_module_tensors(self.placeholders)
+
+    def reduce_grad(self):
+        """Start the reduce-scatter of `full.grad` (summed over ranks, in fp32); returns (work, output, input)
+        for `add_grad` once it is done."""
+        grad = self.full.grad.float()
+        self.full.grad = None
+        out = grad.new_empty(self.shard_numel)
+        return _reduce_scatter(out, grad, op=tdist.ReduceOp.SUM, async_op=True), out, grad
+
+    def add_grad(self, reduced):
+        reduced.div_(self.dist.world_size)  # mean over ranks, as DDP and FSDP2 do
+        if self.shard.grad is None:
+            self.shard.grad = reduced
+        else:
+            self.shard.grad.add_(reduced)  # gradient accumulation over micro-batches
+
+    def _set_module_tensors(self, tensors):
+        for places, t in zip(self.places, tensors):
+            for module, attr in places:
+                setattr(module, attr, t)
+
+
+class _PostBackward(torch.autograd.Function):
+    """Identity on a frozen unit's inputs: its backward runs when the unit's input gradients are done, i.e.
+    when the unit's backward has finished, which frees the unit's gathered parameters."""
+
+    @staticmethod
+    def forward(ctx, unit, *tensors):
+        ctx.unit = unit
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.unit.free()
+        return (None, *grads)
+
+
+class Unit:
+    """One sharded module: its FlatParams (trainable and/or frozen) and the hooks that gather and free them."""
+
+    def __init__(self, module, flats, fsdp):
+        self.module, self.flats, self.fsdp = module, flats, fsdp
+        self.trainable = [f for f in flats if f.shard.requires_grad]
+        self.in_backward = False
+        self.reduced = 0  # trainable FlatParams whose gradient this backward has reduce-scattered
+        for f in self.trainable:
+            f.full.register_post_accumulate_grad_hook(lambda full, f=f: self._post_accumulate(f))
+        module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        module.register_forward_hook(self._post_forward, with_kwargs=True)
+
+    def gather(self, async_op=False):
+        for f in self.flats:
+            f.gather(async_op)
+
+    def free(self):
+        for f in self.flats:
+            f.free()
+
+    def _pre_forward(self, module, args, kwargs):
+        self.gather()
+        for f in self.flats:
+            f.use_full()
+        if self.in_backward:  # activation checkpointing recomputes this forward inside backward
+            return None
+        self.fsdp.record("forward", self)
+        if not torch.is_grad_enabled() or self.trainable:
+            return None
+        is_input = lambda t: isinstance(t, torch.Tensor) and t.requires_grad
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if is_input(t)]
+        if not inputs:
+            return None
+        wrapped = dict(zip(map(id, inputs), _PostBackward.apply(self, *inputs)))
+        return tree_map(lambda t: wrapped.get(id(t), t) if is_input(t) else t, (args, kwargs))
+
+    def _post_forward(self, module, args, kwargs, output):
+        if self.in_backward:
+            return None  # keep the parameters: the recomputed activations' backward runs next
+        if module is self.fsdp.root:
+            for unit in self.fsdp.units:  # prefetches the forward did not use
+                unit.free()
+        else:
+            self.free()
+        if torch.is_grad_enabled():
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._pre_backward)
+        return None
+
+    def _pre_backward(self, grad):
+        if not self.in_backward:
+            self.in_backward = True
+            self.fsdp.record("backward", self)
+            self.gather()
+        return None
+
+    def _post_accumulate(self, flat):
+        self.fsdp.finish_reductions()  # one reduce-scatter in flight: overlap without holding every full grad
+        self.fsdp.reducing.append((flat, *flat.reduce_grad()))
+        self.reduced += 1
+        if self.reduced == len(self.trainable):
+            self.free()
+
+
+class FSDP:
+    """The sharded model's state: units, and the order they ran in last time, which drives prefetching."""
+
+    def __init__(self, model, dist, compute_dtype, group_of):
+        self.root = model
+        names = {id(p): n for n, p in model.named_parameters()}  # a tied parameter keeps its first name
+        places = {}
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    places.setdefault(id(p), []).append((module, attr))
+        self.param_names = list(names.values())
+        self.buffer_names = [n for n, _ in model.named_buffers()]
+        blocks = fsdp_units(model)[:-1]
+        in_blocks = {id(p) for block in blocks for p in block.parameters()}
+        per_unit = [list(block.parameters()) for block in blocks]
+        per_unit.append([p for p in model.parameters() if id(p) not in in_blocks])
+        self.units = []
+        for module, params in zip([*blocks, model], per_unit):
+            kinds = {}  # (requires_grad, optimizer group) -> entries, in parameter order
+            for p in params:
+                group = group_of(names[id(p)], p) if group_of else None
+                kinds.setdefault((p.requires_grad, group), []).append((names[id(p)], p, places[id(p)]))
+            flats = [FlatParam(entries, dist, compute_dtype, *kind) for kind, entries in kinds.items()]
+            for i, f in enumerate(flats):
+                module.register_parameter(f"fsdp_flat_{i}", f.shard)
+            self.units.append(Unit(module, flats, self))
+        self.last = {"forward": [], "backward": []}
+        self.current = {"forward": [], "backward": []}
+        self.reducing = []  # reduce-scatters in flight: (FlatParam, work, output, input)
+
+    def flats(self):
+        return [f for unit in self.units for f in unit.flats]
+
+    def record(self, kind, unit):
+        """Note that `unit` runs now; if this pass follows the last one so far, prefetch the next unit."""
+        if kind == "forward" and unit.module is self.root:
+            self._new_pass("forward")
+        if kind == "backward" and not self.current["backward"]:
+            self._new_pass("backward")
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        current, last = self.current[kind], self.last[kind]
+        i = len(current)
+        current.append(unit)
+        if i + 1 < len(last) and last[i] is unit:
+            last[i + 1].gather(async_op=True)  # overlaps the next unit's all-gather with this unit's compute
+
+    def _new_pass(self, kind):
+        if self.current[kind]:
+            self.last[kind] = self.current[kind]
+        self.current[kind] = []
+
+    def finish_reductions(self):
+        for flat, work, out, _ in self.reducing:
+            work.wait()
+            flat.add_grad(out)
+        self.reducing = []
+
+    def _end_backward(self):
+        """After the whole backward: finish the reduce-scatter, free what is still gathered (frozen units
+        whose inputs needed no gradient), and reset for the next step."""
+        self.finish_reductions()
+        for unit in self.units:
+            unit.free()
+            unit.in_backward, unit.reduced = False, 0
+        self._new_pass("backward")
+
+
+def shard_model(model, dist, mode="ours", compute_dtype=torch.float32, group_of=None):
+    """Shard `model` (ZeRO-3) over the ranks of the default process group, in place; returns it. Freeze what
+    should not train first: frozen parameters get shards without gradients and are never reduced.
+    mode "ours" = the hand-written FSDP above; "torch" = PyTorch's FSDP2 (fully_shard) over the same units.
+    Afterwards, model.parameters() are the local shards (flat fp32 tensors for "ours", DTensors for "torch").
+    group_of(name, param) -> hashable (ours): parameters with different values go to different flat shards,
+    each tagged `shard.fsdp_group = value`, so an optimizer can still give them their own lr / weight decay
+    (FSDP2 keeps one DTensor per parameter under its name, so name-based grouping works there as before)."""
+    if not tdist.is_initialized():
+        raise RuntimeError("shard_model needs a process group: run under torchrun (see init_distributed)")
+    if mode == "ours":
+        model.fsdp = FSDP(model, dist, compute_dtype, group_of)
+        return model.to(dist.device)  # buffers; the shards are there already
+    if mode == "torch":
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        return model
+    raise ValueError(f"shard_model: mode {mode!r}; choose 'ours' or 'torch'")
+
+
+# ----------------------------------------------------------------------------- clipping and checkpoints
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm_(params, max_norm, dist):
+    """Scale the gradients so their global L2 norm (over all ranks' shards) is at most max_norm, as
+    torch.nn.utils.clip_grad_norm_ does for one process. Returns the norm before clipping."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=dist.device)
+    for g in grads:
+        squares += g.float().pow(2).sum()
+    total_norm = all_reduce_sum(squares, dist).sqrt()
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total_norm
+
+
+def gather_full_state_dict(model, dist):
+    """The full unsharded weights under our key names (a tied weight once, under its first name) as CPU
+    tensors on rank 0 ({} on the others); every rank must call it."""
+    if not hasattr(model, "fsdp"):
+        out = {}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            full = t.full_tensor() if isinstance(t, DTensor) else t  # DTensor: gathers, so every rank runs it
+            if dist.is_main:
+                out[name] = full.detach().cpu().clone()
+        return out
+    out = {}
+    for flat in model.fsdp.flats():
+        full = flat.shard.new_empty(flat.shard_numel * dist.world_size)
+        _all_gather(full, flat.shard.detach())
+        if dist.is_main:
+            for name, shape, piece in zip(flat.names, flat.shapes, full.split([*flat.numels, flat.padding])):
+                out[name] = piece.view(shape).cpu().clone()
+    if dist.is_main:
+        out = {name: out[name] for name in model.fsdp.param_names}  # the unsharded model's order
+        out.update({name: model.get_buffer(name).cpu().clone() for name in model.fsdp.buffer_names})
+    return out
+
+
+def load_full_state_dict(model, state_dict, dist):
+    """Load full weights (e.g. a model.safetensors written with any world size) into a sharded model: each
+    rank keeps its slice. Missing or unexpected keys and wrong shapes raise."""
+    if hasattr(model, "fsdp"):
+        expected = {**{n: s for f in model.fsdp.flats() for n, s in zip(f.names, f.shapes)},
+                    **{n: model.get_buffer(n).shape for n in model.fsdp.buffer_names}}
+    else:
+        expected = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"load_full_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    for name, shape in expected.items():
+        if state_dict[name].shape != shape:
+            raise ValueError(f"load_full_state_dict: {name} has shape {tuple(state_dict[name].shape)}, "
+                             f"model expects {tuple(shape)}")
+    with torch.no_grad():
+        if hasattr(model, "fsdp"):
+            for f in model.fsdp.flats():
+                full = torch.cat([state_dict[n].reshape(-1).float() for n in f.names] + [torch.zeros(f.padding)])
+                f.shard.copy_(full[dist.rank * f.shard_numel:(dist.rank + 1) * f.shard_numel])
+            for name in model.fsdp.buffer_names:
+                model.get_buffer(name).copy_(state_dict[name])
+        else:
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                src = state_dict[name].to(device=dist.device, dtype=t.dtype)
+                t.copy_(distribute_tensor(src, t.device_mesh, t.placements) if isinstance(t, DTensor) else src)
+
+
+def _shard_path(directory, dist):
+    return os.path.join(directory, f"shard_rank{dist.rank:05d}_of{dist.world_size:05d}.pt")
+
+
+def save_sharded(model, optimizer, dist, directory, extra=None):
+    """Each rank writes its parameter and optimizer shards (plus `extra`, e.g. its data-iterator state) for an
+    exact resume with the same world size."""
+    os.makedirs(directory, exist_ok=True)
+    path = _shard_path(directory, dist)
+    state = {"world_size": dist.world_size, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "extra": extra}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_sharded(model, optimizer, dist, directory):
+    """Restore what save_sharded wrote (same world size); returns its `extra`."""
+    path = _shard_path(directory, dist)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no shard {path} for rank {dist.rank} of {dist.world_size}; a run with another "
+                                "world size resumes from the full model.safetensors instead")
+    state = torch.load(path, map_location=dist.device, weights_only=False)  # our own file (DTensors in it)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["extra"]

@@ -1,0 +1,94 @@
+"""bench.py: the quick CPU run writes every part's rows with finite positive figures; the FLOP convention,
+the profiler-based peak memory and the padding emulation hold on known cases. No timing is asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+import bench
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def positive(row, keys):
+    return all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0 for k in keys)
+
+
+def test_quick_cpu_run_writes_every_part(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread: other test processes share the 2 cores, and spinning OpenMP threads would crawl;
+    # no TRITON_INTERPRET: the interpreted kernel is tested in test_attention.py, far too slow to time
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--quick", "--out", str(out),
+                           "--what", "attention,ops,step,packing"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu"
+
+    shapes = bench.ATTENTION["quick"]
+    att = res["attention"]
+    for tokens in shapes["tokens"]:
+        for head_dim in shapes["head_dims"]:
+            for causal in (True, False):
+                got = {r["backend"]: r for r in att
+                       if (r["tokens"], r["head_dim"], r["causal"]) == (tokens, head_dim, causal)}
+                assert set(got) == {"reference", "sdpa"}  # triton only under TRITON_INTERPRET on cpu
+                for r in got.values():
+                    assert positive(r, ["fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops", "peak_mib", "x_sdpa"])
+                    flops = bench.attention_flops(bench.split_tokens(tokens), r["heads"], head_dim, causal)
+                    assert math.isclose(r["fwd_tflops"] * r["fwd_ms"] * 1e9, flops, rel_tol=1e-9)
+                    assert math.isclose(r["fwd_bwd_tflops"] * r["fwd_bwd_ms"] * 1e9, 3.5 * flops, rel_tol=1e-9)
+                assert got["sdpa"]["x_sdpa"] == 1.0 and got["reference"]["ours"] and not got["sdpa"]["ours"]
+
+    ops = {(r["op"], r["impl"]): r for r in res["ops"]}
+    assert set(ops) == {(op, impl) for op in ("rms_norm", "apply_rope", "swiglu", "linear_cross_entropy")
+                        for impl in ("kernels", "torch")}  # --quick skips torch.compile
+    assert all(positive(r, ["fwd_ms", "fwd_bwd_ms", "peak_mib"]) for r in ops.values())
+    # memory, not time: chunked cross-entropy never holds the [T, vocab] fp32 logits and their gradient
+    assert ops["linear_cross_entropy", "kernels"]["peak_mib"] < ops["linear_cross_entropy", "torch"]["peak_mib"]
+
+    (step,) = res["step"]
+    assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
+                                                       "peak_mib"])
+
+    pk = res["packing"]
+    assert [r["stage"] for r in pk] == [2, 3]
+    for r in pk:
+        assert positive(r, ["useful_tokens", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"])
+        assert r["padded_tokens"] >= r["useful_tokens"] and 0 <= r["pad_fraction"] < 1
+        assert r["packed_batches"] <= r["padded_batches"]
+    assert set(res["summary"]) and all(math.isfinite(v) and v > 0 for v in res["summary"].values())
+
+
+def test_attention_flops_convention():
+    # FlashAttention-2's benchmark: 4 L^2 H D per sample forward, half of it when causal
+    assert bench.attention_flops([1024], 16, 128, causal=False) == 4 * 1024 ** 2 * 16 * 128
+    assert bench.attention_flops([1024, 512], 2, 64, causal=True) == 2 * (1024 ** 2 + 512 ** 2) * 2 * 64
+    assert sum(bench.split_tokens(4097)) == 4097
+
+
+def test_cpu_peak_memory_counts_allocations_above_the_start():
+    held = torch.ones(2 ** 20)  # allocated before: not counted
+    mib = bench.peak_mib(lambda: (torch.ones(2 ** 20) + held).sum(), "cpu")  # two 4 MiB temporaries at once
+    assert 8.0 <= mib < 8.1
+
+
+def test_padding_emulation_pads_each_sample_to_its_batch_longest():
+    samples = bench.synthetic_samples(3, 20)
+    batches = bench.pad_to_longest(samples, 300, pad_id=data.Tokenizer().eos_id)
+    seen = []
+    for b in batches:
+        lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
+        assert len(set(lens)) == 1 and len(lens) * lens[0] <= 300  # one [B, Lmax] batch within the budget
+        for s, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist()):
+            seen.append(samples[len(seen)])
+            n = len(seen[-1].tokens)
+            assert b.input_ids[s:s + n].tolist() == seen[-1].tokens
+            assert (b.input_ids[s + n:e] == data.Tokenizer().eos_id).all() and (b.labels[s + n:e] == -100).all()
+            assert (b.position_ids[s:e] == torch.arange(e - s)).all()
+    assert len(seen) == len(samples)

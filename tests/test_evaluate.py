@@ -1,0 +1,177 @@
+"""evaluate.py: the scorers on hand-made cases, checkpoint averaging (the mean; mismatched configs refused),
+resolution search (argmax on the dev slice, ties, a real tiny run) and the command line."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluate
+from model import MLLM, config_from_preset
+
+SMALL = {"text.num_layers": 1, "vision.depth": 1, "vision.fullatt_blocks": (0,)}
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def test_vqa_accuracy():
+    assert evaluate.vqa_accuracy("Two", "2") == 1.0  # number words, case
+    assert evaluate.vqa_accuracy("the red.", "red") == 1.0  # articles, punctuation
+    assert evaluate.vqa_accuracy("1.5", "15") == 0.0  # a decimal point is not punctuation
+    assert evaluate.vqa_accuracy("blue", "red") == 0.0
+    # ten annotators, two said "cat": each leave-one-out subset has 1 or 2 matches -> (2 * 1/3 + 8 * 2/3) / 10
+    refs = ["cat", "cat"] + ["dog"] * 8
+    assert evaluate.vqa_accuracy("cat", refs) == pytest.approx(0.6)
+    assert evaluate.vqa_accuracy("dog", refs) == pytest.approx(1.0)  # >= 3 others agree in every subset
+
+
+def test_anls():
+    assert evaluate.anls("HELLO", "hello") == 1.0
+    assert evaluate.anls("helo", "hello") == pytest.approx(1 - 1 / 5)  # one edit over max length 5
+    assert evaluate.anls("abcdef", "abcxyz") == 0.0  # NL = 3/6 = 0.5 is not < 0.5
+    assert evaluate.anls("abcdex", "abcdef") == pytest.approx(1 - 1 / 6)
+    assert evaluate.anls("xyz", ["abc", "xyw"]) == pytest.approx(1 - 1 / 3)  # best reference
+    assert evaluate.anls("", "abc") == 0.0
+
+
+def test_iou_at_05():
+    assert evaluate.parse_box("at (10,20),(30,40).") == (10, 20, 30, 40)
+    assert evaluate.parse_box("( 1.5 , 2 ) , ( 3 , 4 )") == (1.5, 2, 3, 4)
+    assert evaluate.parse_box("no box") is None
+    assert evaluate.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert evaluate.iou_at_05("(0,0),(10,10)", "(0,0),(10,10)") == 1.0
+    assert evaluate.iou_at_05("(5,0),(15,10)", "(0,0),(10,10)") == 0.0  # IoU 1/3
+    assert evaluate.iou_at_05("(2,0),(12,10)", "(0,0),(10,10)") == 1.0  # IoU 8/12
+    assert evaluate.iou_at_05("(10,10),(0,0)", "(0,0),(10,10)") == 1.0  # corners in either order
+    assert evaluate.iou_at_05("somewhere", "(0,0),(10,10)") == 0.0
+    with pytest.raises(ValueError, match="no box"):
+        evaluate.iou_at_05("(0,0),(1,1)", "left")
+
+
+def test_choice_and_exact():
+    for pred in ("B", "(B)", "B.", "Answer: B", "b) no, B"):
+        assert evaluate.choice_match(pred, "B") == 1.0, pred
+    assert evaluate.choice_letter("Apple") is None and evaluate.choice_match("A", "B") == 0.0
+    assert evaluate.exact_match(" 12 ", "12") == 1.0 and evaluate.exact_match("12.", "12") == 0.0
+    assert set(data.TASK_METRIC.values()) <= set(evaluate.SCORERS)
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def save_model(path, seed, **overrides):
+    torch.manual_seed(seed)
+    model = MLLM(config_from_preset("tiny", **{**SMALL, **overrides}))
+    model.save_pretrained(path)
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_average_is_the_weighted_mean(tmp_path):
+    a, b = save_model(tmp_path / "a", 1), save_model(tmp_path / "b", 2)
+    avg = evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
+    on_disk = load_file(tmp_path / "avg" / "model.safetensors")
+    for k in a:
+        assert not torch.equal(a[k], b[k]) or a[k].unique().numel() == 1, k  # the two really differ
+        torch.testing.assert_close(on_disk[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-7)
+        assert torch.equal(on_disk[k], avg[k])
+    weighted = evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], weights=[1, 3])
+    for k in a:
+        torch.testing.assert_close(weighted[k], 0.25 * a[k] + 0.75 * b[k], rtol=0, atol=1e-7)
+    assert json.load(open(tmp_path / "avg" / "config.json")) == json.load(open(tmp_path / "a" / "config.json"))
+    MLLM.from_pretrained(str(tmp_path / "avg"))  # a loadable checkpoint
+
+
+def test_average_refuses_mismatched_configs(tmp_path):
+    save_model(tmp_path / "a", 1)
+    save_model(tmp_path / "b", 1, **{"text.num_layers": 2, "z_loss": 1e-4})
+    with pytest.raises(ValueError, match=r"configs differ in text\.num_layers, z_loss"):
+        evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
+    assert not os.path.exists(tmp_path / "avg")
+    with pytest.raises(ValueError, match="weights"):
+        evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "a")], weights=[1])
+
+
+# ----------------------------------------------------------------------------- resolution search
+
+
+def test_parse_resolution():
+    assert evaluate.parse_resolution("0.4M") == 400_000
+    assert evaluate.parse_resolution("200k") == 200_000
+    assert evaluate.parse_resolution("56x56") == 3136 == evaluate.parse_resolution("3136")
+    for bad in ("big", "10"):
+        with pytest.raises(ValueError):
+            evaluate.parse_resolution(bad)
+
+
+def test_select_resolutions_argmax_and_ties():
+    dev = {100: {"a": 0.2, "b": 0.5, "c": 0.3}, 200: {"a": 0.9, "b": 0.5, "c": 0.3}, 400: {"a": 0.1, "b": 0.4, "c": 0.3}}
+    # a: the argmax; b: tied at 100 and 200 without the default -> the smaller; c: all tied -> the default
+    assert evaluate.select_resolutions(dev, default=400) == {"a": 200, "b": 100, "c": 400}
+
+
+def test_resolution_search_picks_dev_argmax_then_scores_test(monkeypatch):
+    """A controlled scorer: each task's score is a known function of (split, max_pixels)."""
+    best = {"t1": 784, "t2": 3136}
+
+    def fake_evaluate(model, tokenizer, sets, min_pixels, max_pixels, **kw):
+        return {t: {"score": (1.0 if max_pixels == best[t] else 0.5) - (0.1 if split == "test" else 0.0)}
+                for t, split in ((t, recs[0]) for t, recs in sets.items())}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    dev_sets, test_sets = {"t1": ["dev"], "t2": ["dev"]}, {"t1": ["test"], "t2": ["test"]}
+    out = evaluate.resolution_search(None, None, dev_sets, test_sets, [784, 3136], 7056, 0, log=lambda *a: None)
+    assert sorted(out["dev"]) == [784, 3136, 7056]  # the default resolution is always a candidate
+    assert out["chosen"] == best
+    assert out["test_searched"] == pytest.approx({"t1": 0.9, "t2": 0.9})
+    assert out["test_default"] == pytest.approx({"t1": 0.4, "t2": 0.4})
+
+
+def test_resolution_search_real_tiny_model():
+    torch.manual_seed(0)
+    model = MLLM(config_from_preset("tiny", **SMALL))
+    tok = data.Tokenizer()
+    tasks = ["vqa_color", "ocr"]
+    dev, test = evaluate.build_eval_sets(tasks, "dev", 3), evaluate.build_eval_sets(tasks, "test", 3)
+    out = evaluate.resolution_search(model, tok, dev, test, [784, 3136], 7056, 784, log=lambda *a: None,
+                                     max_new_tokens=4)
+    for t in tasks:
+        scores = {px: out["dev"][px][t] for px in out["dev"]}
+        assert scores[out["chosen"][t]] == max(scores.values())
+        assert 0 <= out["test_searched"][t] <= 1
+    # a lower max_pixels really shrinks the images the model sees
+    rec = dev["vqa_color"][0]
+    small = data.encode(rec, tok, 784, 784, for_generation=True)
+    full = data.encode(rec, tok, 784, 7056, for_generation=True)
+    assert small.images[0][0].shape[0] < full.images[0][0].shape[0]
+
+
+# ----------------------------------------------------------------------------- generation and the command line
+
+
+def test_generation_is_batch_independent():
+    """Decoding prompts together gives each the answer it gets alone (the packed KV cache is per sample)."""
+    torch.manual_seed(0)
+    model = MLLM(config_from_preset("tiny", **SMALL)).eval()
+    tok = data.Tokenizer()
+    recs = [r for t in ("vqa_count", "arithmetic", "multi_image") for r in evaluate.synthetic_eval_set(t, "dev", 2)]
+    dev = torch.device("cpu")
+    together, refs = evaluate.generate_answers(model, tok, recs, data.MIN_PIXELS, data.MAX_PIXELS, dev, max_new_tokens=6)
+    alone = [evaluate.generate_answers(model, tok, [r], data.MIN_PIXELS, data.MAX_PIXELS, dev, max_new_tokens=6)[0][0]
+             for r in recs]
+    assert together == alone and len(refs) == len(recs) and all(refs)
+
+
+def test_command_line_average_and_evaluate(tmp_path, capsys):
+    save_model(tmp_path / "a", 1)
+    save_model(tmp_path / "b", 2)
+    evaluate.main(["--average", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,1", "--out",
+                   str(tmp_path / "avg"), "--ckpt", str(tmp_path / "a"), "--tasks", "vqa_color,grounding",
+                   "--n", "2", "--max-new-tokens", "4"])
+    report = json.load(open(tmp_path / "avg" / "eval.json"))
+    assert list(report["checkpoints"]) == ["a", "avg"]
+    res = report["checkpoints"]["avg"]["results"]
+    assert res["grounding"]["metric"] == "iou" and res["grounding"]["n"] == 2
+    assert "| avg |" in capsys.readouterr().out

@@ -1,0 +1,206 @@
+"""train.py: each stage trains exactly its table's modules, resume (after Ctrl-C) equals the uninterrupted run
+bit for bit, non-finite steps are skipped and counted, the schedule, the flags, the FLOP count against
+torch's FlopCounterMode, atomic checkpoints, and a JSONL dataset on disk trained and evaluated end to end."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import evaluate
+import train
+from model import MLLM
+
+# a smaller tiny model and short packed batches keep each run to a few seconds on 2 cores
+SMALL = {"text.num_layers": 2, "vision.depth": 1, "vision.fullatt_blocks": (0,)}
+
+
+def config(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), device="cpu", max_steps=3, packing_length=256, log_every=1000,
+                eval=False, peak_tflops=1.0)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def weights(path):
+    return load_file(os.path.join(train.checkpoint_dir(path), "model.safetensors"))
+
+
+def changed_groups(before, after):
+    return {train.module_group(k) for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_stage_trains_exactly_its_modules(tmp_path, stage):
+    cfg = config(tmp_path, stage=stage, max_steps=2)
+    before = {k: v.detach().clone() for k, v in
+              train.build_model(cfg.preset, None, SMALL, cfg.seed).state_dict().items()}
+    out = train.run(cfg, SMALL, log=lambda *a: None)
+    after = weights(out["stages"][f"stage{stage}"].checkpoint)
+    after["decoder.lm_head.weight"] = after["decoder.embed_tokens.weight"]  # tied: saved once
+    assert after.keys() == before.keys()
+    assert changed_groups(before, after) == set(train.STAGES[int(stage)].trains)
+    # frozen groups are unchanged bit for bit, trained ones moved in (nearly) every tensor
+    for k in before:
+        if train.module_group(k) in train.STAGES[int(stage)].trains:
+            assert not torch.equal(before[k], after[k]) or k.endswith("bias"), k
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, monkeypatch):
+    full = train.run(config(tmp_path / "a", stage="2", max_steps=4), SMALL, log=lambda *a: None)
+    real_forward, calls = MLLM.forward, []
+
+    def forward_with_ctrl_c(self, batch, loss_divisor=None):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C arrives during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, batch, loss_divisor)
+
+    monkeypatch.setattr(MLLM, "forward", forward_with_ctrl_c)
+    cut = train.run(config(tmp_path / "b", stage="2", max_steps=4), SMALL, log=lambda *a: None)
+    assert cut["stages"]["stage2"].status == "interrupted" and cut["stages"]["stage2"].steps == 2
+    monkeypatch.setattr(MLLM, "forward", real_forward)
+    resumed = train.run(config(tmp_path / "b", stage="2", max_steps=4, resume=True), SMALL, log=lambda *a: None)
+    assert resumed["stages"]["stage2"].steps == 4
+    a, b = weights(full["stages"]["stage2"].checkpoint), weights(resumed["stages"]["stage2"].checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = [json.loads(x) for x in open(tmp_path / "a" / "run" / "stage2" / "metrics.jsonl")]
+    rb = [json.loads(x) for x in open(tmp_path / "b" / "run" / "stage2" / "metrics.jsonl")]
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+def nan_on_steps(monkeypatch, bad_steps):
+    real_forward, calls = MLLM.forward, []
+
+    def forward(self, batch, loss_divisor=None):
+        calls.append(1)
+        loss, stats = real_forward(self, batch, loss_divisor)
+        return (loss * float("nan"), stats) if len(calls) in bad_steps else (loss, stats)
+
+    monkeypatch.setattr(MLLM, "forward", forward)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, {2})
+    out = train.run(config(tmp_path, stage="1", max_steps=3), SMALL, log=lambda *a: None)
+    res = out["stages"]["stage1"]
+    assert res.status == "done" and res.bad_steps == 1 and res.steps == 3
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stage1" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows] == [False, True, False] and rows[1]["loss"] is None
+
+
+def test_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, set(range(1, 100)))
+    lines = []
+    cfg = config(tmp_path, stage="1", max_steps=10, max_bad_steps=2)
+    out = train.run(cfg, SMALL, log=lines.append)
+    res = out["stages"]["stage1"]
+    assert res.steps == 2 and res.bad_steps == 2 and res.status.startswith("stopped")
+    assert any("2 non-finite-loss steps in a row" in line for line in lines)
+    before = train.build_model(cfg.preset, None, SMALL, cfg.seed).state_dict()
+    after = weights(res.checkpoint)
+    assert all(torch.equal(before[k], after[k]) for k in after)  # no update was applied
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warmup = 100, 10
+    f = [train.lr_factor(s, total, warmup) for s in range(total)]
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert f[warmup] == pytest.approx(1.0) and f[-1] == pytest.approx(train.MIN_LR_RATIO)
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))
+    assert f[warmup + (total - 1 - warmup) // 2] == pytest.approx((1 + train.MIN_LR_RATIO) / 2, abs=0.02)
+
+
+def test_optimizer_groups_follow_the_stage_table():
+    model = MLLM(train.config_from_preset("tiny", **SMALL))
+    for n, stage in train.STAGES.items():
+        train.set_trainable(model, stage)
+        opt = train.build_optimizer(model, stage, stage.lr, train.TrainConfig(), "cpu")
+        lrs = {g["module"]: g["base_lr"] for g in opt.param_groups}
+        assert lrs == {m: stage.lr * stage.lr_mult[m] for m in stage.trains}
+        owned = {id(p) for g in opt.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            assert (id(p) in owned) == (train.module_group(name) in stage.trains) == p.requires_grad, (n, name)
+    assert train.STAGES[2].lr_mult["vision"] < train.STAGES[2].lr_mult["decoder"]  # the ViT learns slower
+
+
+def test_every_config_field_is_a_flag_with_help():
+    parser = train.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for f in train.fields(train.TrainConfig):
+        assert actions[f.name].help
+    for name, _, _ in train.model_fields():
+        assert actions["model." + name].help
+    cfg, overrides = train.parse_args(["--stage", "2", "--text-num-layers", "3", "--vision-fullatt-blocks", "0",
+                                       "--text-mrope-section", "none", "--data", "a=x.jsonl:2", "--data", "b=y.jsonl"])
+    assert cfg.stage == "2" and cfg.data == ["a=x.jsonl:2", "b=y.jsonl"] and cfg.out == os.path.join("runs", "tiny")
+    assert overrides == {"text.num_layers": 3, "vision.fullatt_blocks": (0,), "text.mrope_section": None}
+    assert train.config_from_preset("tiny", **overrides).text.num_layers == 3
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "4"])
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """step_flops against torch's own count of the matmuls and attention that forward + backward ran."""
+    cfg = train.config_from_preset("tiny", attn_backend="sdpa", **SMALL)
+    tok = data.Tokenizer()
+    src = data.SyntheticTasks(["caption", "vqa_color", "arithmetic"], "train", style="instruct")
+    batch = data.collate([data.encode(src[i], tok) for i in range(6)])
+    params = train.matmul_params(cfg)
+    for stage in train.STAGES.values():
+        model = MLLM(cfg)
+        train.set_trainable(model, stage)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: attention as bmm
+            loss, _ = model(batch)
+            loss.backward()
+        ours = train.step_flops(cfg, params, [batch], stage.trains)
+        # ours counts 6N for the ViT's patch embedding, whose input gradient autograd never computes
+        assert ours == pytest.approx(counter.get_total_flops(), rel=0.02), stage.name
+
+
+def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path):
+    out = train.run(config(tmp_path, stage="1", max_steps=3, ckpt_every=1), SMALL, log=lambda *a: None)
+    stage_dir = tmp_path / "run" / "stage1"
+    assert sorted(os.listdir(stage_dir)) == ["latest", "metrics.jsonl", "step-000003"]
+    assert train.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
+    state = train.load_train_state(out["stages"]["stage1"].checkpoint)
+    assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
+
+
+def make_jsonl(tmp_path, n):
+    """A LLaVA-style colour dataset: PNGs of one coloured square on disk, the question and the answer."""
+    colors = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220)}
+    (tmp_path / "img").mkdir()
+    with open(tmp_path / "colors.jsonl", "w") as f:
+        for i in range(n):
+            name = list(colors)[i % 3]
+            img = Image.new("RGB", (56, 56), (255, 255, 255))
+            img.paste(colors[name], (8 + i % 5, 8, 40 + i % 5, 40))
+            img.save(tmp_path / "img" / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the square?"},
+                {"from": "gpt", "value": name}]}) + "\n")
+    return tmp_path / "colors.jsonl"
+
+
+def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
+    path = make_jsonl(tmp_path, 12)
+    cfg = config(tmp_path, stage="3", max_steps=20, packing_length=512, lr=3e-3, warmup=2,
+                 data=[f"colors={path}:1"], image_root=str(tmp_path / "img"))
+    out = train.run(cfg, SMALL, log=lambda *a: None)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
+    assert out["stages"]["stage3"].status == "done" and rows[-1]["loss"] < rows[0]["loss"] / 2
+    evaluate.main(["--ckpt", cfg.out, "--tasks", "", "--data", f"colors={path}", "--image-root",
+                   str(tmp_path / "img"), "--out", str(tmp_path)])
+    report = json.load(open(tmp_path / "eval.json"))
+    res = report["checkpoints"]["stage3"]["results"]["colors"]
+    assert res["n"] == 12 and res["metric"] == "vqa" and 0 <= res["score"] <= 1
+    # 20 steps teach the reply format (a colour word, then <|im_end|>), not yet the colours themselves
+    assert all(e["pred"] in ("red", "green", "blue") for e in res["examples"])
+    assert "| stage3 |" in capsys.readouterr().out

@@ -1,0 +1,790 @@
+"""Training: flags, the MindVL stage table, AdamW with per-module learning rates and a warm-up + cosine
+schedule, the loop (gradient accumulation, global-norm clipping, bf16 autocast, non-finite steps skipped),
+logging (loss, lr, tokens/s, MFU, memory, ETA; metrics.jsonl; loss.png), atomic checkpoints with exact
+resume, and the default recipe: stages 1 -> 2 -> 3, stage 3 twice at two packing lengths, their average,
+evaluation with test-time resolution search.
+
+    python train.py                                   # the whole tiny recipe on CPU, then a results table
+    python train.py --stage 2 --init-from runs/tiny/stage1 --max-steps 200 --packing-length 2048
+    python train.py --stage 3 --data mine=train.jsonl:1 --image-root imgs/ --init-from runs/tiny/stage2
+    torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
+
+Run directory (--out):
+    args.json                  the flags of the run
+    stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
+        metrics.jsonl          one JSON object per optimizer step
+        loss.png               the loss curve (when matplotlib is installed)
+        step-000120/           a checkpoint: model.safetensors, config.json, train_state.pt
+        latest                 the name of the newest complete checkpoint
+    stage3-avg/                the averaged stage-3 checkpoint (model.safetensors, config.json)
+    eval.json, results.md      evaluation of every checkpoint and the resolution search
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+import data
+import evaluate
+from kernels import detect_device
+from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, config_from_preset, load_hf, \
+    load_hf_decoder, vision_layout
+
+# ----------------------------------------------------------------------------- the stage table
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trains: tuple        # module groups that update; the others stay bit-for-bit as they were
+    lr: float            # peak learning rate of the connector and decoder
+    lr_mult: dict        # per module group multiplier on lr
+    steps: int
+    warmup: int          # linear warm-up steps, then cosine decay to MIN_LR_RATIO * peak
+    packing_length: int  # tokens per packed micro-batch
+    style: str           # data.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
+    mix: dict            # synthetic task -> sampling weight (ignored when --data is given)
+
+
+MODULE_GROUPS = ("vision", "connector", "decoder")
+MIN_LR_RATIO = 0.1
+ALL_TASKS = {t: 1.0 for t in data.SYNTHETIC_TASKS}
+
+# MindVL (arXiv 2509.11662) §3, three phases. Learning rates, steps and lengths are sized for the tiny preset
+# training from scratch on the synthetic curriculum on a 2-core CPU (the paper's are for 8B/671B models).
+STAGES = {
+    # 1. warm-up: ViT and LLM frozen, only the randomly initialised MLP connector learns, on caption data
+    1: Stage("warm-up", trains=("connector",), lr=5e-3, lr_mult={"connector": 1.0}, steps=100, warmup=10,
+             packing_length=512, style="pretrain", mix={"caption": 1.0}),
+    # 2. multitask pre-training: all parameters, the ViT at a lower rate, pre-training formats (caption,
+    #    OCR, grounding, interleaved multi-image, text-only) mixed by ratio, loss on all text
+    2: Stage("multitask pre-training", trains=MODULE_GROUPS, lr=5e-3,
+             lr_mult={"vision": 0.5, "connector": 1.0, "decoder": 1.0}, steps=900, warmup=50,
+             packing_length=512, style="pretrain",
+             mix={"caption": 2.0, "vqa_color": 1.0, "vqa_shape": 1.0, "vqa_count": 1.0, "vqa_position": 1.0,
+                  "ocr": 1.0, "grounding": 1.0, "multi_image": 1.0, "arithmetic": 0.5}),
+    # 3. supervised instruction tuning: all parameters, conversations, loss on the replies only
+    3: Stage("instruction tuning", trains=MODULE_GROUPS, lr=3e-3,
+             lr_mult={"vision": 0.5, "connector": 1.0, "decoder": 1.0}, steps=600, warmup=30,
+             packing_length=512, style="instruct", mix=ALL_TASKS),
+}
+# MindVL §3: train the last stage at different sequence lengths from the same checkpoint and average them;
+# runs keep the stage's token budget (steps scale as the table's packing length / length)
+STAGE3_LENGTHS = "512,1024"
+# evaluation of the default run: samples per task, and the test-time resolution search over max_pixels
+# (synthetic scenes are 84x84: 28x28 and 56x56 are downscaled views, 84x84 is native)
+EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 32, "28x28,56x56,84x84"
+MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@dataclass
+class TrainConfig:
+    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    stage: str = field(default="all", metadata={"help": "1, 2, 3, or all (1 -> 2 -> 3 x two lengths -> average -> eval)"})
+    max_steps: typing.Optional[int] = field(default=None, metadata={"help": "optimizer steps per stage (default: the stage table's)"})
+    packing_length: typing.Optional[int] = field(default=None, metadata={"help": "tokens per packed micro-batch (default: the stage table's)"})
+    lr: typing.Optional[float] = field(default=None, metadata={"help": "peak lr of connector/decoder (default: the stage table's; the ViT keeps its multiplier)"})
+    warmup: typing.Optional[int] = field(default=None, metadata={"help": "warm-up steps (default: the stage table's)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay on matrices"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
+    data: list = field(default_factory=list, metadata={"help": "JSONL dataset name=path:weight (repeatable); default: the synthetic curriculum"})
+    image_root: str = field(default=".", metadata={"help": "directory the JSONL image paths are relative to"})
+    on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
+    min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "image pixel budget for smart resize"})
+    tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
+    out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoints"})
+    init_from: typing.Optional[str] = field(default=None, metadata={"help": "start from our checkpoint/stage dir, or a Hugging Face Qwen2.5-VL / Qwen2 / Qwen3 dir"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, npu or auto", "choices": ["auto", "cpu", "cuda", "npu"]})
+    dtype: str = field(default="fp32", metadata={"help": "compute dtype: fp32, or bf16 autocast", "choices": ["fp32", "bf16"]})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, data order and synthetic images"})
+    ckpt_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite-loss steps in a row"})
+    log_every: int = field(default=10, metadata={"help": "print a progress line every N steps"})
+    peak_tflops: typing.Optional[float] = field(default=None, metadata={"help": "device peak for MFU (default: measured dense matmul rate)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the model with parallel.py's FSDP (run under torchrun)"})
+    stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
+    eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
+    eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
+    eval_dev_n: int = field(default=EVAL_DEV_N, metadata={"help": "dev samples per task for the resolution search"})
+    resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
+
+
+# one line per model config field for --help (fields model.py adds later get a generic line)
+MODEL_HELP = {
+    "vision.depth": "ViT blocks", "vision.hidden_size": "ViT width", "vision.num_heads": "ViT attention heads",
+    "vision.intermediate_size": "ViT MLP width", "vision.patch_size": "ViT patch side in pixels",
+    "vision.spatial_merge_size": "PatchMerger groups merge x merge patches",
+    "vision.window_size": "ViT window-attention side in pixels",
+    "vision.fullatt_blocks": "ViT blocks with full attention, e.g. 7,15,23,31",
+    "vision.rope_theta": "ViT 2D rotary base", "vision.rms_norm_eps": "ViT RMSNorm epsilon",
+    "text.vocab_size": "decoder vocabulary", "text.hidden_size": "decoder width",
+    "text.num_layers": "decoder layers", "text.num_heads": "decoder query heads",
+    "text.num_kv_heads": "decoder key/value heads (GQA)", "text.head_dim": "decoder head dimension",
+    "text.intermediate_size": "decoder MLP width", "text.qk_norm": "Qwen3 per-head RMSNorm on q and k",
+    "text.qkv_bias": "Qwen2 bias on q/k/v", "text.tie_word_embeddings": "share input embedding and output head",
+    "text.rope_theta": "decoder rotary base", "text.mrope_section": "M-RoPE (t,h,w) split of head_dim/2, or none",
+    "text.rms_norm_eps": "decoder RMSNorm epsilon", "image_pad_id": "token id of <|image_pad|>",
+    "z_loss": "MM1 z-loss coefficient", "activation_checkpointing": "recompute blocks in backward to save memory",
+    "attn_backend": "kernels.varlen_attention backend (default: best for the device)",
+}
+RUNTIME_MODEL_FIELDS = ("z_loss", "activation_checkpointing", "attn_backend")  # may change with --init-from
+
+
+def _base_type(tp):
+    """(python type, optional) of a dataclass annotation such as `int | None` or typing.Optional[float]."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing})  # model.py annotations are plain types, tuples and `X | None`
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _parser_for(tp, optional):
+    if tp is tuple:
+        return lambda s: None if optional and s.lower() == "none" else tuple(int(x) for x in s.split(",") if x)
+    if tp is bool:
+        return _parse_bool
+    return lambda s: None if optional and s.lower() == "none" else tp(s)
+
+
+def model_fields():
+    """(dotted name, type, optional) for every ModelConfig field, nested configs flattened."""
+    out = []
+    for f in fields(ModelConfig):
+        if f.name in ("vision", "text"):
+            for g in fields(VisionConfig if f.name == "vision" else TextConfig):
+                out.append((f"{f.name}.{g.name}", *_base_type(g.type)))
+        else:
+            out.append((f.name, *_base_type(f.type)))
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    for f in fields(TrainConfig):
+        tp, optional = _base_type(f.type)
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif tp is list:
+            p.add_argument(flag, action="append", default=[], help=help_)
+        else:
+            p.add_argument(flag, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
+    g = p.add_argument_group("model config (override the preset; ModelConfig / VisionConfig / TextConfig)")
+    for name, tp, optional in model_fields():
+        g.add_argument("--" + name.replace(".", "-").replace("_", "-"), dest="model." + name, default=argparse.SUPPRESS,
+                       type=_parser_for(tp, optional), metavar=tp.__name__.upper(),
+                       help=MODEL_HELP.get(name, f"ModelConfig field {name}") + " (default: preset)")
+    return p
+
+
+def parse_args(argv=None):
+    """(TrainConfig, {dotted model field: value} of the model flags given)."""
+    ns = vars(build_parser().parse_args(argv))
+    overrides = {k[len("model."):]: v for k, v in ns.items() if k.startswith("model.")}  # only flags given
+    cfg = TrainConfig(**{k: v for k, v in ns.items() if not k.startswith("model.")})
+    if cfg.stage not in ("1", "2", "3", "all"):
+        raise SystemExit(f"--stage {cfg.stage!r}: choose 1, 2, 3 or all")
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    return cfg, overrides
+
+
+# ----------------------------------------------------------------------------- model, tokenizer, data
+
+
+def is_our_checkpoint(path):
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg) as f:
+        return {"vision", "text"} <= json.load(f).keys()
+
+
+def build_model(preset, init, overrides, seed):
+    """The model of a stage: the preset (+ overrides) with seeded random weights when `init` is None, else
+    our checkpoint (a checkpoint or stage dir) or Hugging Face weights (Qwen2.5-VL, or a Qwen2/Qwen3 LLM
+    given the preset's ViT and a new connector); then only runtime overrides (z-loss, ...) apply."""
+    torch.manual_seed(seed)
+    if init is None:
+        return MLLM(config_from_preset(preset, **overrides))
+    path = checkpoint_dir(init) if os.path.isfile(os.path.join(init, "latest")) else init
+    if is_our_checkpoint(path):
+        model = MLLM.from_pretrained(path)
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type == "qwen2_5_vl":
+            model = load_hf(path)
+        else:  # a text-only LLM: the preset's ViT and a new connector around the pretrained decoder
+            decoder = load_hf_decoder(path)
+            config = ModelConfig(vision=config_from_preset(preset).vision, text=decoder.config,
+                                 image_pad_id=data.Tokenizer.from_hf(path).image_pad_id)
+            model = MLLM(config)
+            model.decoder = decoder
+    runtime = {k: v for k, v in overrides.items() if k in RUNTIME_MODEL_FIELDS}
+    if runtime:  # these are read when modules are built: rebuild, then copy the weights over
+        rebuilt = MLLM(replace(model.config, **runtime))
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model
+
+
+def build_tokenizer(cfg, model_config=None):
+    """The run's tokenizer; with a model config, checked to fit it (vocabulary, <|image_pad|> id)."""
+    path = cfg.tokenizer
+    if path is None and cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json")):
+        path = cfg.init_from
+    tok = evaluate.load_tokenizer(path)
+    if model_config is None:
+        return tok
+    if tok.vocab_size > model_config.text.vocab_size or tok.image_pad_id != model_config.image_pad_id:
+        raise SystemExit(f"tokenizer {path or 'byte-level'} (vocab {tok.vocab_size}, <|image_pad|> {tok.image_pad_id}) "
+                         f"does not fit the model (vocab {model_config.text.vocab_size}, image_pad_id "
+                         f"{model_config.image_pad_id}); see --tokenizer / --text-vocab-size / --image-pad-id")
+    return tok
+
+
+def build_source(cfg, stage_num, stage):
+    """What a stage reads: the --data JSONL datasets mixed by their weights, else the synthetic tasks of the
+    stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
+    seed = cfg.seed + 1000 * stage_num
+    if cfg.data:
+        sources, weights = {}, {}
+        for spec in cfg.data:
+            name, path, weight = evaluate.parse_data_flag(spec)
+            sources[name] = data.JsonlDataset(path, cfg.image_root, on_bad=cfg.on_bad)
+            weights[name] = weight
+        return data.Mixture(sources, weights, seed)
+    sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}
+    return data.Mixture(sources, dict(stage.mix), seed)
+
+
+def loss_tokens(batch):
+    """Tokens that are targets: labels are aligned with the tokens (-100 = no loss) and each sample's
+    position t predicts its labels[t + 1], so a sample's first label is never a target."""
+    is_target = batch.labels != -100
+    is_target[batch.cu_seqlens[:-1].long()] = False
+    return int(is_target.sum())
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+
+def module_group(name):
+    return name.split(".", 1)[0]
+
+
+def set_trainable(model, stage):
+    """Freeze what the stage does not train (requires_grad off: no gradient, no optimizer state)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(module_group(name) in stage.trains)
+
+
+def build_optimizer(model, stage, lr, cfg, device_type):
+    """AdamW over the trainable parameters: one group per (module group, decay) with its own peak lr in
+    `base_lr`; weight decay on matrices only, not on norms and biases (nanoGPT / GPT-3 practice)."""
+    groups = []
+    for g in stage.trains:
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and module_group(n) == g]
+        for decay in (True, False):
+            ps = [p for n, p in params if (p.dim() >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "base_lr": lr * stage.lr_mult[g], "lr": 0.0, "module": g,
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
+    fused = device_type in ("cuda", "cpu") and not cfg.fsdp  # fused CPU/CUDA kernels; NPU and sharded use foreach
+    return torch.optim.AdamW(groups, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def lr_factor(step, total, warmup, min_ratio=MIN_LR_RATIO):
+    """Multiplier on the peak lr for 0-based optimizer step `step`: linear warm-up over `warmup` steps, then
+    cosine decay to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------- FLOPs, MFU, memory
+
+
+def matmul_params(config):
+    """Weights that multiply activations, per module: {vision, connector, decoder_layers, lm_head} (built
+    on the meta device; embeddings are lookups and norms are not matmuls)."""
+    with torch.device("meta"):
+        m = MLLM(config)
+    mats = lambda mod: sum(p.numel() for p in mod.parameters() if p.dim() == 2)  # noqa: E731
+    return {"vision": mats(m.vision), "connector": mats(m.connector), "decoder": mats(m.decoder.layers),
+            "lm_head": m.decoder.lm_head.weight.numel()}
+
+
+def step_flops(config, params, batches, trains):
+    """Model FLOPs of one optimizer step, after PaLM (Chowdhery et al. 2022, App. B): a matmul with N weights
+    costs 2N per token forward, 2N for the gradient w.r.t. its input and 2N for the gradient w.r.t. its
+    weights (6N in all); attention over a sample of s tokens costs 4*s^2*d_attn per layer forward (QK^T and
+    PV, no causal saving, as PaLM counts) and twice that backward (dQ, dK, dV, dP) whenever gradients flow
+    through it. A frozen module skips its weight gradients, and one with nothing trainable before it skips
+    its backward altogether."""
+    v, t = config.vision, config.text
+    back_vision = 4 if "vision" in trains else 0
+    back_conn = (2 if "connector" in trains else 0) + (2 if "vision" in trains else 0)
+    back_dec = (2 if "decoder" in trains else 0) + (2 if set(trains) & {"vision", "connector"} else 0)
+    window_units = v.window_size // v.patch_size // v.spatial_merge_size
+    total = 0.0
+    for b in batches:
+        seq = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double()
+        tokens, loss_tok = float(seq.sum()), loss_tokens(b)
+        patches = float(b.image_grid.prod(-1).sum()) if len(b.image_grid) else 0.0
+        dec_attn = 4 * t.num_layers * t.num_heads * t.head_dim * float((seq ** 2).sum())
+        total += (2 + back_dec) * params["decoder"] * tokens + dec_attn * (3 if back_dec else 1)
+        total += 6 * params["lm_head"] * loss_tok if "decoder" in trains else 4 * params["lm_head"] * loss_tok
+        if patches:
+            _, _, _, cu_img, cu_win = vision_layout(b.image_grid.cpu(), v.spatial_merge_size, window_units, "cpu")
+            sq = lambda cu: float(((cu[1:] - cu[:-1]).double() ** 2).sum())  # noqa: E731
+            n_full = len(v.fullatt_blocks)
+            vis_attn = 4 * v.hidden_size * (n_full * sq(cu_img) + (v.depth - n_full) * sq(cu_win))
+            total += (2 + back_vision) * params["vision"] * patches + vis_attn * (3 if back_vision else 1)
+            total += (2 + back_conn) * params["connector"] * patches / v.spatial_merge_size ** 2
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_flops(device, dtype):
+    """A dense matmul's FLOP rate on this device and dtype, the MFU denominator when --peak-tflops is not
+    given (a reachable peak, so MFU reads as a fraction of what this machine can do)."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
+    best = 0.0
+    for _ in range(4):  # the best of a few short trials: a busy machine only ever slows a trial down
+        sync()
+        t0 = time.perf_counter()
+        a @ a
+        sync()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_memory_gb(device):
+    if device.type in ("cuda", "npu"):
+        return getattr(torch, device.type).max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB; the process's peak RSS
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(path):
+    """A checkpoint directory: `path` itself, or the one its `latest` file names (a stage directory)."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no checkpoint (neither config.json nor a `latest` file)")
+    return path
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
+    """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt} written under a temp name and
+    renamed, then `latest` is switched to it (also by rename) and older checkpoints are removed, so a
+    crash at any moment leaves a complete checkpoint behind."""
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(stage_dir, name), os.path.join(stage_dir, f".tmp-{name}")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.world_size > 1:
+        import parallel
+        parallel.barrier(dist)
+        full = parallel.gather_full_state_dict(model, dist)
+        parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
+        if dist.is_main:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(model.config.to_dict(), f, indent=2)
+        parallel.barrier(dist)
+    else:
+        model.save_pretrained(tmp)
+    if dist.is_main:
+        torch.save({**state, "optimizer": optimizer.state_dict() if dist.world_size == 1 else None},
+                   os.path.join(tmp, "train_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(stage_dir, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(stage_dir, "latest.tmp"), os.path.join(stage_dir, "latest"))
+        for old in os.listdir(stage_dir):
+            if old.startswith("step-") and old != name:
+                shutil.rmtree(os.path.join(stage_dir, old))
+    if dist.world_size > 1:
+        import parallel
+        parallel.barrier(dist)
+    return final
+
+
+def load_train_state(ckpt):
+    # our own file: optimizer tensors plus Python RNG state and loader positions
+    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+
+
+def keep_metrics_until(path, step):
+    """Drop metrics rows logged after `step` (by the interrupted run, past its last checkpoint)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def plot_loss(metrics_path, out_png):
+    """loss.png from metrics.jsonl, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    ok = [r for r in rows if r["loss"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in ok], [r["loss"] for r in ok])
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.dirname(metrics_path)))
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+class StopRequested:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current step and checkpoint; a second one kills."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and writing a checkpoint (press again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclass
+class StageResult:
+    checkpoint: str      # the stage's last checkpoint
+    steps: int
+    bad_steps: int
+    status: str          # "done", "interrupted" or "stopped: ..."
+    wall_s: float
+
+
+def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist, overrides=None, log=print):
+    """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
+    weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
+    total = cfg.max_steps if cfg.max_steps is not None else stage.steps
+    length = cfg.packing_length or stage.packing_length
+    warmup = min(cfg.warmup if cfg.warmup is not None else stage.warmup, total)
+    peak_lr = cfg.lr if cfg.lr is not None else stage.lr
+    resume_ckpt = None
+    if cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest")):
+        resume_ckpt = checkpoint_dir(stage_dir)
+    elif dist.is_main:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    os.makedirs(stage_dir, exist_ok=True)
+
+    model = build_model(cfg.preset, resume_ckpt or init, overrides or {}, cfg.seed).to(device)
+    build_tokenizer(cfg, model.config)
+    set_trainable(model, stage)
+    if cfg.fsdp:
+        import parallel
+        model = parallel.shard_model(model, dist, mode="ours",
+                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    model.train()
+    optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loader = data.PackedLoader(build_source(cfg, stage_num, stage), tokenizer, length, seed=cfg.seed + stage_num,
+                               rank=dist.rank, world_size=dist.world_size, min_pixels=cfg.min_pixels,
+                               max_pixels=cfg.max_pixels, mrope=model.config.text.mrope_section is not None,
+                               on_bad=cfg.on_bad)
+    step, bad_total, bad_run = 0, 0, 0
+    if resume_ckpt:
+        st = load_train_state(resume_ckpt)
+        if st["stage"] != stage_num or st["total_steps"] != total:
+            raise SystemExit(f"--resume: {resume_ckpt} is stage {st['stage']} of {st['total_steps']} steps, "
+                             f"this run is stage {stage_num} of {total}")
+        if dist.world_size > 1:
+            import parallel
+            parallel.load_sharded(model, optimizer, dist, resume_ckpt)
+        else:
+            optimizer.load_state_dict(st["optimizer"])
+        loader.load_state_dict(st["loader"][dist.rank] if dist.world_size > 1 else st["loader"])
+        set_rng_state(st["rng"])
+        step, bad_total, bad_run = st["step"], st["bad_steps"], st["bad_run"]
+        log(f"stage {stage_num}: resumed from {resume_ckpt} at step {step}")
+        if step >= total:
+            return StageResult(resume_ckpt, step, bad_total, "done", 0.0)
+        if dist.is_main:
+            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), step)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    flop_params = matmul_params(model.config)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak_flops(
+        device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    metrics = open(os.path.join(stage_dir, "metrics.jsonl"), "a" if resume_ckpt else "w") if dist.is_main else None
+    log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {total} steps x {cfg.grad_accum} "
+        f"x {length} tokens; peak lr {peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
+        f"trainable / {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    def state_now(loader_state):
+        return {"stage": stage_num, "step": step, "total_steps": total, "bad_steps": bad_total,
+                "bad_run": bad_run, "rng": rng_state(), "loader": loader_state, "train_config": asdict(cfg)}
+
+    t_start, status, ckpt, dt_avg = time.time(), "done", resume_ckpt, None
+    with StopRequested() as stop:
+        while step < total:
+            if stop.requested:
+                status = "interrupted"
+                break
+            t0 = time.perf_counter()
+            batches = [next(loader) for _ in range(cfg.grad_accum)]
+            n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
+            if dist.world_size > 1:
+                import parallel
+                parallel.all_reduce_sum(n_loss, dist)
+            # the loss is a sum over loss tokens divided by their global count: every token weighs the same
+            # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
+            divisor = float(n_loss) / dist.world_size
+            loss_sum, n_model_tokens = 0.0, 0
+            for b in batches:
+                with autocast:
+                    loss, stats = model(b.to(device), loss_divisor=divisor)
+                loss.backward()
+                loss_sum += loss.item()
+                n_model_tokens += stats["n_loss_tokens"]
+            if n_model_tokens != sum(loss_tokens(b) for b in batches):
+                raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
+                                   f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
+                                   "which labels are targets")
+            if cfg.fsdp:
+                import parallel
+                norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+            lr_mult = lr_factor(step, total, warmup)
+            if finite:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_mult
+                optimizer.step()
+                bad_run = 0
+            else:  # skip the update, keep the weights and optimizer state
+                bad_total, bad_run = bad_total + 1, bad_run + 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            tokens = sum(int(b.input_ids.shape[0]) for b in batches) * dist.world_size
+            mfu = step_flops(model.config, flop_params, batches, stage.trains) * dist.world_size / dt / peak
+            row = {"stage": stage_num, "step": step, "loss": loss_sum if finite else None,
+                   "lr": peak_lr * lr_mult, "grad_norm": float(norm) if finite else None, "tokens": tokens,
+                   "loss_tokens": int(n_loss), "tokens_per_s": tokens / dt, "mfu": mfu,
+                   "mem_gb": peak_memory_gb(device), "skipped": not finite, "bad_steps": bad_total,
+                   "packing_efficiency": loader.efficiency, "time_s": time.time() - t_start}
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if not finite:
+                log(f"stage {stage_num} step {step}: non-finite loss ({loss_sum}) or grad norm ({float(norm)}); "
+                    f"update skipped ({bad_run} in a row, {bad_total} in all)")
+            if step % cfg.log_every == 0 or step == total or step == 1:
+                log(f"stage {stage_num} step {step:5d}/{total} | loss {loss_sum:.4f} | lr {peak_lr * lr_mult:.2e} | "
+                    f"{tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
+                    f"ETA {dt_avg * (total - step):.0f}s")
+            if bad_run >= cfg.max_bad_steps:
+                status = f"stopped: {bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
+                log(f"stage {stage_num}: {status}")
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
+                ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist)
+        ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist)
+    if metrics:
+        metrics.close()
+        if plot_loss(os.path.join(stage_dir, "metrics.jsonl"), os.path.join(stage_dir, "loss.png")):
+            log(f"wrote {os.path.join(stage_dir, 'loss.png')}")
+    log(f"stage {stage_num}: {status} at step {step} in {time.time() - t_start:.0f}s "
+        f"({bad_total} skipped steps); checkpoint {ckpt}")
+    return StageResult(ckpt, step, bad_total, status, time.time() - t_start)
+
+
+def gather_loader(loader, dist):
+    """The data-iterator state to checkpoint: this process's, or every rank's (rank 0 writes the file)."""
+    if dist.world_size == 1:
+        return loader.state_dict()
+    import torch.distributed as tdist
+    states = [None] * dist.world_size
+    tdist.all_gather_object(states, loader.state_dict())
+    return states
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def stage3_runs(cfg):
+    """(packing length, steps) of the stage-3 runs that --stage all averages; same token budget each."""
+    lengths = [int(x) for x in cfg.stage3_lengths.split(",") if x]
+    base = STAGES[3]
+    steps = cfg.max_steps if cfg.max_steps is not None else base.steps
+    return [(n, max(1, round(steps * base.packing_length / n))) for n in lengths]
+
+
+def run(cfg, overrides, log=print):
+    """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict."""
+    device_type = detect_device() if cfg.device == "auto" else cfg.device
+    if cfg.fsdp:
+        import parallel
+        dist = parallel.init_distributed(device_type)
+    else:
+        dist = types.SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device(device_type))
+    device = dist.device if cfg.fsdp else torch.device(device_type)
+    if dist.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        evaluate.write_json({"train_config": asdict(cfg), "model_overrides": overrides},
+                            os.path.join(cfg.out, "args.json"))
+    log = log if dist.is_main else (lambda *a, **k: None)
+    t0 = time.time()
+    shape = sorted(k for k in overrides if k not in RUNTIME_MODEL_FIELDS)
+    if cfg.init_from and shape:
+        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {shape}")
+    tokenizer = build_tokenizer(cfg)
+    stage_nums = [1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
+    init, results = cfg.init_from, {}
+    for n in stage_nums:
+        if n == 3 and cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
+            break
+        name = f"stage{n}"
+        results[name] = train_stage(cfg, n, STAGES[n], os.path.join(cfg.out, name), init, tokenizer, device, dist,
+                                    overrides, log)
+        if results[name].status != "done":
+            return {"stages": results, "wall_s": time.time() - t0}
+        init = results[name].checkpoint
+    if cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
+        for length, steps in stage3_runs(cfg):
+            name = f"stage3-{length}"
+            run_cfg = replace(cfg, packing_length=length, max_steps=steps)
+            results[name] = train_stage(run_cfg, 3, STAGES[3], os.path.join(cfg.out, name), init, tokenizer,
+                                        device, dist, overrides, log)
+            if results[name].status != "done":
+                return {"stages": results, "wall_s": time.time() - t0}
+        if dist.is_main:
+            evaluate.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
+                                         out=os.path.join(cfg.out, "stage3-avg"))
+            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}  (MindVL §3)")
+    train_wall = time.time() - t0
+    summary = {"stages": results, "train_wall_s": train_wall}
+    if cfg.stage == "all" and cfg.eval and dist.is_main:
+        summary["eval"] = evaluate_run(cfg, tokenizer, device, log)
+    summary["wall_s"] = time.time() - t0
+    if dist.is_main:
+        log(f"total wall time {summary['wall_s']:.0f}s (training {train_wall:.0f}s)")
+    return summary
+
+
+def evaluate_run(cfg, tokenizer, device, log=print):
+    """Score every checkpoint of the run on the synthetic test split (+ the --data sets), then the resolution
+    search on the final (averaged) checkpoint; print the table and write eval.json + results.md."""
+    t0 = time.time()
+    tasks = data.SYNTHETIC_TASKS
+    test_sets = evaluate.build_eval_sets(tasks, "test", cfg.eval_n, cfg.seed)
+    kw = dict(device=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    report = {"checkpoints": {}}
+    for name, ckpt in evaluate.resolve_checkpoints(cfg.out):
+        res = evaluate.evaluate_model(evaluate.load_model(ckpt, device), tokenizer, test_sets, cfg.min_pixels,
+                                      cfg.max_pixels, **kw)
+        report["checkpoints"][name] = {"path": ckpt, "results": res}
+        log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
+    rows = {name: evaluate.scores_of(r["results"]) for name, r in report["checkpoints"].items()}
+    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
+    if resolutions:
+        name, ckpt = list(evaluate.resolve_checkpoints(cfg.out))[-1]
+        dev_sets = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed)
+        search = evaluate.resolution_search(evaluate.load_model(ckpt, device), tokenizer, dev_sets, test_sets,
+                                            resolutions, cfg.max_pixels, cfg.min_pixels, log=log,
+                                            test_default=rows[name], **kw)
+        report["resolution_search"] = {"checkpoint": ckpt, **search}
+        rows[f"{name} + resolution search"] = search["test_searched"]
+    table = evaluate.markdown_table(rows, tasks)
+    report["table"], report["eval_wall_s"] = table, time.time() - t0
+    evaluate.write_json(report, os.path.join(cfg.out, "eval.json"))
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    log("\n" + table)
+    if resolutions:
+        log("resolution search picked max_pixels per task: "
+            + ", ".join(f"{t} {p}" for t, p in report["resolution_search"]["chosen"].items()))
+    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(cfg.out, 'eval.json')}")
+    return report
+
+
+def main(argv=None):
+    cfg, overrides = parse_args(argv)
+    summary = run(cfg, overrides)
+    failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status != "done"]
+    if failed:
+        print("; ".join(failed), file=sys.stderr)
+        sys.exit(130 if any("interrupted" in f for f in failed) else 1)
+
+
+if __name__ == "__main__":
+    main()
