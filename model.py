@@ -6,6 +6,7 @@ Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample 
 see DESIGN.md. Compute-heavy ops go through kernels.py so fused paths land in one place.
 """
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rope, rms_norm, swiglu, varlen_attention
+from kernels import apply_rope, grouped_mm, rms_norm, swiglu, varlen_attention
 
 # ----------------------------------------------------------------------------- configs
 
@@ -60,10 +61,45 @@ class TextConfig:
     rope_theta: float = 1000000.0
     mrope_section: tuple | None = None          # Qwen2-VL M-RoPE (t, h, w) split of head_dim/2; None = 1D rotary
     rms_norm_eps: float = 1e-6
+    rope_scaling: dict | None = None     # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings",
+                                         #  "beta_fast", "beta_slow", "mscale", "mscale_all_dim"} (DeepSeek-V3)
+    # attention "mla": DeepSeek-V3 §2.1.1 multi-head latent attention (num_kv_heads, head_dim, qk_norm unused)
+    attention: str = "gqa"
+    q_lora_rank: int | None = None       # None: full-rank query projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64           # decoupled rotary dims; the rotary key is shared by all heads
+    v_head_dim: int = 128
+    # mixture of experts (DeepSeek-V3 §2.1.2); n_routed_experts = 0 keeps every FFN dense
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 2048
+    first_k_dense: int = 0               # DeepSeek-V3: the first layers keep a dense FFN
+    n_group: int = 1                     # group-limited routing: top-k within the best topk_group groups
+    topk_group: int = 1
+    scoring: str = "sigmoid"             # expert affinities: "sigmoid" (DeepSeek-V3) or "softmax" (Qwen3-MoE)
+    norm_topk_prob: bool = True          # gate values = top-k affinities normalised to sum 1
+    routed_scaling_factor: float = 1.0   # times the gate values (2.5 in DeepSeek-V3)
+    bias_update_speed: float = 0.001     # DeepSeek-V3 §2.1.2 gamma: expert_bias step per optimizer step
+    seq_aux_loss_coef: float = 0.0       # DeepSeek-V3 eq. 17 alpha (0.0001 in the paper); 0 = off
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"attention {self.attention!r}: choose 'gqa' or 'mla'")
+        if self.attention == "mla" and self.mrope_section is not None:
+            raise ValueError("attention 'mla' with M-RoPE (mrope_section) is not supported")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") != "yarn":
+            raise ValueError(f"rope_scaling {self.rope_scaling}: only type 'yarn' is supported")
+        if self.scoring not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring {self.scoring!r}: choose 'sigmoid' or 'softmax'")
+        E, G = self.n_routed_experts, self.n_group
+        if E and (E % G or not 1 <= self.topk_group <= G or (G > 1 and E // G < 2)
+                  or not 1 <= self.num_experts_per_tok <= self.topk_group * E // G):
+            raise ValueError(f"MoE routing: {E} experts in n_group {G} groups (>= 2 experts each), topk_group "
+                             f"{self.topk_group} and num_experts_per_tok {self.num_experts_per_tok} must fit")
         if self.mrope_section is not None:
             self.mrope_section = tuple(self.mrope_section)
             if sum(self.mrope_section) != self.head_dim // 2:
@@ -106,6 +142,36 @@ PRESETS = {
                  "head_dim": 128, "intermediate_size": 12288, "qk_norm": True, "qkv_bias": False,
                  "tie_word_embeddings": False, "rope_theta": 1000000.0},
         "image_pad_id": 151655,
+    },
+    # CPU-sized DeepSeek-V3-style decoder: MLA, a dense first layer, then shared + group-routed experts
+    "tiny-moe": {
+        "vision": {"depth": 2, "hidden_size": 96, "num_heads": 4, "intermediate_size": 256,
+                   "window_size": 56, "fullatt_blocks": (1,)},
+        "text": {"vocab_size": 262, "hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 4,
+                 "intermediate_size": 384, "qk_norm": False, "tie_word_embeddings": True, "rope_theta": 10000.0,
+                 "attention": "mla", "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+                 "qk_rope_head_dim": 16, "v_head_dim": 32,
+                 "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                 "moe_intermediate_size": 96, "first_k_dense": 1, "n_group": 4, "topk_group": 2,
+                 "scoring": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+                 "bias_update_speed": 0.001, "seq_aux_loss_coef": 0.0001},
+        "image_pad_id": 261,
+    },
+    # MindVL-671B-A37B's shapes: the Qwen2.5-ViT + DeepSeek-V3 (DeepSeek-V3 §4.2 hyper-parameters)
+    "qwen2.5-vit-675m+deepseek-v3": {
+        "vision": {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                   "window_size": 112, "fullatt_blocks": (7, 15, 23, 31)},
+        "text": {"vocab_size": 129280, "hidden_size": 7168, "num_layers": 61, "num_heads": 128,
+                 "num_kv_heads": 128, "intermediate_size": 18432, "qk_norm": False, "tie_word_embeddings": False,
+                 "rope_theta": 10000.0, "attention": "mla", "q_lora_rank": 1536, "kv_lora_rank": 512,
+                 "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                 "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+                 "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                 "moe_intermediate_size": 2048, "first_k_dense": 3, "n_group": 8, "topk_group": 4,
+                 "scoring": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                 "bias_update_speed": 0.001, "seq_aux_loss_coef": 0.0001},
+        "image_pad_id": 129279,  # a spare id of DeepSeek-V3's padded vocabulary; MindVL's own id is unpublished
     },
 }
 
@@ -293,18 +359,42 @@ class PatchMerger(nn.Module):
 # ----------------------------------------------------------------------------- decoder (Qwen2 / Qwen3)
 
 
-def rope_cos_sin(position_ids, head_dim, theta, mrope_section):
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN (Peng et al. 2023) attention temperature: 0.1 * mscale * ln(factor) + 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim, theta, scaling=None):
+    """Rotary inverse frequencies [dim/2] and the factor cos/sin are scaled by, with optional YaRN scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if scaling is None:
+        return inv_freq, 1.0
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations):  # YaRN eq. 17: the dimension that turns `rotations` times over the original length
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low = max(math.floor(dim_of(scaling.get("beta_fast", 32))), 0)
+    high = min(math.ceil(dim_of(scaling.get("beta_slow", 1))), dim - 1)
+    # YaRN §3.2 "NTK-by-parts": interpolate low frequencies by `factor`, keep high ones, ramp in between
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:  # DeepSeek's variant: the rest of the temperature goes on q.k (see MLA)
+        return inv_freq, yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return inv_freq, yarn_mscale(factor)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, mrope_section, scaling=None):
     """cos/sin [T, head_dim] for 1D positions [T] or M-RoPE positions [3, T] (t, h, w)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-                               / head_dim)
-    freqs = position_ids[..., None].float() * inv_freq
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
     if position_ids.dim() == 2:
         if mrope_section is None:
             raise ValueError("position_ids [3, T] (M-RoPE) given but the text config has mrope_section=None")
         # Qwen2-VL M-RoPE: consecutive frequency bands rotate by temporal, height, width position
         freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(mrope_section, dim=-1))], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 class KVCache:
@@ -377,17 +467,154 @@ class Attention(nn.Module):
         return self.o_proj(out.flatten(1))
 
 
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V3 §2.1.1 MLA: queries and keys/values pass through low-rank latents (q_lora_rank,
+    kv_lora_rank); rotary position sits on separate qk_rope_head_dim dims whose key is shared by all heads.
+    Rotary dims are in the half-split layout (load_hf_decoder converts DeepSeek's interleaved one)."""
+
+    def __init__(self, c: TextConfig, layer_idx):
+        super().__init__()
+        self.layer_idx, self.num_heads, self.c = layer_idx, c.num_heads, c
+        qk_head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_heads * qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.scale = qk_head_dim ** -0.5
+        if c.rope_scaling and c.rope_scaling.get("mscale_all_dim"):  # YaRN temperature, DeepSeek-V3's split
+            self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
+        c, T, H = self.c, x.shape[0], self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
+        q_nope, q_rope = q.view(T, H, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, -1).split(
+            [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+        k = torch.cat([k_nope, apply_rope(k_rope[:, None], cos, sin).expand(T, H, -1)], dim=-1)
+        v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v
+        cu_k, max_k = cu_seqlens, max_seqlen
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
+                               cu_seqlens_k=cu_k, max_seqlen_k=max_k, scale=self.scale)
+        return self.o_proj(out[..., :c.v_head_dim].flatten(1))
+
+
+class MoEGate(nn.Module):
+    """DeepSeek-V3 §2.1.2 routing. Returns gate values [T, k], chosen experts [T, k], affinities [T, E]."""
+
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.c = c
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        # DeepSeek-V3 §2.1.2: a per-expert bias moved by load after each step, not by gradient (a buffer)
+        self.register_buffer("expert_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):
+        c, T = self.c, x.shape[0]
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if c.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.expert_bias.float()  # DeepSeek-V3 §2.1.2: the bias only affects routing
+        if c.n_group > 1:  # group-limited routing: a group's affinity is the sum of its top-2 experts'
+            choice = choice.view(T, c.n_group, c.n_routed_experts // c.n_group)
+            best_groups = choice.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+            dropped = torch.ones(T, c.n_group, dtype=torch.bool, device=x.device).scatter_(1, best_groups, False)
+            choice = choice.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)  # DeepSeek-V3 eq. 13: gate values from s, not s + b
+        if c.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * c.routed_scaling_factor, experts, scores
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3 eq. 12: h + sum of shared experts + sum over the top-k routed experts of g_i * FFN_i.
+    Routed experts run on the tokens sorted by expert, one grouped matmul per projection; the step's
+    token counts per expert (`load`) feed update_expert_bias, and an optional sequence-wise balance loss
+    (DeepSeek-V3 eq. 17-20) is left in `balance_loss` for MLLM.forward."""
+
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.c = c
+        E, D, I = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        self.gate = MoEGate(c)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * I))  # [expert, in, out]: grouped_mm's layout
+        self.down_proj = nn.Parameter(torch.empty(E, I, D))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+        self.shared_experts = MLP(D, I * c.n_shared_experts, bias=False) if c.n_shared_experts else None
+        self.load = self.step_load = self.balance_loss = None
+
+    def forward(self, x, cu_seqlens):
+        c = self.c
+        weights, experts, scores = self.gate(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)                    # (token, slot) pairs sorted by expert
+        token = order // c.num_experts_per_tok
+        counts = torch.bincount(flat, minlength=c.n_routed_experts)
+        gate, up = grouped_mm(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)
+        y = grouped_mm(swiglu(gate, up), self.down_proj, counts) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self.load = counts.detach()
+        self.balance_loss = None
+        if c.seq_aux_loss_coef > 0 and torch.is_grad_enabled():
+            self.balance_loss = c.seq_aux_loss_coef * sequence_balance_loss(scores, experts, cu_seqlens)
+        return out
+
+
+def sequence_balance_loss(scores, experts, cu_seqlens):
+    """DeepSeek-V3 eq. 17-20 per packed sample, averaged over samples: sum_i f_i P_i, with f_i = E/(k T) *
+    (tokens choosing expert i) and P_i the mean over the sample of affinities normalised per token."""
+    (T, E), k, B = scores.shape, experts.shape[1], len(cu_seqlens) - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    sample = torch.repeat_interleave(torch.arange(B, device=scores.device), lengths)
+    chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0)
+    f = scores.new_zeros(B, E).index_add_(0, sample, chosen) * E / k
+    p = scores.new_zeros(B, E).index_add_(0, sample, scores / scores.sum(-1, keepdim=True))
+    return ((f * p).sum(-1) / lengths.clamp_min(1) ** 2).mean()
+
+
+@torch.no_grad()
+def update_expert_bias(model, gamma, all_reduce_sum=None):
+    """DeepSeek-V3 §2.1.2, after each optimizer step: b_i += gamma * sign(mean load - load_i), the load being
+    the tokens routed to expert i over the step's micro-batches, summed over data-parallel ranks (the
+    trainer passes parallel.all_reduce_sum) so all replicas keep the same biases."""
+    for m in model.modules():
+        if isinstance(m, MoE) and m.step_load is not None:
+            load = m.step_load.float()
+            if all_reduce_sum is not None:
+                load = all_reduce_sum(load)
+            m.gate.expert_bias += gamma * torch.sign(load.mean() - load)
+            m.step_load = None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, c: TextConfig, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, layer_idx)
+        self.self_attn = (MultiHeadLatentAttention if c.attention == "mla" else Attention)(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+        if c.n_routed_experts and layer_idx >= c.first_k_dense:
+            self.mlp = MoE(c)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, backend, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, cu_seqlens) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -413,7 +640,8 @@ class Decoder(nn.Module):
         """Final-norm hidden states [T, d] (the head is applied by the caller: logits or a chunked loss)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         c = self.config
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+        rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
+        cos, sin = rope_cos_sin(position_ids, rope_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
         if cache is not None:
             cache.extend(cu_seqlens)
         for layer in self.layers:
@@ -483,7 +711,28 @@ class MLLM(nn.Module):
         z = self.config.z_loss * (lse ** 2).sum() / divisor  # MM1: z-loss keeps the softmax normaliser near 1
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
                  "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
-        return ce + z, stats
+        return ce + z + self._moe_terms(n_loss / divisor, stats), stats
+
+    def _moe_terms(self, weight, stats):
+        """After a forward: the MoE layers' balance loss (times `weight`, so micro-batches add up like the
+        cross-entropy), their token counts added to the step's load for update_expert_bias, and the load
+        spread (max / mean tokens per expert; 1 = balanced) per layer and on average into `stats`."""
+        moe = {i: layer.mlp for i, layer in enumerate(self.decoder.layers) if isinstance(layer.mlp, MoE)}
+        if not moe:
+            return 0.0
+        loads = torch.stack([m.load for m in moe.values()]).float()
+        spread = (loads.amax(1) / loads.mean(1).clamp_min(1e-9)).tolist()
+        stats["moe_load_spread"] = sum(spread) / len(spread)
+        stats |= {f"moe_load_spread.{i}": x for i, x in zip(moe, spread)}
+        if self.training:
+            for m in moe.values():
+                m.step_load = m.load if m.step_load is None else m.step_load + m.load
+        losses = [m.balance_loss for m in moe.values() if m.balance_loss is not None]
+        if not losses:
+            return 0.0
+        balance = sum(losses) * weight
+        stats["balance_loss"] = balance.item()
+        return balance
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens, stop_ids=()):
@@ -539,9 +788,21 @@ class MLLM(nn.Module):
 
 def count_parameters(config: ModelConfig):
     """Parameter count (tied weights once), built on the meta device so real shapes cost no memory."""
+    return parameter_counts(config)["total"]
+
+
+def parameter_counts(config: ModelConfig):
+    """{"total", "activated", "vision" (ViT + connector), "decoder", "decoder_activated"} on the meta device.
+    Activated = what one token runs through: everything but the routed experts it does not pick. DeepSeek-V3's
+    MTP module (DeepSeek-V3 §2.2) is not built, so not counted; its "671B total, 37B activated" excludes it too."""
     with torch.device("meta"):
         model = MLLM(config)
-    return sum(p.numel() for p in model.parameters())
+    decoder = sum(p.numel() for p in model.decoder.parameters())
+    vision = sum(p.numel() for p in model.parameters()) - decoder
+    idle = sum((m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - m.c.num_experts_per_tok / m.c.n_routed_experts)
+               for m in model.decoder.modules() if isinstance(m, MoE))
+    return {"total": vision + decoder, "activated": vision + decoder - int(idle), "vision": vision,
+            "decoder": decoder, "decoder_activated": decoder - int(idle)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -642,16 +903,19 @@ def _check_consumed(tensors, where):
 
 
 def text_config_from_hf(d, tie_word_embeddings=None):
-    """TextConfig from a Qwen2 / Qwen3 / Qwen2.5-VL (text part) config.json dict."""
+    """TextConfig from a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 / Qwen2.5-VL (text part) config.json dict."""
     kind = d.get("model_type")
-    if kind not in ("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"):
-        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen2_5_vl)")
+    if kind == "deepseek_v3":
+        return _deepseek_v3_config(d)
+    if kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen2_5_vl_text"):
+        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen3_moe, deepseek_v3, "
+                         "qwen2_5_vl)")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
         raise ValueError(f"unsupported rope scaling {rope}")
     if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window"):
         raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} or sliding window in {kind} config")
-    qwen3 = kind == "qwen3"
+    qwen3 = kind in ("qwen3", "qwen3_moe")
     if qwen3 and d.get("attention_bias"):
         raise ValueError("qwen3 config with attention_bias=true (o_proj bias) is not supported")
     heads = d["num_attention_heads"]
@@ -663,7 +927,80 @@ def text_config_from_hf(d, tie_word_embeddings=None):
         tie_word_embeddings=(d.get("tie_word_embeddings", False) if tie_word_embeddings is None
                              else tie_word_embeddings),
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)), mrope_section=rope.get("mrope_section"),
-        rms_norm_eps=d["rms_norm_eps"])
+        rms_norm_eps=d["rms_norm_eps"], **(_qwen3_moe_fields(d) if kind == "qwen3_moe" else {}))
+
+
+def _qwen3_moe_fields(d):
+    """Qwen3-MoE: softmax routing over all experts, no shared experts, every layer MoE."""
+    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+        raise ValueError(f"qwen3_moe config: decoder_sparse_step {d.get('decoder_sparse_step')} / mlp_only_layers "
+                         f"{d.get('mlp_only_layers')}: only all-MoE layers are supported")
+    return dict(n_routed_experts=d.get("num_experts") or d["num_local_experts"], n_shared_experts=0,
+                num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+                scoring="softmax", norm_topk_prob=d.get("norm_topk_prob", False), routed_scaling_factor=1.0)
+
+
+def _deepseek_v3_config(d):
+    """TextConfig from a DeepSeek-V3 config.json dict (the original or transformers' spelling)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn") or (rope_type == "yarn" and not rope.get("factor")):
+        raise ValueError(f"deepseek_v3 config: unsupported rope scaling {rope}")
+    if (d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("scoring_func", "sigmoid") != "sigmoid"
+            or d.get("topk_method", "noaux_tc") != "noaux_tc"):
+        raise ValueError("deepseek_v3 config: need hidden_act silu, attention_bias false, scoring_func sigmoid, "
+                         "topk_method noaux_tc")
+    yarn_keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    heads = d["num_attention_heads"]
+    return TextConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=heads, intermediate_size=d["intermediate_size"], qk_norm=False,
+        tie_word_embeddings=d.get("tie_word_embeddings", False), rms_norm_eps=d["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        rope_scaling={"type": "yarn", **{k: rope[k] for k in yarn_keys if k in rope}} if rope_type == "yarn" else None,
+        attention="mla", q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
+        n_routed_experts=d["n_routed_experts"], n_shared_experts=d.get("n_shared_experts") or 0,
+        num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense=d.get("first_k_dense_replace", 0), n_group=d.get("n_group") or 1,
+        topk_group=d.get("topk_group") or 1, scoring="sigmoid", norm_topk_prob=d.get("norm_topk_prob", True),
+        routed_scaling_factor=d.get("routed_scaling_factor", 1.0))
+
+
+def _hf_moe_tensors(tensors, c: TextConfig, rope_interleave, where):
+    """Rename a Qwen3-MoE / DeepSeek-V3 checkpoint's tensors (in place) so that _take_hf maps them one to one:
+    per-expert matrices stacked into our [expert, in, out] layout, e_score_correction_bias -> expert_bias
+    (zeros where there is none: Qwen3-MoE), DeepSeek's interleaved rotary rows put in half-split order (the
+    same permutation on q and k leaves q.k unchanged), and the MTP layers past num_layers dropped (the MTP
+    module, DeepSeek-V3 §2.2, is not built here)."""
+    fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
+    if fp8:
+        raise ValueError(f"{where}: FP8 checkpoint ({fp8[0]}); convert it to bf16 first")
+    for key in [k for k in tensors if k.startswith("model.layers.") and int(k.split(".")[2]) >= c.num_layers]:
+        del tensors[key]
+
+    def pop(key):
+        if key not in tensors:
+            raise KeyError(f"{where}: missing key {key!r}")
+        return tensors.pop(key)
+    for i in range(c.first_k_dense, c.num_layers) if c.n_routed_experts else ():
+        p = f"model.layers.{i}.mlp."
+        w = {n: torch.stack([pop(f"{p}experts.{e}.{n}.weight") for e in range(c.n_routed_experts)])
+             for n in ("gate_proj", "up_proj", "down_proj")}
+        tensors[p + "gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1).transpose(1, 2)
+        tensors[p + "down_proj"] = w["down_proj"].transpose(1, 2)
+        bias = tensors.pop(p + "gate.e_score_correction_bias", None)
+        tensors[p + "gate.expert_bias"] = torch.zeros(c.n_routed_experts) if bias is None else bias.float()
+    if c.attention == "mla" and rope_interleave:
+        r, nope = c.qk_rope_head_dim, c.qk_nope_head_dim
+        half_split = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])  # (x0, x2, ..., x1, x3, ...)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}.self_attn."
+            q = p + ("q_b_proj.weight" if c.q_lora_rank else "q_proj.weight")
+            w = pop(q).view(c.num_heads, nope + r, -1)
+            tensors[q] = torch.cat([w[:, :nope], w[:, nope:][:, half_split]], dim=1).flatten(0, 1)
+            kv = pop(p + "kv_a_proj_with_mqa.weight")
+            tensors[p + "kv_a_proj_with_mqa.weight"] = torch.cat([kv[:-r], kv[-r:][half_split]])
 
 
 def vision_config_from_hf(d):
@@ -688,11 +1025,14 @@ def _qwen2_5_vl_config(path):
 
 
 def load_hf_decoder(path):
-    """Decoder from a Hugging Face Qwen2 / Qwen3 causal-LM checkpoint directory."""
-    config = text_config_from_hf(_read_json(os.path.join(path, "config.json")))
+    """Decoder from a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal-LM checkpoint directory."""
+    hf_config = _read_json(os.path.join(path, "config.json"))
+    config = text_config_from_hf(hf_config)
     with torch.device("meta"):
         decoder = Decoder(config)
     tensors = _read_hf_tensors(path)
+    if config.n_routed_experts:
+        _hf_moe_tensors(tensors, config, hf_config.get("rope_interleave", True), path)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
     state = _take_hf(decoder, HF_DECODER_NAMES, tensors, path)

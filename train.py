@@ -38,9 +38,10 @@ import torch
 
 import data
 import evaluate
+import parallel
 from kernels import detect_device
 from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, config_from_preset, load_hf, \
-    load_hf_decoder, vision_layout
+    load_hf_decoder, update_expert_bias, vision_layout
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -120,7 +121,9 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite-loss steps in a row"})
     log_every: int = field(default=10, metadata={"help": "print a progress line every N steps"})
     peak_tflops: typing.Optional[float] = field(default=None, metadata={"help": "device peak for MFU (default: measured dense matmul rate)"})
-    fsdp: bool = field(default=False, metadata={"help": "shard the model with parallel.py's FSDP (run under torchrun)"})
+    fsdp: str = field(default="", metadata={"help": "shard the model under torchrun: 'ours' (parallel.py's FSDP; "
+                                                    "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
+                                            "choices": ["", "ours", "torch"]})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -197,6 +200,8 @@ def build_parser():
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif tp is list:
             p.add_argument(flag, action="append", default=[], help=help_)
+        elif f.name == "fsdp":  # a bare --fsdp means our own FSDP
+            p.add_argument(flag, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
         else:
             p.add_argument(flag, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
     g = p.add_argument_group("model config (override the preset; ModelConfig / VisionConfig / TextConfig)")
@@ -313,10 +318,12 @@ def build_optimizer(model, stage, lr, cfg, device_type):
     """AdamW over the trainable parameters: one group per (module group, decay) with its own peak lr in
     `base_lr`; weight decay on matrices only, not on norms and biases (nanoGPT / GPT-3 practice)."""
     groups = []
+    # parallel.py's flat shards carry the (module group, decay) they were built from in `fsdp_group`
+    key = lambda n, p: getattr(p, "fsdp_group", None) or (module_group(n), p.dim() >= 2)  # noqa: E731
     for g in stage.trains:
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and module_group(n) == g]
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and key(n, p)[0] == g]
         for decay in (True, False):
-            ps = [p for n, p in params if (p.dim() >= 2) == decay]
+            ps = [p for n, p in params if key(n, p)[1] == decay]
             if ps:
                 groups.append({"params": ps, "base_lr": lr * stage.lr_mult[g], "lr": 0.0, "module": g,
                                "weight_decay": cfg.weight_decay if decay else 0.0})
@@ -435,7 +442,6 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if dist.world_size > 1:
-        import parallel
         parallel.barrier(dist)
         full = parallel.gather_full_state_dict(model, dist)
         parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
@@ -459,7 +465,6 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
             if old.startswith("step-") and old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
     if dist.world_size > 1:
-        import parallel
         parallel.barrier(dist)
     return final
 
@@ -548,9 +553,9 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
     if cfg.fsdp:
-        import parallel
-        model = parallel.shard_model(model, dist, mode="ours",
-                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+        model = parallel.shard_model(model, dist, mode=cfg.fsdp,
+                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                                     group_of=lambda n, p: (module_group(n), p.dim() >= 2))
     model.train()
     optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -565,7 +570,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             raise SystemExit(f"--resume: {resume_ckpt} is stage {st['stage']} of {st['total_steps']} steps, "
                              f"this run is stage {stage_num} of {total}")
         if dist.world_size > 1:
-            import parallel
             parallel.load_sharded(model, optimizer, dist, resume_ckpt)
         else:
             optimizer.load_state_dict(st["optimizer"])
@@ -601,7 +605,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             batches = [next(loader) for _ in range(cfg.grad_accum)]
             n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
             if dist.world_size > 1:
-                import parallel
                 parallel.all_reduce_sum(n_loss, dist)
             # the loss is a sum over loss tokens divided by their global count: every token weighs the same
             # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
@@ -618,11 +621,12 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                                    f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
                                    "which labels are targets")
             if cfg.fsdp:
-                import parallel
                 norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+            if dist.world_size > 1:  # skip or step on every rank alike, or the shards diverge
+                finite = bool(parallel.all_reduce_sum(torch.tensor(float(not finite), device=device), dist) == 0)
             lr_mult = lr_factor(step, total, warmup)
             if finite:
                 for g in optimizer.param_groups:
@@ -631,6 +635,9 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                 bad_run = 0
             else:  # skip the update, keep the weights and optimizer state
                 bad_total, bad_run = bad_total + 1, bad_run + 1
+            # DeepSeek-V3 §2.1.2: MoE routing biases follow the step's expert loads (a frozen decoder keeps them)
+            update_expert_bias(model, model.config.text.bias_update_speed if finite and "decoder" in stage.trains
+                               else 0.0, (lambda t: parallel.all_reduce_sum(t, dist)) if dist.world_size > 1 else None)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
@@ -693,7 +700,6 @@ def run(cfg, overrides, log=print):
     """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict."""
     device_type = detect_device() if cfg.device == "auto" else cfg.device
     if cfg.fsdp:
-        import parallel
         dist = parallel.init_distributed(device_type)
     else:
         dist = types.SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device(device_type))
