@@ -7,6 +7,7 @@ torch_npu's fused ops (imported only there). Triton is optional: without it the 
 to SDPA / plain torch, and under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors (CI).
 """
 import functools
+import contextlib
 import math
 import os
 
@@ -78,6 +79,17 @@ def default_backend(device_type):
     return "reference"
 
 
+def _autocast_cast(*tensors):
+    """Under autocast, matmul-like ops take its low-precision dtype (as torch's own matmuls do): without
+    this, q/k from an fp32-weight QK-norm would reach the kernel fp32 while v is already bf16. The kernels
+    then run with autocast off, so their own fp32 accumulation is not cast down."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors), torch.autocast(device_type, enabled=False)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
                      cu_seqlens_k=None, max_seqlen_k=None, scale=None):
     """Attention within each packed sample. q [T, H, D], k/v [Tk, Hkv, D] with H % Hkv == 0 (GQA).
@@ -89,10 +101,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    (q, k, v), autocast_off = _autocast_cast(q, k, v)
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_seqlen_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    backend = backend or default_backend(q.device.type)
+    with autocast_off:
+        return _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal,
+                                   backend or default_backend(q.device.type), scale)
+
+
+def _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, backend, scale):
     if backend == "reference":
         return ReferenceAttention.apply(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
     if backend == "sdpa":
@@ -617,6 +635,12 @@ def grouped_mm(x, w, counts):
     expert (zeros allowed) -> [N, M], rows of expert e multiplied by w[e].
     Fast paths: npu_grouped_matmul on Ascend, torch._grouped_mm on CUDA (rows must be 16-byte
     aligned); the reference is a loop over experts, which also checks counts against N."""
+    (x, w), autocast_off = _autocast_cast(x, w)
+    with autocast_off:
+        return _grouped_mm(x, w, counts)
+
+
+def _grouped_mm(x, w, counts):
     if _on_npu(x):
         return NpuGroupedMM.apply(x, w, counts)
     if x.is_cuda and (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * w.element_size()) % 16 == 0:

@@ -167,3 +167,17 @@ def test_reference_memory_linear_in_length():
 
     small, large = peak_bytes(512), peak_bytes(2048)
     assert large / small < 6, (small, large)  # quadratic would be ~16x
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_autocast_runs_attention_in_the_autocast_dtype(backend):
+    """QK-norm with fp32 weights under bf16 autocast hands over fp32 q/k and bf16 v: attention must
+    run all three in bf16, as a matmul under autocast would (a mixed-dtype kernel call used to fail)."""
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32)
+    q, k = torch.randn(20, 2, 16), torch.randn(20, 2, 16)
+    v = torch.randn(20, 2, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, 11, backend=backend)
+    assert out.dtype == torch.bfloat16
+    expected = varlen_attention(q.bfloat16(), k.bfloat16(), v, cu, 11, backend=backend)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
