@@ -1,7 +1,6 @@
 """model.py against transformers' Qwen2 / Qwen3 / Qwen2.5-VL on tiny random configs (weights through
 save_pretrained -> our loaders), packing invisibility, training, checkpoints, KV-cache generation."""
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,21 +9,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import model as M
+from data import PackedBatch as Batch
 
 PATCH = 3 * 14 * 14
 TOL = 1e-4  # max abs logit difference against transformers (fp32)
 
 
-@dataclass
-class Batch:
-    """What data.PackedBatch carries (built here so this file does not depend on data.py)."""
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    pixel_patches: torch.Tensor
-    image_grid: torch.Tensor
 
 
 def image_tokens(grid, pad_id, start_id, end_id):

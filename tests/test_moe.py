@@ -2,28 +2,18 @@
 save_pretrained -> load_hf_decoder, packed and unpacked), the router's expert_bias semantics, auxiliary-loss-
 free balancing measured over training steps, the sorted/grouped expert computation against a per-token loop,
 the sequence-wise balance loss, tiny-moe training and the MindVL-671B-A37B parameter counts."""
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import model as M
+from data import PackedBatch as Batch
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # max abs logit difference against transformers (fp32)
 
 
-@dataclass
-class Batch:
-    """What data.PackedBatch carries (built here so this file does not depend on data.py)."""
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    pixel_patches: torch.Tensor
-    image_grid: torch.Tensor
 
 
 def text_batch(seqs):
