@@ -554,6 +554,9 @@ class MoE(nn.Module):
         nn.init.normal_(self.down_proj, std=0.02)
         self.shared_experts = MLP(D, I * c.n_shared_experts, bias=False) if c.n_shared_experts else None
         self.load = self.step_load = self.balance_loss = None
+        # expert parallelism: parallel.shard_experts keeps this rank's experts only and sets a function
+        # (rows sorted by expert, counts per expert, self.experts) -> rows that runs them on their owners' ranks
+        self.expert_dispatch = None
 
     def forward(self, x, cu_seqlens):
         c = self.c
@@ -562,8 +565,11 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)                    # (token, slot) pairs sorted by expert
         token = order // c.num_experts_per_tok
         counts = torch.bincount(flat, minlength=c.n_routed_experts)
-        gate, up = grouped_mm(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)
-        y = grouped_mm(swiglu(gate, up), self.down_proj, counts) * weights.flatten()[order, None].to(x.dtype)
+        if self.expert_dispatch is None:
+            y = self.experts(x[token], counts)
+        else:  # expert parallelism: the rows travel to the ranks that own their experts and come back
+            y = self.expert_dispatch(x[token], counts, self.experts)
+        y = y * weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -572,6 +578,11 @@ class MoE(nn.Module):
         if c.seq_aux_loss_coef > 0 and torch.is_grad_enabled():
             self.balance_loss = c.seq_aux_loss_coef * sequence_balance_loss(scores, experts, cu_seqlens)
         return out
+
+    def experts(self, x, counts):
+        """The routed experts this module holds on rows sorted by expert, `counts` rows each."""
+        gate, up = grouped_mm(x, self.gate_up_proj, counts).chunk(2, dim=-1)
+        return grouped_mm(swiglu(gate, up), self.down_proj, counts)
 
 
 def sequence_balance_loss(scores, experts, cu_seqlens):

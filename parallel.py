@@ -20,10 +20,12 @@ Usage (train.py):
 Every rank must run the same units in the same order (collectives pair up by order): a micro-batch without
 images on one rank skips the ViT blocks there and breaks the step. A sharded model runs `forward` only (not
 `generate`); evaluation loads the full checkpoint in one process. Expert parallelism (all_to_all dispatch and
-combine of routed experts, whose parameters then stay out of the FSDP units) is to come with the MoE decoder.
+combine of routed experts: `shard_experts`) runs without FSDP for now: the rest of the model stays replicated,
+`all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`.
 """
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as tdist
@@ -355,6 +357,80 @@ def shard_model(model, dist, mode="ours", compute_dtype=torch.float32, group_of=
     raise ValueError(f"shard_model: mode {mode!r}; choose 'ours' or 'torch'")
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows: `send_splits[r]` rows go to rank r, `recv_splits[r]` rows come from it. Its
+    gradient is the same exchange reversed."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits):
+        ctx.splits = send_splits, recv_splits
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        tdist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
+        tdist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits)
+        return out, None, None
+
+
+def expert_dispatch(x, counts, experts, dist):
+    """Rows `x` sorted by (global) expert, `counts` [E] rows per expert: send each row to the rank owning its
+    expert, run `experts` (this rank's E/N experts, grouped matmul) on what arrives, send the results back.
+    Returns the result rows in x's order."""
+    n = dist.world_size
+    counts = counts.view(n, -1)  # [destination rank, its local expert]
+    received = torch.empty_like(counts)
+    tdist.all_to_all_single(received, counts)  # received[s, e]: rows rank s sends to our local expert e
+    send, recv = counts.sum(1).tolist(), received.sum(1).tolist()
+    rows = _AllToAll.apply(x, send, recv)  # sorted by (source rank, local expert)
+    segment = torch.repeat_interleave(torch.arange(received.numel(), device=x.device), received.flatten())
+    by_expert = (segment % received.shape[1] * n + segment // received.shape[1]).argsort(stable=True)
+    y = experts(rows[by_expert], received.sum(0))  # grouped matmul wants rows sorted by local expert
+    return _AllToAll.apply(y[by_expert.argsort()], recv, send)
+
+
+def shard_experts(model, dist):
+    """Expert parallelism over the ranks of the default process group, in place; returns the model. Rank r
+    keeps routed experts [r E/N, (r+1) E/N) of every MoE layer (parameters tagged `expert_parallel`); the
+    tokens reach them through all_to_all (MoE.expert_dispatch). Everything else stays replicated: average its
+    gradients with all_reduce_grads, which also divides the expert gradients by N (each expert sees the tokens
+    of all N ranks, whose losses are each divided by global tokens / N)."""
+    if not tdist.is_initialized():
+        raise RuntimeError("shard_experts needs a process group: run under torchrun (see init_distributed)")
+    moes = [m for m in model.modules() if hasattr(m, "expert_dispatch")]
+    if not moes:
+        raise ValueError("shard_experts: the model has no MoE layers (n_routed_experts = 0)")
+    for m in moes:
+        n_experts = m.gate_up_proj.shape[0]
+        if n_experts % dist.world_size:
+            raise ValueError(f"shard_experts: {n_experts} routed experts do not split over {dist.world_size} ranks")
+        per_rank = n_experts // dist.world_size
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(m, name)
+            own = nn.Parameter(full.detach()[dist.rank * per_rank:(dist.rank + 1) * per_rank].clone(),
+                               requires_grad=full.requires_grad)
+            own.expert_parallel = True
+            setattr(m, name, own)
+        m.expert_dispatch = partial(expert_dispatch, dist=dist)
+    return model
+
+
+def all_reduce_grads(model, dist):
+    """After backward on a data-parallel (not FSDP) model: replicated parameters' gradients become the mean
+    over ranks (SUM / N); expert-parallel ones are only divided by N (see shard_experts)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            if not getattr(p, "expert_parallel", False):
+                all_reduce_sum(p.grad, dist)
+            p.grad.div_(dist.world_size)
+
+
 # ----------------------------------------------------------------------------- clipping and checkpoints
 
 
@@ -362,14 +438,21 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm_(params, max_norm, dist):
+def clip_grad_norm_(params, max_norm, dist, replicated=False):
     """Scale the gradients so their global L2 norm (over all ranks' shards) is at most max_norm, as
-    torch.nn.utils.clip_grad_norm_ does for one process. Returns the norm before clipping."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_ does for one process. Returns the norm before clipping.
+    replicated=True (data parallel without FSDP): only expert-parallel parameters are shards, the others are
+    the same on every rank and count once."""
+    params = [p for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params]
     squares = torch.zeros((), dtype=torch.float32, device=dist.device)
-    for g in grads:
-        squares += g.float().pow(2).sum()
-    total_norm = all_reduce_sum(squares, dist).sqrt()
+    same_squares = torch.zeros((), dtype=torch.float32, device=dist.device)
+    for p, g in zip(params, grads):
+        if replicated and not getattr(p, "expert_parallel", False):
+            same_squares += g.float().pow(2).sum()
+        else:
+            squares += g.float().pow(2).sum()
+    total_norm = (all_reduce_sum(squares, dist) + same_squares).sqrt()
     scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.to(g.dtype))
@@ -383,6 +466,9 @@ def gather_full_state_dict(model, dist):
         out = {}
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             full = t.full_tensor() if isinstance(t, DTensor) else t  # DTensor: gathers, so every rank runs it
+            if getattr(t, "expert_parallel", False):  # every rank's experts, in rank order
+                full = t.new_empty(t.shape[0] * dist.world_size, *t.shape[1:])
+                _all_gather(full, t.detach().contiguous())
             if dist.is_main:
                 out[name] = full.detach().cpu().clone()
         return out
@@ -406,7 +492,9 @@ def load_full_state_dict(model, state_dict, dist):
         expected = {**{n: s for f in model.fsdp.flats() for n, s in zip(f.names, f.shapes)},
                     **{n: model.get_buffer(n).shape for n in model.fsdp.buffer_names}}
     else:
-        expected = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        expected = {n: t.shape if not getattr(t, "expert_parallel", False)
+                    else torch.Size([t.shape[0] * dist.world_size, *t.shape[1:]])
+                    for n, t in [*model.named_parameters(), *model.named_buffers()]}
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise KeyError(f"load_full_state_dict: missing keys {missing}, unexpected keys {unexpected}")
@@ -424,6 +512,8 @@ def load_full_state_dict(model, state_dict, dist):
         else:
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 src = state_dict[name].to(device=dist.device, dtype=t.dtype)
+                if getattr(t, "expert_parallel", False):
+                    src = src[dist.rank * t.shape[0]:(dist.rank + 1) * t.shape[0]]
                 t.copy_(distribute_tensor(src, t.device_mesh, t.placements) if isinstance(t, DTensor) else src)
 
 

@@ -124,6 +124,7 @@ class TrainConfig:
     fsdp: str = field(default="", metadata={"help": "shard the model under torchrun: 'ours' (parallel.py's FSDP; "
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
+    ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: routed experts split over this many ranks (= world size; without --fsdp)"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -556,6 +557,8 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         model = parallel.shard_model(model, dist, mode=cfg.fsdp,
                                      compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
                                      group_of=lambda n, p: (module_group(n), p.dim() >= 2))
+    if cfg.ep > 1:  # each rank keeps 1/ep of every MoE layer's routed experts; tokens reach them by all_to_all
+        model = parallel.shard_experts(model, dist)
     model.train()
     optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -620,8 +623,11 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                 raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
                                    f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
                                    "which labels are targets")
-            if cfg.fsdp:
-                norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist)
+            if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
+                parallel.all_reduce_grads(model, dist)
+            if dist.world_size > 1:
+                norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
+                                                replicated=not cfg.fsdp)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
@@ -699,11 +705,14 @@ def stage3_runs(cfg):
 def run(cfg, overrides, log=print):
     """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict."""
     device_type = detect_device() if cfg.device == "auto" else cfg.device
-    if cfg.fsdp:
+    if cfg.fsdp or cfg.ep > 1:
         dist = parallel.init_distributed(device_type)
     else:
         dist = types.SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device(device_type))
-    device = dist.device if cfg.fsdp else torch.device(device_type)
+    if cfg.ep > 1 and (cfg.fsdp or dist.world_size != cfg.ep):
+        raise SystemExit(f"--ep {cfg.ep}: run under torchrun with {cfg.ep} processes (world size now "
+                         f"{dist.world_size}) and without --fsdp (expert sub-groups and EP + FSDP are not supported)")
+    device = dist.device if cfg.fsdp or cfg.ep > 1 else torch.device(device_type)
     if dist.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         evaluate.write_json({"train_config": asdict(cfg), "model_overrides": overrides},
