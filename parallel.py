@@ -87,6 +87,15 @@ def close_distributed(dist):
         tdist.destroy_process_group()
 
 
+def all_gather_object(obj, dist):
+    """Every rank's picklable `obj`, in rank order (a list of one without a process group)."""
+    if dist.world_size == 1:
+        return [obj]
+    objs = [None] * dist.world_size
+    tdist.all_gather_object(objs, obj)
+    return objs
+
+
 def all_reduce_sum(tensor, dist):
     """Sum `tensor` over ranks in place (and return it)."""
     if dist.world_size > 1:

@@ -685,10 +685,7 @@ def gather_loader(loader, dist):
     """The data-iterator state to checkpoint: this process's, or every rank's (rank 0 writes the file)."""
     if dist.world_size == 1:
         return loader.state_dict()
-    import torch.distributed as tdist
-    states = [None] * dist.world_size
-    tdist.all_gather_object(states, loader.state_dict())
-    return states
+    return parallel.all_gather_object(loader.state_dict(), dist)
 
 
 # ----------------------------------------------------------------------------- the recipe

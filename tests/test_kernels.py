@@ -48,17 +48,22 @@ def test_triton_rms_norm_matches_torch(dtype, monkeypatch):
 # ----------------------------------------------------------------------------- grouped matmul
 
 
-def test_grouped_mm_matches_torch_grouped_mm():
-    """The per-expert loop against torch._grouped_mm (16-byte aligned rows), experts with 0 tokens."""
-    counts = torch.tensor([3, 0, 6, 0, 1])
-    x = torch.randn(10, 8, requires_grad=True)
-    w = torch.randn(5, 8, 12, requires_grad=True)
+def assert_grouped_mm_matches_torch(x, w, counts):
+    """kernels.grouped_mm against torch._grouped_mm in values and gradients."""
     out = kernels.grouped_mm(x, w, counts)
     ref = torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     grad = torch.randn_like(out)
     torch.testing.assert_close(out, ref)
     for g, r in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)):
         torch.testing.assert_close(g, r)
+
+
+def test_grouped_mm_matches_torch_grouped_mm():
+    """The per-expert loop against torch._grouped_mm (16-byte aligned rows), experts with 0 tokens."""
+    counts = torch.tensor([3, 0, 6, 0, 1])
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(5, 8, 12, requires_grad=True)
+    assert_grouped_mm_matches_torch(x, w, counts)
 
 
 def test_grouped_mm_rejects_counts_not_covering_tokens():
@@ -198,12 +203,7 @@ def test_npu_grouped_mm(fake_npu):
     counts = torch.tensor([4, 0, 2, 3])
     x = torch.randn(9, 8, requires_grad=True)
     w = torch.randn(4, 8, 4, requires_grad=True)
-    out = kernels.grouped_mm(x, w, counts)
-    ref = torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
-    grad = torch.randn_like(out)
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)):
-        torch.testing.assert_close(g, r)
+    assert_grouped_mm_matches_torch(x, w, counts)
 
 
 def test_npu_requested_without_torch_npu(monkeypatch):
