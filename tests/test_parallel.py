@@ -18,7 +18,7 @@ from model import MLLM, config_from_preset
 STEPS, SAVE_AT, RESUME_STEPS = 10, 5, 3
 RTOL = 1e-5  # fp32 losses and grad norms
 # weights: Adam's first step moves an element by ~lr * g / (|g| + eps) whatever |g| is, so a gradient at roundoff
-# level (seen: 1.2e-8 against a typical 2e-3) turns a different summation order into up to ~lr/10 of movement;
+# level (seen: 1.2e-8 against a typical 2e-3) turns a different summation order into a visible move (seen: lr/80);
 # 1e-5 is a tenth of the smallest lr below, far under the whole-step errors a sharding bug makes
 ATOL = 1e-5
 CASES = [(mode, stage, ckpt) for mode in ("ours", "torch") for stage in (1, 2) for ckpt in (False, True)]
