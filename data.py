@@ -346,6 +346,7 @@ SHAPES = ["circle", "square", "triangle"]
 SPLITS = {"train": 0, "dev": 1, "test": 2}
 SIZES = {"train": 1_000_000, "dev": 256, "test": 512}
 SCENE = 84  # scene side in pixels: 6x6 patches -> 9 LLM tokens
+CELLS = (SCENE // FACTOR) ** 2  # a scene's objects sit in a 3x3 grid of one-token cells
 _FONT = ImageFont.load_default_imagefont()  # Pillow's built-in bitmap font: offline, same everywhere
 
 
@@ -370,17 +371,19 @@ def _draw_shape(draw, shape, color, box):
 
 
 def _scene(rng, objects, cells=None, side=SCENE):
-    """Draw (color, shape) objects into distinct cells of a 2x2 grid (so they never overlap);
-    returns the image and the objects' pixel boxes."""
+    """Draw (color, shape) objects into distinct cells of a grid of FACTOR-px cells (so they never overlap);
+    returns the image and the objects' pixel boxes. Cells are numbered in reading order."""
     img = _background(rng, side, side)
     draw = ImageDraw.Draw(img)
-    cell = side // 2
-    cells = list(rng.permutation(4)[:len(objects)]) if cells is None else cells
+    grid = side // FACTOR
+    cells = list(rng.permutation(grid * grid)[:len(objects)]) if cells is None else cells
     boxes = []
     for (color, shape), c in zip(objects, cells):
-        s = int(rng.integers(cell * 4 // 10, cell * 8 // 10 + 1))
-        x = (c % 2) * cell + int(rng.integers(1, cell - s))
-        y = (c // 2) * cell + int(rng.integers(1, cell - s))
+        # a cell is one LLM token (2x2 patches) and the object fills 70-95% of it (19-26 px), so each object's
+        # shape is one token's content; objects of 16-33 px across token borders left shape at chance (README)
+        s = int(rng.integers(FACTOR * 7 // 10, FACTOR * 19 // 20 + 1))
+        x = (c % grid) * FACTOR + int(rng.integers(1, FACTOR - s))
+        y = (c // grid) * FACTOR + int(rng.integers(1, FACTOR - s))
         box = (x, y, x + s - 1, y + s - 1)
         _draw_shape(draw, shape, color, box)
         boxes.append(box)
@@ -405,7 +408,7 @@ def _make(task, rng):
     `statement` is the pre-training sentence (with <image> tags); question holds the tags too."""
     if task == "caption":
         objs = _objects(rng, int(rng.integers(1, 4)), "both")
-        img, _ = _scene(rng, objs, sorted(rng.permutation(4)[:len(objs)].tolist()))
+        img, _ = _scene(rng, objs, sorted(rng.permutation(CELLS)[:len(objs)].tolist()))
         text = _phrase(objs)
         return [img], "<image>\nDescribe the image.", text, f"<image>{text}."
     if task == "vqa_color":
@@ -424,11 +427,11 @@ def _make(task, rng):
         return [img], "<image>\nHow many shapes are there?", str(n), f"<image>There are {n} shapes."
     if task == "vqa_position":
         objs = _objects(rng, 2, "both")
-        pair = [(0, 1), (2, 3), (0, 2), (1, 3)][int(rng.integers(4))]
-        cells = list(pair) if rng.integers(2) else list(pair[::-1])
-        img, _ = _scene(rng, objs, cells)
-        a, b = cells
-        rel = ("left" if a < b else "right") if a // 2 == b // 2 else ("above" if a < b else "below")
+        g = SCENE // FACTOR
+        line, (i, j) = int(rng.integers(g)), rng.permutation(g)[:2].tolist()  # two cells of one row or column
+        a, b = (line * g + i, line * g + j) if rng.integers(2) else (i * g + line, j * g + line)
+        img, _ = _scene(rng, objs, [a, b])
+        rel = ("left" if a < b else "right") if a // g == b // g else ("above" if a < b else "below")
         (c1, s1), (c2, s2) = objs
         return ([img], f"<image>\nWhere is the {c1} {s1} relative to the {c2} {s2}?", rel,
                 f"<image>The {c1} {s1} is {rel} the {c2} {s2}." if rel in ("above", "below")

@@ -112,6 +112,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
 
 def _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, backend, scale):
     if backend == "reference":
+        if causal and int(max_seqlen) == 1 and q.shape[0] == cu_seqlens.numel() - 1:
+            return _decode_attention(q, k, v, cu_seqlens_k, scale)
         return ReferenceAttention.apply(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
     if backend == "sdpa":
         return _sdpa_attention(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
@@ -144,6 +146,19 @@ def _causal_mask(i0, i1, j0, j1, offset, device):
     rows = torch.arange(i0, i1, device=device)[:, None]
     cols = torch.arange(j0, j1, device=device)[None, :]
     return cols <= rows + offset
+
+
+def _decode_attention(q, k, v, cu_k, scale):
+    """One query per sample (KV-cache decoding), all samples in one batched product: each sample's keys
+    gathered into a row padded to the longest and masked. The query is the sample's last position, so
+    bottom-right causal masking lets it see all of its (>= 1) keys."""
+    lens = (cu_k[1:] - cu_k[:-1]).long()
+    slot = torch.arange(int(lens.max()), device=q.device)
+    valid = slot[None] < lens[:, None]                                                 # [B, L]
+    index = torch.where(valid, cu_k[:-1, None].long() + slot[None], 0)
+    kb, vb = (x[index].float().repeat_interleave(q.shape[1] // k.shape[1], dim=2) for x in (k, v))  # [B, L, H, D]
+    s = torch.einsum("bhd,blhd->bhl", q.float() * scale, kb).masked_fill(~valid[:, None], -math.inf)
+    return torch.einsum("bhl,blhd->bhd", s.softmax(-1), vb).to(q.dtype)
 
 
 class ReferenceAttention(torch.autograd.Function):

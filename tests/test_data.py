@@ -418,9 +418,9 @@ def test_synthetic_formats_and_answers_match_pixels():
         if r["task"] == "vqa_color":
             assert masks[a].sum() > 20
         elif r["task"] == "vqa_count":
-            fg = sum(masks.values()) > 0  # shapes sit in distinct quadrants
-            h = data.SCENE // 2
-            assert sum(fg[y:y + h, x:x + h].any() for y in (0, h) for x in (0, h)) == int(a)
+            fg = sum(masks.values()) > 0  # shapes sit in distinct one-token cells
+            h, cells = data.FACTOR, range(0, data.SCENE, data.FACTOR)
+            assert sum(fg[y:y + h, x:x + h].any() for y in cells for x in cells) == int(a)
         elif r["task"] == "grounding":
             color = q.split()[3]
             ys, xs = np.nonzero(masks[color])
