@@ -346,7 +346,7 @@ SHAPES = ["circle", "square", "triangle"]
 SPLITS = {"train": 0, "dev": 1, "test": 2}
 SIZES = {"train": 1_000_000, "dev": 256, "test": 512}
 SCENE = 84  # scene side in pixels: 6x6 patches -> 9 LLM tokens
-CELLS = (SCENE // FACTOR) ** 2  # a scene's objects sit in a 3x3 grid of one-token cells
+GRID = SCENE // FACTOR  # a scene's objects sit in a GRID x GRID (3x3) grid of one-token cells
 _FONT = ImageFont.load_default_imagefont()  # Pillow's built-in bitmap font: offline, same everywhere
 
 
@@ -408,7 +408,7 @@ def _make(task, rng):
     `statement` is the pre-training sentence (with <image> tags); question holds the tags too."""
     if task == "caption":
         objs = _objects(rng, int(rng.integers(1, 4)), "both")
-        img, _ = _scene(rng, objs, sorted(rng.permutation(CELLS)[:len(objs)].tolist()))
+        img, _ = _scene(rng, objs, sorted(rng.permutation(GRID * GRID)[:len(objs)].tolist()))
         text = _phrase(objs)
         return [img], "<image>\nDescribe the image.", text, f"<image>{text}."
     if task == "vqa_color":
@@ -427,11 +427,10 @@ def _make(task, rng):
         return [img], "<image>\nHow many shapes are there?", str(n), f"<image>There are {n} shapes."
     if task == "vqa_position":
         objs = _objects(rng, 2, "both")
-        g = SCENE // FACTOR
-        line, (i, j) = int(rng.integers(g)), rng.permutation(g)[:2].tolist()  # two cells of one row or column
-        a, b = (line * g + i, line * g + j) if rng.integers(2) else (i * g + line, j * g + line)
+        line, (i, j) = int(rng.integers(GRID)), rng.permutation(GRID)[:2].tolist()  # two cells of a row or column
+        a, b = (line * GRID + i, line * GRID + j) if rng.integers(2) else (i * GRID + line, j * GRID + line)
         img, _ = _scene(rng, objs, [a, b])
-        rel = ("left" if a < b else "right") if a // g == b // g else ("above" if a < b else "below")
+        rel = ("left" if a < b else "right") if a // GRID == b // GRID else ("above" if a < b else "below")
         (c1, s1), (c2, s2) = objs
         return ([img], f"<image>\nWhere is the {c1} {s1} relative to the {c2} {s2}?", rel,
                 f"<image>The {c1} {s1} is {rel} the {c2} {s2}." if rel in ("above", "below")
