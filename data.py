@@ -35,7 +35,12 @@ IMAGE_TAG = "<image>"
 
 
 class DataError(ValueError):
-    """A problem with the data (not the code): names the file:line, path or sample."""
+    """A problem with the data (not the code): names the file:line, path or sample. `reason` is a short
+    category (e.g. "missing image") under which loaders count the samples they skip."""
+
+    def __init__(self, message, reason="bad record"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -202,17 +207,36 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
 
 
 def load_image(path):
-    """Open and decode an image file; any failure is a DataError naming the path."""
+    """Open and decode an image file; any failure is a DataError naming the path. Images over PIL's
+    decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP) are refused before they are decoded."""
     try:
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except OSError as e:  # missing file, unknown format, truncated bytes
-        raise DataError(f"cannot read image {path}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot read image {path}: {e}", reason="image too large") from e
+    except (OSError, ValueError, SyntaxError) as e:  # missing file, unknown format, truncated or corrupt bytes
+        raise DataError(f"cannot read image {path}: {e}", reason="unreadable image") from e
+
+
+# full scale of the high-bit-depth PIL modes: a pixel value v becomes 255 * v / full scale
+WIDE_MODE_RANGE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8bit(img):
+    """16-bit, 32-bit integer and float images rescaled by their mode's full scale to 8-bit "L" (PIL's own
+    convert clips them at 255 instead, turning a 16-bit image into black and white). Mode "I" is what PIL
+    gives 16-bit PNGs too, so it is read as 16-bit; a float image is read as 0..1."""
+    full = WIDE_MODE_RANGE.get(img.mode)
+    if full is None:
+        return img
+    x = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(x * (255 / full)), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(img):
     """RGB; transparency is composited onto white (as the Hugging Face processors do)."""
+    img = to_8bit(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
@@ -291,7 +315,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
             images.append(process_image(pil, min_pixels, max_pixels))
         except DataError as e:
             named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
-            raise DataError(f"{rid}: {e}{named}") from e
+            raise DataError(f"{rid}: {e}{named}", reason=e.reason) from e
     tok = tokenizer
     tokens, labels, starts, queue = [], [], [], iter(images)
 
@@ -522,15 +546,17 @@ class JsonlDataset:
     """LLaVA-style JSONL: {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
     "value": "<image>\\n..."}]}, or {"text": ...} (text-only; with images: caption/interleaved, images
     placed at the front when the text has no <image> tag). Optional "task". Paths are relative to
-    image_root. The file is scanned once: bad records (malformed JSON, missing image file, wrong
-    number of <image> tags, empty reply) raise DataError naming file:line (on_bad="raise") or are
-    skipped: `skipped` counts them and `errors` holds their messages. Corrupt image bytes surface
-    at encode time (DataError naming the image path and the record's file:line)."""
+    image_root and must stay inside it (a dataset from elsewhere must not make the trainer read any file
+    it names) unless allow_outside_root. The file is scanned once: bad records (malformed JSON, missing
+    image file, wrong number of <image> tags, empty reply) raise DataError naming file:line
+    (on_bad="raise") or are skipped: `skipped` counts them and `errors` holds the DataErrors. Corrupt
+    image bytes surface at encode time (DataError naming the image path and the record's file:line)."""
 
-    def __init__(self, path, image_root=".", on_bad="raise"):
+    def __init__(self, path, image_root=".", on_bad="raise", allow_outside_root=False):
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
         self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
+        self.allow_outside_root = allow_outside_root
         self.offsets, self.errors = [], []  # (byte offset, line number) of every good record
         with open(path, "rb") as f:
             offset = 0
@@ -542,7 +568,7 @@ class JsonlDataset:
                     except DataError as e:
                         if on_bad == "raise":
                             raise
-                        self.errors.append(str(e))
+                        self.errors.append(e)
                 offset += len(line)
 
     def _parse(self, line, lineno):
@@ -550,13 +576,13 @@ class JsonlDataset:
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: malformed JSON ({e})") from None
+            raise DataError(f"{where}: malformed JSON ({e})", reason="malformed JSON") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: malformed JSON (not an object)")
+            raise DataError(f"{where}: malformed JSON (not an object)", reason="malformed JSON")
         images = obj.get("images", [obj["image"]] if "image" in obj else [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise DataError(f"{where}: image/images must be a path or a list of paths")
-        images = [os.path.join(self.image_root, p) for p in images]
+        images = [self._image_path(p, where) for p in images]
         rec = {"task": obj.get("task", self.task), "images": images, "id": where}
         if "conversations" in obj:
             rec.update(format="conversation", conversations=obj["conversations"])
@@ -570,8 +596,17 @@ class JsonlDataset:
             raise DataError(f"{where}: {reason}")
         for p in images:
             if not os.path.isfile(p):
-                raise DataError(f"{where}: missing image ({p})")
+                raise DataError(f"{where}: missing image ({p})", reason="missing image")
         return rec
+
+    def _image_path(self, p, where):
+        """`p` under image_root; a path that leaves the root (absolute, ../, a symlink out) is a DataError."""
+        full = os.path.join(self.image_root, p)
+        root = os.path.realpath(self.image_root)
+        if not self.allow_outside_root and os.path.commonpath([root, os.path.realpath(full)]) != root:
+            raise DataError(f"{where}: image path {p!r} leaves the image root {self.image_root!r} "
+                            "(--allow-outside-image-root permits it)", reason="image outside root")
+        return full
 
     @property
     def skipped(self):
@@ -704,13 +739,14 @@ def fit(sample, max_tokens, truncate=False):
     if n <= max_tokens:
         return sample
     if not truncate:
-        raise DataError(f"sample {sample.id} ({sample.task}) has {n} tokens > max_tokens={max_tokens} "
-                        f"(set truncate to cut its text)")
+        raise DataError(f"sample {sample.id} ({sample.task}) has {n} tokens > the packing length {max_tokens} "
+                        "(raise --packing-length, or --truncate to cut its text)", reason="too long")
     images_end = max((st + g[1] * g[2] // MERGE ** 2 + 1 for st, (_, g) in zip(sample.image_starts, sample.images)),
                      default=0)
     if images_end > max_tokens:
         raise DataError(f"sample {sample.id} ({sample.task}): its images alone reach token {images_end} > "
-                        f"max_tokens={max_tokens}; text-only truncation cannot fit it")
+                        f"the packing length {max_tokens}; text-only truncation cannot fit it "
+                        "(raise --packing-length or lower --max-pixels)", reason="too long")
     return Sample(sample.tokens[:max_tokens], sample.labels[:max_tokens], sample.images, sample.task,
                   sample.answer, sample.id, sample.image_starts)
 
@@ -750,10 +786,15 @@ class PackedLoader:
     position, so load_state_dict re-encodes the buffer and reproduces the uninterrupted batches.
     `efficiency` is the filled fraction of the token budget over all batches so far. Bad samples
     (DataError: unreadable image, too long without truncate) raise, or with on_bad="skip" are
-    counted in `skipped` (last message in `last_error`)."""
+    counted in `skips` by (source, reason) (last message in `last_error`); a source that skips more
+    than max_skip_rate of its samples (judged after MIN_READS of them), or a loader that reads
+    `patience` samples in a row without a usable one, raises DataError instead of going on."""
+
+    MIN_READS = 20  # a source's skip rate is judged once it has had this many reads
 
     def __init__(self, source, tokenizer, max_tokens, seed=0, rank=0, world_size=1, min_pixels=MIN_PIXELS,
-                 max_pixels=MAX_PIXELS, mrope=False, truncate=False, on_bad="raise", buffer_size=256):
+                 max_pixels=MAX_PIXELS, mrope=False, truncate=False, on_bad="raise", buffer_size=256,
+                 max_skip_rate=1.0, patience=1000):
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
         if not 0 <= rank < world_size:
@@ -761,32 +802,55 @@ class PackedLoader:
         self.source = source if isinstance(source, Mixture) else Mixture({"data": source}, {"data": 1.0}, seed)
         self.tokenizer, self.max_tokens, self.rank, self.world_size = tokenizer, max_tokens, rank, world_size
         self.min_pixels, self.max_pixels, self.mrope, self.truncate = min_pixels, max_pixels, mrope, truncate
-        self.on_bad, self.buffer_size = on_bad, buffer_size
-        self.load_state_dict({"reads": 0, "buffer": [], "batches": 0, "tokens": 0, "skipped": 0})
+        self.on_bad, self.buffer_size, self.max_skip_rate, self.patience = on_bad, buffer_size, max_skip_rate, patience
+        self.load_state_dict({"reads": 0, "buffer": [], "batches": 0, "tokens": 0, "skips": [], "source_reads": {}})
 
     def _sample(self, j):
-        """Encoded sample of this rank's j-th read (source position rank + j * world_size), or None when it
-        is bad and skipped."""
+        """Encoded sample of this rank's j-th read (source position rank + j * world_size)."""
+        record = self.source[self.rank + j * self.world_size]
+        return fit(encode(record, self.tokenizer, self.min_pixels, self.max_pixels), self.max_tokens, self.truncate)
+
+    @property
+    def skipped(self):
+        return sum(self.skips.values())
+
+    def skip_summary(self):
+        """'source: reason xN, ...' of every skipped sample so far."""
+        return ", ".join(f"{src}: {reason} x{k}" for (src, reason), k in sorted(self.skips.items()))
+
+    def _read(self):
+        """Read the next sample into the buffer; give up when a source skips too many or nothing is usable."""
+        name = self.source.names[self.source.locate(self.rank + self.reads * self.world_size)[0]]
+        self.source_reads[name] = self.source_reads.get(name, 0) + 1
+        self.reads += 1
         try:
-            record = self.source[self.rank + j * self.world_size]
-            return fit(encode(record, self.tokenizer, self.min_pixels, self.max_pixels), self.max_tokens,
-                       self.truncate)
+            self.buffer.append((self.reads - 1, self._sample(self.reads - 1)))
+            self.since_good = 0
+            return
         except DataError as e:
             if self.on_bad == "raise":
                 raise
-            self.skipped += 1
-            self.last_error = str(e)
-            return None
+            self.skips[name, e.reason] = self.skips.get((name, e.reason), 0) + 1
+            self.last_error, self.since_good = str(e), self.since_good + 1
+        bad, reads = sum(k for (src, _), k in self.skips.items() if src == name), self.source_reads[name]
+        if reads >= self.MIN_READS and bad / reads > self.max_skip_rate:
+            raise DataError(f"data source {name!r}: {bad} of {reads} samples skipped ({100 * bad / reads:.0f}%), "
+                            f"more than --max-skip-rate {self.max_skip_rate:g} ({self.skip_summary()}); "
+                            f"last: {self.last_error}", reason="skip rate")
+        if self.since_good >= self.patience:
+            raise DataError(f"no usable sample in the last {self.since_good} reads ({self.skip_summary()}); "
+                            f"last: {self.last_error}", reason="no progress")
 
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def fill(self):
+        """Read until the buffer is full (what the next batch needs; reading early changes no batch)."""
         while len(self.buffer) < self.buffer_size:
-            s = self._sample(self.reads)
-            if s is not None:
-                self.buffer.append((self.reads, s))
-            self.reads += 1
+            self._read()
+
+    def __next__(self):
+        self.fill()
         lengths = [len(s.tokens) for _, s in self.buffer]
         # emit the fullest bin; ties go to the bin holding the oldest sample
         chosen = max(best_fit_decreasing(lengths, self.max_tokens), key=lambda b: (sum(lengths[i] for i in b), -min(b)))
@@ -803,9 +867,11 @@ class PackedLoader:
 
     def state_dict(self):
         return {"reads": self.reads, "buffer": [j for j, _ in self.buffer], "batches": self.batches,
-                "tokens": self.tokens, "skipped": self.skipped}
+                "tokens": self.tokens, "skips": [[src, r, k] for (src, r), k in self.skips.items()],
+                "source_reads": dict(self.source_reads), "since_good": self.since_good}
 
     def load_state_dict(self, state):
         self.reads, self.batches, self.tokens = state["reads"], state["batches"], state["tokens"]
-        self.skipped, self.last_error = state["skipped"], None
+        self.skips, self.last_error = {(src, r): k for src, r, k in state["skips"]}, None
+        self.source_reads, self.since_good = dict(state["source_reads"]), state.get("since_good", 0)
         self.buffer = [(j, self._sample(j)) for j in state["buffer"]]

@@ -11,16 +11,17 @@ train.py calls the same functions in-process for the default run.
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import data
-from model import MLLM
+from model import MLLM, read_safetensors
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -140,15 +141,21 @@ def synthetic_eval_set(task, split, n, seed=0):
 
 
 def parse_data_flag(spec, flag="--data"):
-    """'name=path' or 'name=path:weight' -> (name, path, weight)."""
+    """'name=path' or 'name=path:weight' -> (name, path, weight). A ':' ends the path unless the whole text
+    names an existing file, so 'name=path:abc' is an error about the weight, not a missing 'path:abc'."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"{flag} {spec!r}: expected name=path or name=path:weight")
-    path, weight = rest, 1.0
     head, colon, tail = rest.rpartition(":")
-    if colon and re.fullmatch(r"\d+(\.\d*)?|\.\d+", tail):
-        path, weight = head, float(tail)
-    return name, path, weight
+    if not colon or os.path.isfile(rest):
+        return name, rest, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: weight {tail!r} is not a number") from None
+    if not weight >= 0 or math.isinf(weight):
+        raise ValueError(f"{flag} {spec!r}: weight {tail!r} must be a finite number >= 0")
+    return name, head, weight
 
 
 def jsonl_eval_set(path, image_root, on_bad="raise"):
@@ -255,7 +262,7 @@ def average_checkpoints(ckpts, weights=None, out=None):
         diff = config_diff(configs[0], cfg)
         if diff:
             raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
-    states = [load_file(os.path.join(c, "model.safetensors")) for c in ckpts]
+    states = [read_safetensors(os.path.join(c, "model.safetensors")) for c in ckpts]
     for c, s in zip(ckpts[1:], states[1:]):
         if s.keys() != states[0].keys():
             raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
@@ -423,6 +430,8 @@ def main(argv=None):
         args.ckpt.append(args.out)
     if not args.ckpt:
         p.error("give --ckpt (or --average ... --out)")
+    out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
+    os.makedirs(out, exist_ok=True)  # made before the evaluation, so a missing --out costs no work
     from kernels import detect_device
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -450,7 +459,6 @@ def main(argv=None):
     table = markdown_table(rows)
     print(table)
     report["table"], report["wall_s"] = table, time.time() - t0
-    out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
     write_json(report, os.path.join(out, "eval.json"))
     print(f"wrote {os.path.join(out, 'eval.json')}")
 

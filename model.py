@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from kernels import apply_rope, grouped_mm, rms_norm, swiglu, varlen_attention
@@ -793,8 +793,19 @@ class MLLM(nn.Module):
         with torch.device("meta"):
             model = MLLM(config)
         file = os.path.join(path, "model.safetensors")
-        _assign_state(model, load_file(file), file)
+        _assign_state(model, read_safetensors(file), file)
         return model
+
+
+def read_safetensors(file, keep=lambda name: True):
+    """{name: tensor} of a safetensors file (only the names `keep` accepts); a missing, truncated or corrupt
+    file is an error naming it (safetensors' own message names no path)."""
+    try:
+        with safe_open(file, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: cannot read the checkpoint weights ({e}); the file may be truncated or "
+                         "still being written") from e
 
 
 def count_parameters(config: ModelConfig):
@@ -886,15 +897,17 @@ def _read_hf_tensors(path, keep=lambda name: True):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for file in files:
-        with safe_open(os.path.join(path, file), "pt") as f:
-            for key in f.keys():
-                name = key
-                for new, old in HF_PREFIX_ALIASES.items():
-                    if key.startswith(new):
-                        name = old + key[len(new):]
-                if keep(name):
-                    tensors[name] = f.get_tensor(key)
+        tensors.update((_hf_alias(k), t) for k, t in
+                       read_safetensors(os.path.join(path, file), lambda k: keep(_hf_alias(k))).items())
     return tensors
+
+
+def _hf_alias(key):
+    """A HF tensor name under the prefixes of HF_PREFIX_ALIASES."""
+    for new, old in HF_PREFIX_ALIASES.items():
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
 
 
 def _take_hf(module, table, tensors, where):

@@ -9,9 +9,9 @@ evaluation with test-time resolution search.
     python train.py --stage 3 --data mine=train.jsonl:1 --image-root imgs/ --init-from runs/tiny/stage2
     torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
 
-Run directory (--out):
-    args.json                  the flags of the run
+Run directory (--out; locked by .lock while a run uses it):
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
+        args.json              the flags of the run that trained it
         metrics.jsonl          one JSON object per optimizer step
         loss.png               the loss curve (when matplotlib is installed)
         step-000120/           a checkpoint: model.safetensors, config.json, train_state.pt
@@ -20,6 +20,9 @@ Run directory (--out):
     eval.json, results.md      evaluation of every checkpoint and the resolution search
 """
 import argparse
+import collections
+import contextlib
+import fcntl
 import functools
 import json
 import math
@@ -28,6 +31,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 import types
@@ -111,7 +115,10 @@ class TrainConfig:
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
     data: list = field(default_factory=list, metadata={"help": "JSONL dataset name=path:weight (repeatable); default: the synthetic curriculum"})
     image_root: str = field(default=".", metadata={"help": "directory the JSONL image paths are relative to"})
+    allow_outside_image_root: bool = field(default=False, metadata={"help": "let dataset image paths leave --image-root (absolute or ../ paths)"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
+    max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
+    truncate: bool = field(default=False, metadata={"help": "cut the text of samples longer than --packing-length (else they are bad samples)"})
     min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "image pixel budget for smart resize"})
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
@@ -122,6 +129,7 @@ class TrainConfig:
     dtype: str = field(default="fp32", metadata={"help": "compute dtype: fp32, or bf16 autocast", "choices": ["fp32", "bf16"]})
     seed: int = field(default=0, metadata={"help": "seed of the weights, data order and synthetic images"})
     ckpt_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept per stage (the newest K; older ones are removed)"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite-loss steps in a row"})
     log_every: int = field(default=10, metadata={"help": "print a progress line every N steps"})
     peak_tflops: typing.Optional[float] = field(default=None, metadata={"help": "device peak for MFU (default: measured dense matmul rate)"})
@@ -217,6 +225,73 @@ def build_parser():
     return p
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg, overrides):
+    """Every flag, path and the init checkpoint checked before the run directory is touched: a SystemExit that
+    names the flag, so a typo costs nothing already on disk."""
+    at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1,
+                "eval_n": 1, "eval_dev_n": 1, "min_pixels": 1, "warmup": 0, "ckpt_every": 0, "clip": 0,
+                "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and not value >= low:  # `not >=` also catches NaN
+            raise SystemExit(f"{flag(name)} {value}: must be {'> 0' if low == 1e-30 else f'>= {low}'}")
+    if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
+        raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"--max-pixels {cfg.max_pixels} is below --min-pixels {cfg.min_pixels}")
+    data_specs(cfg)
+    if cfg.data and not os.path.isdir(cfg.image_root):
+        raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
+    shape = sorted(k for k in overrides if k not in RUNTIME_MODEL_FIELDS)
+    if cfg.init_from and shape:
+        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {shape}")
+    if cfg.init_from:
+        check_init(cfg)
+    # a stage killed before its first checkpoint left its directory: resuming starts it at step 0 (a requeued job)
+    if cfg.resume and not any(os.path.isdir(os.path.join(cfg.out, d)) for d in stage_dirs(cfg)):
+        raise SystemExit(f"--resume: {cfg.out} holds no run to resume (none of {', '.join(stage_dirs(cfg))}); "
+                         "drop --resume to start a new run")
+
+
+def check_init(cfg):
+    """--init-from names a checkpoint, and not one inside a stage directory this run writes (it would be deleted)."""
+    init = cfg.init_from
+    if not (os.path.isfile(os.path.join(init, "latest")) or os.path.isfile(os.path.join(init, "config.json"))):
+        raise SystemExit(f"--init-from {init}: no checkpoint there (neither config.json nor a `latest` file)")
+    for d in stage_dirs(cfg):
+        stage_dir = os.path.realpath(os.path.join(cfg.out, d))
+        if os.path.commonpath([stage_dir, os.path.realpath(init)]) == stage_dir:
+            raise SystemExit(f"--init-from {init} lies inside {os.path.join(cfg.out, d)}, which this run overwrites; "
+                             "copy the checkpoint elsewhere or choose another --out")
+
+
+def stage_dirs(cfg):
+    """The directories under --out that this run writes."""
+    if cfg.stage != "all":
+        return [f"stage{cfg.stage}"]
+    runs = stage3_runs(cfg)
+    return ["stage1", "stage2"] + ([f"stage3-{n}" for n, _ in runs] + ["stage3-avg"] if len(runs) > 1 else ["stage3"])
+
+
+def data_specs(cfg):
+    """[(name, path, weight)] of the --data flags: names unique, files present."""
+    try:
+        specs = [evaluate.parse_data_flag(s) for s in cfg.data]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    names = [name for name, _, _ in specs]
+    for name, path, _ in specs:
+        if names.count(name) > 1:
+            raise SystemExit(f"--data: the name {name!r} is given {names.count(name)} times; names must differ")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--data {name}={path}: no such file")
+    return specs
+
+
 def parse_args(argv=None):
     """(TrainConfig, {dotted model field: value} of the model flags given)."""
     ns = vars(build_parser().parse_args(argv))
@@ -283,16 +358,25 @@ def build_tokenizer(cfg, model_config=None):
     return tok
 
 
-def build_source(cfg, stage_num, stage):
+def build_source(cfg, stage_num, stage, log=print):
     """What a stage reads: the --data JSONL datasets mixed by their weights, else the synthetic tasks of the
-    stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
+    stage's mix. Each stage draws its own instances (seed offset by the stage number). Records skipped while
+    reading a file are reported, and a file that skips more than --max-skip-rate of its records stops the run."""
     seed = cfg.seed + 1000 * stage_num
     if cfg.data:
         sources, weights = {}, {}
-        for spec in cfg.data:
-            name, path, weight = evaluate.parse_data_flag(spec)
-            sources[name] = data.JsonlDataset(path, cfg.image_root, on_bad=cfg.on_bad)
-            weights[name] = weight
+        for name, path, weight in data_specs(cfg):
+            ds = data.JsonlDataset(path, cfg.image_root, on_bad=cfg.on_bad,
+                                   allow_outside_root=cfg.allow_outside_image_root)
+            if ds.skipped:
+                reasons = collections.Counter(e.reason for e in ds.errors)
+                summary = (f"--data {name}={path}: skipped {ds.skipped} of {ds.skipped + len(ds)} records ("
+                           + ", ".join(f"{r} x{k}" for r, k in sorted(reasons.items())) + f"); first: {ds.errors[0]}")
+                if ds.skipped > cfg.max_skip_rate * (ds.skipped + len(ds)):
+                    raise data.DataError(f"{summary}: more than --max-skip-rate {cfg.max_skip_rate:g}",
+                                         reason="skip rate")
+                log(f"warning: {summary}")
+            sources[name], weights[name] = ds, weight
         return data.Mixture(sources, weights, seed)
     sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
@@ -437,10 +521,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
+def save_checkpoint(stage_dir, step, model, optimizer, state, dist, keep_last=1):
     """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt} written under a temp name and
-    renamed, then `latest` is switched to it (also by rename) and older checkpoints are removed, so a
-    crash at any moment leaves a complete checkpoint behind."""
+    renamed, then `latest` is switched to it (also by rename) and all but the newest `keep_last`
+    checkpoints are removed, so a crash at any moment leaves a complete checkpoint behind."""
     name = f"step-{step:06d}"
     final, tmp = os.path.join(stage_dir, name), os.path.join(stage_dir, f".tmp-{name}")
     if dist.is_main:
@@ -466,8 +550,8 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
         with open(os.path.join(stage_dir, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(stage_dir, "latest.tmp"), os.path.join(stage_dir, "latest"))
-        for old in os.listdir(stage_dir):
-            if old.startswith("step-") and old != name:
+        for old in sorted(d for d in os.listdir(stage_dir) if d.startswith("step-"))[:-keep_last]:
+            if old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
     if dist.world_size > 1:
         parallel.barrier(dist)
@@ -479,13 +563,27 @@ def load_train_state(ckpt):
     return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
 
 
-def keep_metrics_until(path, step):
-    """Drop metrics rows logged after `step` (by the interrupted run, past its last checkpoint)."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
+def keep_metrics_until(path, step, log=print):
+    """Drop metrics rows logged after `step` (by the interrupted run, past its last checkpoint) and any torn
+    line (a kill in the middle of a write), with a warning naming the file; rewritten by temp file + rename."""
+    if not os.path.isfile(path):
+        return
+    rows, torn = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn.append(lineno)
+                continue
+            if row["step"] <= step:
+                rows.append(line)
+    if torn:
+        log(f"warning: {path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+            "a write cut short by a kill)")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
 def plot_loss(metrics_path, out_png):
@@ -547,29 +645,10 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     length = cfg.packing_length or stage.packing_length
     warmup = min(cfg.warmup if cfg.warmup is not None else stage.warmup, total)
     peak_lr = cfg.lr if cfg.lr is not None else stage.lr
-    resume_ckpt = None
-    if cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest")):
-        resume_ckpt = checkpoint_dir(stage_dir)
-    elif dist.is_main:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    os.makedirs(stage_dir, exist_ok=True)
-
-    model = build_model(cfg.preset, resume_ckpt or init, overrides or {}, cfg.seed).to(device)
-    build_tokenizer(cfg, model.config)
-    set_trainable(model, stage)
-    if cfg.fsdp:
-        model = parallel.shard_model(model, dist, mode=cfg.fsdp,
-                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
-                                     group_of=lambda n, p: (module_group(n), p.dim() >= 2))
-    if cfg.ep > 1:  # each rank keeps 1/ep of every MoE layer's routed experts; tokens reach them by all_to_all
-        model = parallel.shard_experts(model, dist)
-    model.train()
-    optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
+    resume_ckpt = checkpoint_dir(stage_dir) if cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest")) else None
+    model, optimizer, loader = build_stage(cfg, stage_num, stage, resume_ckpt or init, tokenizer, length, peak_lr,
+                                           device, dist, overrides, log)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    loader = data.PackedLoader(build_source(cfg, stage_num, stage), tokenizer, length, seed=cfg.seed + stage_num,
-                               rank=dist.rank, world_size=dist.world_size, min_pixels=cfg.min_pixels,
-                               max_pixels=cfg.max_pixels, mrope=model.config.text.mrope_section is not None,
-                               on_bad=cfg.on_bad)
     step, bad_total, bad_run = 0, 0, 0
     if resume_ckpt:
         st = load_train_state(resume_ckpt)
@@ -587,13 +666,19 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         if step >= total:
             return StageResult(resume_ckpt, step, bad_total, "done", 0.0)
         if dist.is_main:
-            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), step)
+            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), step, log)
+    loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
+    if dist.is_main:  # ... before anything on disk changes
+        prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
+                                                                  "model_overrides": overrides or {}}, log=log)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     flop_params = matmul_params(model.config)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak_flops(
         device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
-    metrics = open(os.path.join(stage_dir, "metrics.jsonl"), "a" if resume_ckpt else "w") if dist.is_main else None
+    metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
+        if dist.is_main else None
+    read_skips = sum(getattr(src, "skipped", 0) for src in loader.source.sources)  # dropped while reading files
     log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {total} steps x {cfg.grad_accum} "
         f"x {length} tokens; peak lr {peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
         f"trainable / {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -610,9 +695,10 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                 break
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
+            counts = torch.tensor([float(sum(loss_tokens(b) for b in batches)), float(loader.skipped)], device=device)
             if dist.world_size > 1:
-                parallel.all_reduce_sum(n_loss, dist)
+                parallel.all_reduce_sum(counts, dist)
+            n_loss, skipped = counts[0], read_skips + int(counts[1])
             # the loss is a sum over loss tokens divided by their global count: every token weighs the same
             # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
             divisor = float(n_loss) / dist.world_size
@@ -658,31 +744,65 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                    "lr": peak_lr * lr_mult, "grad_norm": float(norm) if finite else None, "tokens": tokens,
                    "loss_tokens": int(n_loss), "tokens_per_s": tokens / dt, "mfu": mfu,
                    "mem_gb": peak_memory_gb(device), "skipped": not finite, "bad_steps": bad_total,
-                   "packing_efficiency": loader.efficiency, "time_s": time.time() - t_start}
-            if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                   "skipped_samples": skipped, "packing_efficiency": loader.efficiency, "time_s": time.time() - t_start}
+            if metrics is not None:
+                os.write(metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
             if not finite:
                 log(f"stage {stage_num} step {step}: non-finite loss ({loss_sum}) or grad norm ({float(norm)}); "
                     f"update skipped ({bad_run} in a row, {bad_total} in all)")
             if step % cfg.log_every == 0 or step == total or step == 1:
                 log(f"stage {stage_num} step {step:5d}/{total} | loss {loss_sum:.4f} | lr {peak_lr * lr_mult:.2e} | "
                     f"{tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
-                    f"ETA {dt_avg * (total - step):.0f}s")
+                    f"ETA {dt_avg * (total - step):.0f}s" + (f" | skipped {skipped} samples" if skipped else ""))
             if bad_run >= cfg.max_bad_steps:
                 status = f"stopped: {bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
                 log(f"stage {stage_num}: {status}")
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
-                ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist)
-        ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist)
-    if metrics:
-        metrics.close()
+                ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
+                                       cfg.keep_last)
+        ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
+                               cfg.keep_last)
+    if loader.skipped or read_skips:
+        log(f"stage {stage_num}: skipped samples: {read_skips} while reading files, "
+            f"{loader.skipped} while encoding{' on rank 0' if dist.world_size > 1 else ''}"
+            + (f" ({loader.skip_summary()})" if loader.skipped else "") + "; see metrics.jsonl 'skipped_samples'")
+    if metrics is not None:
+        os.close(metrics)
         if plot_loss(os.path.join(stage_dir, "metrics.jsonl"), os.path.join(stage_dir, "loss.png")):
             log(f"wrote {os.path.join(stage_dir, 'loss.png')}")
     log(f"stage {stage_num}: {status} at step {step} in {time.time() - t_start:.0f}s "
         f"({bad_total} skipped steps); checkpoint {ckpt}")
     return StageResult(ckpt, step, bad_total, status, time.time() - t_start)
+
+
+def prepare_stage_dir(stage_dir, fresh, args, log):
+    """The stage directory with this run's args.json; a fresh start replaces an earlier run's directory."""
+    if fresh and os.path.isdir(stage_dir):
+        log(f"starting over in {stage_dir} (without --resume its old contents are removed)")
+        shutil.rmtree(stage_dir)
+    os.makedirs(stage_dir, exist_ok=True)
+    evaluate.write_json(args, os.path.join(stage_dir, "args.json"))
+
+
+def build_stage(cfg, stage_num, stage, init, tokenizer, length, peak_lr, device, dist, overrides, log):
+    """(model, optimizer, loader) of a stage: weights from `init`, frozen groups set, sharded as the flags say."""
+    model = build_model(cfg.preset, init, overrides or {}, cfg.seed).to(device)
+    build_tokenizer(cfg, model.config)
+    set_trainable(model, stage)
+    if cfg.fsdp:
+        model = parallel.shard_model(model, dist, mode=cfg.fsdp,
+                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                                     group_of=lambda n, p: (module_group(n), p.dim() >= 2))
+    if cfg.ep > 1:  # each rank keeps 1/ep of every MoE layer's routed experts; tokens reach them by all_to_all
+        model = parallel.shard_experts(model, dist)
+    model.train()
+    optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
+    loader = data.PackedLoader(build_source(cfg, stage_num, stage, log), tokenizer, length, seed=cfg.seed + stage_num,
+                               rank=dist.rank, world_size=dist.world_size, min_pixels=cfg.min_pixels,
+                               max_pixels=cfg.max_pixels, mrope=model.config.text.mrope_section is not None,
+                               truncate=cfg.truncate, on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
+    return model, optimizer, loader
 
 
 def gather_loader(loader, dist):
@@ -704,7 +824,9 @@ def stage3_runs(cfg):
 
 
 def run(cfg, overrides, log=print):
-    """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict."""
+    """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict.
+    Flags and paths are checked first, then --out is locked for the run's duration."""
+    check_config(cfg, overrides)
     device_type = detect_device() if cfg.device == "auto" else cfg.device
     if cfg.fsdp or cfg.ep > 1:
         dist = parallel.init_distributed(device_type)
@@ -713,17 +835,36 @@ def run(cfg, overrides, log=print):
     if cfg.ep > 1 and (cfg.fsdp or dist.world_size != cfg.ep):
         raise SystemExit(f"--ep {cfg.ep}: run under torchrun with {cfg.ep} processes (world size now "
                          f"{dist.world_size}) and without --fsdp (expert sub-groups and EP + FSDP are not supported)")
+    if cfg.fsdp and dist.world_size == 1:
+        raise SystemExit(f"--fsdp {cfg.fsdp} shards over processes: run under torchrun with 2 or more processes")
     device = dist.device if cfg.fsdp or cfg.ep > 1 else torch.device(device_type)
-    if dist.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        evaluate.write_json({"train_config": asdict(cfg), "model_overrides": overrides},
-                            os.path.join(cfg.out, "args.json"))
-    log = log if dist.is_main else (lambda *a, **k: None)
-    t0 = time.time()
-    shape = sorted(k for k in overrides if k not in RUNTIME_MODEL_FIELDS)
-    if cfg.init_from and shape:
-        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {shape}")
     tokenizer = build_tokenizer(cfg)
+    with run_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
+        return train_recipe(cfg, overrides, tokenizer, device, dist, log if dist.is_main else (lambda *a, **k: None))
+
+
+def run_lock(out):
+    """An exclusive lock on out/.lock held while a run uses the directory (flock: the OS drops it when the
+    process dies, even on kill -9), so a second run on the same --out stops at once, naming the holder."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"--out {out} is in use by a running training ({holder}); wait for it to finish or "
+                         "choose another --out") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f  # closing the file (leaving the `with`) releases the lock
+
+
+def train_recipe(cfg, overrides, tokenizer, device, dist, log):
+    """The stages of --stage in order, the stage-3 average and evaluation for `all`."""
+    t0 = time.time()
     stage_nums = [1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
     init, results = cfg.init_from, {}
     for n in stage_nums:
@@ -795,7 +936,10 @@ def evaluate_run(cfg, tokenizer, device, log=print):
 
 def main(argv=None):
     cfg, overrides = parse_args(argv)
-    summary = run(cfg, overrides)
+    try:
+        summary = run(cfg, overrides)
+    except data.DataError as e:  # bad data: the message names file and line; the last checkpoint is kept
+        sys.exit(f"error: {e}")
     failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status != "done"]
     if failed:
         print("; ".join(failed), file=sys.stderr)

@@ -339,7 +339,7 @@ def test_jsonl_bad_record_raises_or_skips(tmp_path, line, message):
     with pytest.raises(DataError, match=f"d.jsonl:2: {message}"):
         JsonlDataset(path, str(tmp_path))
     ds = JsonlDataset(path, str(tmp_path), on_bad="skip")
-    assert len(ds) == 2 and ds.skipped == 1 and ds.errors[0].startswith(f"{path}:2: {message}")
+    assert len(ds) == 2 and ds.skipped == 1 and str(ds.errors[0]).startswith(f"{path}:2: {message}")
     assert [ds[i]["id"] for i in range(2)] == [f"{path}:1", f"{path}:3"]
 
 
@@ -362,7 +362,7 @@ def test_too_long_sample():
     rec = {"task": "t", "format": "caption", "images": [small_image("red", (112, 112))], "text": "<image>" + "y" * 100,
            "id": "rec/7"}
     s = encode(rec, tok)  # 18 image tokens + 100 text + eos
-    with pytest.raises(DataError, match=r"sample rec/7 \(t\) has 119 tokens > max_tokens=64"):
+    with pytest.raises(DataError, match=r"sample rec/7 \(t\) has 119 tokens > the packing length 64 \(raise --packing-length"):
         pack([s], 64)
     (b,) = pack([s], 64, truncate=True)
     assert len(b.input_ids) == 64 and b.image_grid.tolist() == [[1, 8, 8]]

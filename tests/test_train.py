@@ -164,10 +164,13 @@ def test_flop_count_matches_torch_flop_counter():
         assert ours == pytest.approx(counter.get_total_flops(), rel=0.02), stage.name
 
 
-def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path):
-    out = train.run(config(tmp_path, stage="1", max_steps=3, ckpt_every=1), SMALL, log=lambda *a: None)
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path, keep_last):
+    out = train.run(config(tmp_path, stage="1", max_steps=3, ckpt_every=1, keep_last=keep_last), SMALL,
+                    log=lambda *a: None)
     stage_dir = tmp_path / "run" / "stage1"
-    assert sorted(os.listdir(stage_dir)) == ["latest", "metrics.jsonl", "step-000003"]
+    kept = ["step-000002", "step-000003"][-keep_last:]
+    assert sorted(set(os.listdir(stage_dir)) - {"loss.png"}) == ["latest", "metrics.jsonl", *kept]
     assert train.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
     state = train.load_train_state(out["stages"]["stage1"].checkpoint)
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
