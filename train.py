@@ -253,7 +253,7 @@ def check_config(cfg, overrides):
         check_init(cfg)
     # a stage killed before its first checkpoint left its directory: resuming starts it at step 0 (a requeued job)
     if cfg.resume and not any(os.path.isdir(os.path.join(cfg.out, d)) for d in stage_dirs(cfg)):
-        raise SystemExit(f"--resume: {cfg.out} holds no run to resume (none of {', '.join(stage_dirs(cfg))}); "
+        raise SystemExit(f"--resume: no run to resume in {cfg.out} (none of {', '.join(stage_dirs(cfg))} there); "
                          "drop --resume to start a new run")
 
 
