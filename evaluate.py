@@ -6,6 +6,7 @@ multiple-choice letter), checkpoint averaging and test-time resolution search (M
     python evaluate.py --ckpt runs/tiny/stage3-avg --tasks vqa_color,vqa_count --resolutions 28x28,56x56,84x84
     python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/
     python evaluate.py --average runs/tiny/stage3-1024 runs/tiny/stage3-2048 --weights 1,1 --out runs/tiny/avg
+    python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
 
 train.py calls the same functions in-process for the default run.
 """
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-from model import MLLM
+from model import MLLM, hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, save_hf, text_config_to_hf
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -281,6 +282,68 @@ def average_checkpoints(ckpts, weights=None, out=None):
     return avg
 
 
+# ----------------------------------------------------------------------------- export to Hugging Face
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def is_hf_dir(path):
+    """A Hugging Face model directory: a config.json that is not ours (ours has `vision` and `text`)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not {"vision", "text"} <= read_config(path).keys()
+
+
+def hf_origin(ckpt, hops=8):
+    """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
+    the args.json of each run (a run directory holds args.json; its checkpoints sit one or two levels below)."""
+    path = ckpt
+    for _ in range(hops):
+        up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
+        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
+        if args is None:
+            return None
+        with open(args) as f:
+            path = json.load(f)["train_config"].get("init_from")
+        if not path or not os.path.isdir(path):
+            return None
+        if is_hf_dir(path):
+            return path
+    return None
+
+
+def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
+    """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
+    MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
+    weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
+    Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
+    copied. ValueError names what the transformers class cannot express."""
+    if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
+        raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
+    model = MLLM.from_pretrained(ckpt)
+    if decoder_only:
+        config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
+        files = HF_TOKENIZER_FILES
+    else:
+        if tokenizer.image_pad_id != model.config.image_pad_id:
+            raise ValueError(f"{ckpt}: image_pad_id {model.config.image_pad_id} but the tokenizer's <|image_pad|> is "
+                             f"{tokenizer.image_pad_id}; pass the model's tokenizer with --tokenizer")
+        config = qwen2_5_vl_config_to_hf(model.config, {"vision_start_token_id": tokenizer.vision_start_id,
+                                                        "vision_end_token_id": tokenizer.vision_end_id})
+        tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
+    if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
+        tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(tmp, config, tensors, max_shard_bytes)
+    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
+    for f in copied:
+        shutil.copy(os.path.join(source, f), tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return copied
+
+
 # ----------------------------------------------------------------------------- test-time resolution search
 
 
@@ -405,12 +468,20 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
     p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype for generation")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="autocast dtype for generation; with --export-hf, the weights' dtype (fp32: as trained)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level)")
     p.add_argument("--average", nargs="+", default=None, metavar="CKPT", help="average these checkpoints into --out")
     p.add_argument("--weights", default=None, help="comma-separated averaging weights (default equal)")
     p.add_argument("--out", default=None, help="output dir: the averaged checkpoint, or where eval.json goes")
+    p.add_argument("--export-hf", default=None, metavar="OUT",
+                   help="write --ckpt as a Hugging Face Qwen2.5-VL directory (transformers, vLLM load it) and stop")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     args = p.parse_args(argv)
+    if args.export_hf:
+        return export_main(p, args)
 
     if args.average:
         if not args.out:
@@ -453,6 +524,19 @@ def main(argv=None):
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
     write_json(report, os.path.join(out, "eval.json"))
     print(f"wrote {os.path.join(out, 'eval.json')}")
+
+
+def export_main(p, args):
+    """--export-hf: one checkpoint out; tokenizer files from --tokenizer (a directory) or the HF origin."""
+    ckpts = [c for path in args.ckpt for _, c in resolve_checkpoints(path)]
+    if len(ckpts) != 1:
+        p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
+    source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
+    tokenizer = load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
+        os.path.join(source, "tokenizer.json")) else None))
+    copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
+                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
+    print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
 
 
 def resolution_eval_sets(tasks, dev_n, test_n, seed, jsonl=(), image_root="."):
