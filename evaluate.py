@@ -418,6 +418,40 @@ def markdown_table(rows, tasks=None):
     return "\n".join(lines)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files only (the Agg backend), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_results(rows, out_png, tasks=None):
+    """The markdown table as a picture: checkpoints x tasks (and their mean), scores in % in each cell. Returns
+    whether it was written (not without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    tasks = tasks or list(next(iter(rows.values())))
+    scores = [[100 * s[t] for t in tasks] for s in rows.values()]
+    scores = [r + [sum(r) / len(r)] for r in scores]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * (len(tasks) + 1), 1.0 + 0.45 * len(rows)))
+    ax.imshow(scores, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), list(rows))
+    for i, r in enumerate(scores):
+        for j, v in enumerate(r):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_title("score (%)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_json(obj, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -524,6 +558,8 @@ def main(argv=None):
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
     write_json(report, os.path.join(out, "eval.json"))
     print(f"wrote {os.path.join(out, 'eval.json')}")
+    if plot_results(rows, os.path.join(out, "results.png")):
+        print(f"wrote {os.path.join(out, 'results.png')}")
 
 
 def export_main(p, args):

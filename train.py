@@ -13,11 +13,12 @@ Run directory (--out):
     args.json                  the flags of the run
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
         metrics.jsonl          one JSON object per optimizer step
-        loss.png               the loss curve (when matplotlib is installed)
+        loss.png               the loss curve
         step-000120/           a checkpoint: model.safetensors, config.json, train_state.pt
         latest                 the name of the newest complete checkpoint
     stage3-avg/                the averaged stage-3 checkpoint (model.safetensors, config.json)
     eval.json, results.md      evaluation of every checkpoint and the resolution search
+    results.png                the results table as a picture (checkpoints x tasks)
 """
 import argparse
 import functools
@@ -489,13 +490,10 @@ def keep_metrics_until(path, step):
 
 
 def plot_loss(metrics_path, out_png):
-    """loss.png from metrics.jsonl, when matplotlib is installed (it is optional)."""
-    try:
-        import matplotlib
-    except ImportError:
+    """loss.png from metrics.jsonl; False when matplotlib (in requirements.txt) is missing."""
+    plt = evaluate.pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
     ok = [r for r in rows if r["loss"] is not None]
@@ -785,6 +783,7 @@ def evaluate_run(cfg, tokenizer, device, log=print):
     evaluate.write_json(report, os.path.join(cfg.out, "eval.json"))
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(table + "\n")
+    evaluate.plot_results(rows, os.path.join(cfg.out, "results.png"), tasks)
     log("\n" + table)
     if resolutions:
         log("resolution search picked max_pixels per task: "

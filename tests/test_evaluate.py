@@ -3,8 +3,10 @@ resolution search (argmax on the dev slice, ties, a real tiny run) and the comma
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import data
@@ -175,3 +177,5 @@ def test_command_line_average_and_evaluate(tmp_path, capsys):
     res = report["checkpoints"]["avg"]["results"]
     assert res["grounding"]["metric"] == "iou" and res["grounding"]["n"] == 2
     assert "| avg |" in capsys.readouterr().out
+    with Image.open(tmp_path / "avg" / "results.png") as img:  # the table as a picture beside eval.json
+        assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2

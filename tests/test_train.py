@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -167,10 +168,21 @@ def test_flop_count_matches_torch_flop_counter():
 def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path):
     out = train.run(config(tmp_path, stage="1", max_steps=3, ckpt_every=1), SMALL, log=lambda *a: None)
     stage_dir = tmp_path / "run" / "stage1"
-    assert sorted(os.listdir(stage_dir)) == ["latest", "metrics.jsonl", "step-000003"]
+    assert sorted(os.listdir(stage_dir)) == ["latest", "loss.png", "metrics.jsonl", "step-000003"]
     assert train.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
     state = train.load_train_state(out["stages"]["stage1"].checkpoint)
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
+
+
+def test_stage_writes_loss_png(tmp_path, capsys):
+    """`python train.py --stage 1 --max-steps 5` on a fresh install of requirements.txt draws the loss curve."""
+    train.main(["--stage", "1", "--max-steps", "5", "--out", str(tmp_path / "run"), "--device", "cpu",
+                "--packing-length", "256", "--peak-tflops", "1", "--text-num-layers", "2", "--vision-depth", "1",
+                "--vision-fullatt-blocks", "0"])
+    png = tmp_path / "run" / "stage1" / "loss.png"
+    assert f"wrote {png}" in capsys.readouterr().out
+    with Image.open(png) as img:
+        assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2  # drawn on, not blank
 
 
 def make_jsonl(tmp_path, n):
