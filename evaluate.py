@@ -4,13 +4,14 @@ multiple-choice letter), checkpoint averaging and test-time resolution search (M
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
     python evaluate.py --ckpt runs/tiny/stage3-avg --tasks vqa_color,vqa_count --resolutions 28x28,56x56,84x84
-    python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/
+    python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/   # that set only (add --tasks for synthetic)
     python evaluate.py --average runs/tiny/stage3-1024 runs/tiny/stage3-2048 --weights 1,1 --out runs/tiny/avg
     python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
 
 train.py calls the same functions in-process for the default run.
 """
 import argparse
+import difflib
 import json
 import os
 import re
@@ -487,8 +488,8 @@ def load_model(ckpt, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint, stage or run directories to evaluate")
-    p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS),
-                   help="comma-separated synthetic tasks to evaluate ('' for none)")
+    p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
+                   f"default: all of {','.join(data.SYNTHETIC_TASKS)}, or none when --data is given)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="a JSONL eval set (conversations; scored by data.TASK_METRIC of its task, else VQA accuracy)")
     p.add_argument("--image-root", default=".", help="directory the JSONL image paths are relative to")
@@ -531,7 +532,9 @@ def main(argv=None):
     from kernels import detect_device
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = load_tokenizer(args.tokenizer)
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = parse_tasks(p, args.tasks, bool(args.data))
+    if not tasks and not args.data:
+        p.error("nothing to evaluate: --tasks '' and no --data")
     jsonl = [parse_data_flag(s)[:2] for s in args.data]
     kw = dict(device=device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -560,6 +563,20 @@ def main(argv=None):
     print(f"wrote {os.path.join(out, 'eval.json')}")
     if plot_results(rows, os.path.join(out, "results.png")):
         print(f"wrote {os.path.join(out, 'results.png')}")
+
+
+def parse_tasks(p, spec, have_data):
+    """--tasks -> synthetic task names: all by default, none by default beside --data; a typo is a usage
+    error that lists the valid names."""
+    if spec is None:
+        return [] if have_data else list(data.SYNTHETIC_TASKS)
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    for t in tasks:
+        if t not in data.SYNTHETIC_TASKS:
+            close = difflib.get_close_matches(t, data.SYNTHETIC_TASKS, n=1)
+            p.error(f"--tasks: unknown task {t!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                    f"valid: {', '.join(data.SYNTHETIC_TASKS)}")
+    return tasks
 
 
 def export_main(p, args):
