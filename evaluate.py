@@ -153,8 +153,9 @@ def parse_data_flag(spec, flag="--data"):
     return name, path, weight
 
 
-def jsonl_eval_set(path, image_root, on_bad="raise"):
-    ds = data.JsonlDataset(path, image_root, on_bad=on_bad)
+def file_eval_set(path, image_root):
+    """Every record of a data file (any format data.FileDataset reads); a bad record is an error."""
+    ds = data.FileDataset(path, image_root)
     records = [ds[i] for i in range(len(ds))]
     bad = [r["id"] for r in records if r["format"] != "conversation"]
     if bad:
@@ -171,7 +172,7 @@ def build_eval_sets(tasks, split, n, seed=0, jsonl=(), image_root="."):
     in full; the dev/test distinction for JSONL sets is made by resolution_search (halves)."""
     sets = {t: synthetic_eval_set(t, split, n, seed) for t in tasks}
     for name, path in jsonl:
-        sets[name] = jsonl_eval_set(path, image_root)
+        sets[name] = file_eval_set(path, image_root)
     return sets
 
 

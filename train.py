@@ -292,7 +292,7 @@ def build_source(cfg, stage_num, stage):
         sources, weights = {}, {}
         for spec in cfg.data:
             name, path, weight = evaluate.parse_data_flag(spec)
-            sources[name] = data.JsonlDataset(path, cfg.image_root, on_bad=cfg.on_bad)
+            sources[name] = data.FileDataset(path, cfg.image_root)
             weights[name] = weight
         return data.Mixture(sources, weights, seed)
     sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}

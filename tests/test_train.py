@@ -17,6 +17,7 @@ import data
 import evaluate
 import train
 from model import MLLM
+from test_data import FORMATS, write_records
 
 # a smaller tiny model and short packed batches keep each run to a few seconds on 2 cores
 SMALL = {"text.num_layers": 2, "vision.depth": 1, "vision.fullatt_blocks": (0,)}
@@ -216,3 +217,17 @@ def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     # 20 steps teach the reply format (a colour word, then <|im_end|>), not yet the colours themselves
     assert all(e["pred"] in ("red", "green", "blue") for e in res["examples"])
     assert "| stage3 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_data_format_trains_and_evaluates(tmp_path, fmt):
+    """--data name=path: JSONL, a JSON array, OpenAI messages, Parquet with image bytes, told from the file."""
+    path, _ = write_records(tmp_path, fmt, ["red"] * 4)
+    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"mine={path}:1"], image_root=str(tmp_path))
+    assert train.run(cfg, SMALL, log=lambda *a: None)["stages"]["stage3"].status == "done"
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
+    assert len(rows) == 2 and rows[0]["loss_tokens"] > 0 and rows[0]["loss_tokens"] % 4 == 0  # "red<|im_end|>" each
+    evaluate.main(["--ckpt", cfg.out, "--data", f"mine={path}", "--image-root", str(tmp_path), "--out", str(tmp_path),
+                   "--max-new-tokens", "2"])
+    results = json.load(open(tmp_path / "eval.json"))["checkpoints"]["stage3"]["results"]
+    assert list(results) == ["mine"] and results["mine"]["n"] == 4
