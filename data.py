@@ -1,5 +1,5 @@
 """Data: tokenizer, chat template, image preprocessing, sample formats, the synthetic curriculum,
-JSONL datasets, mixing by ratio, and packing into PackedBatch (flat token stream, no padding).
+data files (JSONL, JSON array, Parquet), mixing by ratio, and packing into PackedBatch (flat token stream, no padding).
 
 Label convention (Hugging Face's): labels are aligned with the tokens, labels[t] is the token at t
 when it carries loss, else -100. The model shifts within each sample (by cu_seqlens): position t
@@ -8,6 +8,7 @@ learns labels[t + 1] of the same sample, never the next sample's first token.
 Data problems (unreadable image, bad record, too-long sample) raise `DataError` (a ValueError)
 naming the file:line / sample; loaders skip and count them instead when on_bad="skip".
 """
+import array
 import base64
 import bisect
 import hashlib
@@ -526,7 +527,7 @@ class SyntheticTasks:
         return rec
 
 
-# ----------------------------------------------------------------------------- JSONL datasets
+# ----------------------------------------------------------------------------- data files
 
 class FileDataset:
     """The records of one data file, its format told by its bytes: JSONL (one object per line), a JSON array
@@ -588,11 +589,13 @@ class FileDataset:
         """One decoded record (any format) -> our record dict, checked: the path every format goes through."""
         if not isinstance(obj, dict):
             raise DataError(f"{where}: malformed JSON (not an object)")
-        images = obj.get("images", [obj["image"]] if obj.get("image") is not None else [])
+        images = obj.get("images")  # None also where a Parquet row has no images
+        if images is None:
+            images = [obj["image"]] if obj.get("image") is not None else []
         if not isinstance(images, list):
             raise DataError(f"{where}: image/images must be a path or a list of paths")
         images = [_image_ref(p, where) for p in images]
-        rec = {"task": obj.get("task", self.task), "id": where}
+        rec = {"task": obj.get("task") or self.task, "id": where}
         if "messages" in obj:
             turns, images = _from_messages(obj["messages"], images, where)
             rec.update(format="conversation", conversations=turns)
@@ -617,17 +620,17 @@ class FileDataset:
         return rec
 
 
-def _line_index(path, chunk=1 << 23):
-    """(start offsets, 1-based line numbers) of a file's non-blank lines, found with numpy 8 MB at a time: a
+def _line_index(path, chunk=1 << 20):
+    """(start offsets, 1-based line numbers) of a file's non-blank lines, found with numpy 1 MB at a time: a
     line is blank when it has no byte other than whitespace (a running count of those at every newline)."""
     newlines, counts, pos, total = [], [], 0, 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             b = np.frombuffer(block, np.uint8)
-            solid = np.cumsum((b != 32) & (b != 9) & (b != 10) & (b != 13), dtype=np.int64)
+            solid = np.cumsum((b != 32) & (b != 9) & (b != 10) & (b != 13), dtype=np.int32)
             nl = np.flatnonzero(b == 10)
             newlines.append(nl + pos)
-            counts.append(solid[nl] + total)
+            counts.append(solid[nl].astype(np.int64) + total)
             pos, total = pos + len(block), total + int(solid[-1])
     line_starts = np.concatenate([[0], *(n + 1 for n in newlines)])
     solid_before = np.concatenate([[0], *counts, [total]])
@@ -641,7 +644,7 @@ def _json_array_index(path):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     decoder, space, sep = json.JSONDecoder(), re.compile(r"\s*"), re.compile(r"\s*([,\]])")
-    starts, ends, linenos, line, counted = [], [], [], 1, 0
+    starts, ends, linenos, line, counted = array.array("q"), array.array("q"), array.array("q"), 1, 0
     i = space.match(text).end() + 1  # past the "["
     empty = re.compile(r"\s*\]").match(text, i) is not None
     while not empty:
@@ -658,7 +661,7 @@ def _json_array_index(path):
         i = m.end()
         if m.group(1) == "]":
             break
-    return text, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), np.array(linenos, dtype=np.int64)
+    return text, *(np.frombuffer(a, dtype=np.int64) for a in (starts, ends, linenos))
 
 
 def _image_ref(x, where):

@@ -127,7 +127,7 @@ def choice_match(pred, ref):
 
 
 SCORERS = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "iou": iou_at_05, "choice": choice_match}
-DEFAULT_METRIC = "vqa"  # a JSONL eval set whose task data.TASK_METRIC does not know
+DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not know
 
 
 # ----------------------------------------------------------------------------- eval sets
@@ -167,11 +167,11 @@ def metric_of(task):
     return data.TASK_METRIC.get(task, DEFAULT_METRIC)
 
 
-def build_eval_sets(tasks, split, n, seed=0, jsonl=(), image_root="."):
-    """{name: records}: each synthetic task's `split` slice of n, then each JSONL eval set (name, path)
-    in full; the dev/test distinction for JSONL sets is made by resolution_search (halves)."""
+def build_eval_sets(tasks, split, n, seed=0, files=(), image_root="."):
+    """{name: records}: each synthetic task's `split` slice of n, then each data file's eval set (name, path)
+    in full; the dev/test distinction for data files is made by resolution_search (halves)."""
     sets = {t: synthetic_eval_set(t, split, n, seed) for t in tasks}
-    for name, path in jsonl:
+    for name, path in files:
         sets[name] = file_eval_set(path, image_root)
     return sets
 
@@ -402,7 +402,7 @@ def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, defaul
 
 
 def split_halves(sets):
-    """JSONL eval sets have no dev split: even-indexed records serve as dev, odd-indexed as test."""
+    """Data-file eval sets have no dev split: even-indexed records serve as dev, odd-indexed as test."""
     return {k: v[0::2] for k, v in sets.items()}, {k: v[1::2] for k, v in sets.items()}
 
 
@@ -492,8 +492,9 @@ def main(argv=None):
     p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
                    f"default: all of {','.join(data.SYNTHETIC_TASKS)}, or none when --data is given)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="a JSONL eval set (conversations; scored by data.TASK_METRIC of its task, else VQA accuracy)")
-    p.add_argument("--image-root", default=".", help="directory the JSONL image paths are relative to")
+                   help="an eval set file: JSONL, JSON array, OpenAI messages or Parquet (conversations; scored by "
+                        "data.TASK_METRIC of its task, else VQA accuracy)")
+    p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
     p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
@@ -536,20 +537,20 @@ def main(argv=None):
     tasks = parse_tasks(p, args.tasks, bool(args.data))
     if not tasks and not args.data:
         p.error("nothing to evaluate: --tasks '' and no --data")
-    jsonl = [parse_data_flag(s)[:2] for s in args.data]
+    files = [parse_data_flag(s)[:2] for s in args.data]
     kw = dict(device=device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
     t0 = time.time()
     report = {"settings": vars(args), "checkpoints": {}}
-    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, jsonl, args.image_root)
+    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
     for name, ckpt in ckpts:
         res = evaluate_model(load_model(ckpt, device), tokenizer, test_sets, args.min_pixels, args.max_pixels, **kw)
         report["checkpoints"][name] = {"path": ckpt, "results": res}
     rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
     if args.resolutions:
         name, ckpt = ckpts[-1]
-        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, jsonl, args.image_root)
+        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
         search = resolution_search(load_model(ckpt, device), tokenizer, dev_sets, test_half,
                                    [parse_resolution(r) for r in args.resolutions.split(",")], args.max_pixels,
                                    args.min_pixels, **kw)
@@ -593,12 +594,12 @@ def export_main(p, args):
     print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
 
 
-def resolution_eval_sets(tasks, dev_n, test_n, seed, jsonl=(), image_root="."):
-    """(dev sets, test sets) for the resolution search: synthetic dev/test splits, JSONL sets halved."""
+def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
+    """(dev sets, test sets) for the resolution search: synthetic dev/test splits, data-file sets halved."""
     dev = build_eval_sets(tasks, "dev", dev_n, seed)
     test = build_eval_sets(tasks, "test", test_n, seed)
-    if jsonl:
-        jdev, jtest = split_halves(build_eval_sets([], "test", 0, seed, jsonl, image_root))
+    if files:
+        jdev, jtest = split_halves(build_eval_sets([], "test", 0, seed, files, image_root))
         dev.update(jdev)
         test.update(jtest)
     return dev, test

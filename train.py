@@ -110,8 +110,8 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    data: list = field(default_factory=list, metadata={"help": "JSONL dataset name=path:weight (repeatable); default: the synthetic curriculum"})
-    image_root: str = field(default=".", metadata={"help": "directory the JSONL image paths are relative to"})
+    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages or Parquet); default: the synthetic curriculum"})
+    image_root: str = field(default=".", metadata={"help": "directory the data files' image paths are relative to"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "image pixel budget for smart resize"})
@@ -285,7 +285,7 @@ def build_tokenizer(cfg, model_config=None):
 
 
 def build_source(cfg, stage_num, stage):
-    """What a stage reads: the --data JSONL datasets mixed by their weights, else the synthetic tasks of the
+    """What a stage reads: the --data files mixed by their weights, else the synthetic tasks of the
     stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
     seed = cfg.seed + 1000 * stage_num
     if cfg.data:
