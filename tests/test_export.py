@@ -144,3 +144,17 @@ def test_what_transformers_cannot_express_is_named(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not overwriting"):
         evaluate.export_hf(str(tmp_path / "tiny"), str(tmp_path / "mine"), data.Tokenizer(), decoder_only=True)
+
+
+def test_bf16_export_keeps_deepseek_routing_bias_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    moe = M.MLLM(M.config_from_preset("tiny-moe"))
+    moe.save_pretrained(tmp_path / "ckpt")
+    evaluate.main(["--export-hf", str(tmp_path / "hf"), "--ckpt", str(tmp_path / "ckpt"), "--decoder-only",
+                   "--dtype", "bf16"])
+    config, tensors = json.loads((tmp_path / "hf" / "config.json").read_text()), M._read_hf_tensors(tmp_path / "hf")
+    assert config["model_type"] == "deepseek_v3" and config["torch_dtype"] == "bfloat16"
+    bias = {k for k in tensors if k.endswith("e_score_correction_bias")}
+    assert len(bias) == 2 and all(tensors[k].dtype == torch.float32 for k in bias)  # as DeepSeek publishes it
+    assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if k not in bias)
+    assert torch.equal(tensors["model.embed_tokens.weight"], moe.decoder.embed_tokens.weight.bfloat16())
