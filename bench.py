@@ -435,12 +435,12 @@ def bench_packing(device, size, reps):
 
 # ----------------------------------------------------------------------------- data start-up
 
-DATA_RECORDS = {"quick": 2_000, "cpu": 1_000_000, "accel": 1_000_000}  # records per file (Parquet: a tenth)
+DATA_RECORDS = {"quick": 2_000, "cpu": 1_000_000, "accel": 1_000_000}  # records per file (Parquet, Arrow: a tenth)
 
 
 def write_data_files(folder, n):
     """The same LLaVA-style colour question n times as JSONL and as a JSON array (one 56x84 PNG on disk), and
-    n/10 times as Parquet with the PNG's bytes in every row (the_cauldron's columns)."""
+    n/10 times as Parquet and as Arrow with the PNG's bytes in every row (the_cauldron's columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -455,10 +455,12 @@ def write_data_files(folder, n):
         png = f.read()
     rows = n // 10
     # distinct bytes per row (a counter after the PNG's end, which decoders ignore), as distinct images would be
-    pq.write_table(pa.table({"images": [[{"bytes": png + i.to_bytes(4, "little"), "path": None}] for i in range(rows)],
-                             "texts": [[{"user": "Color?", "assistant": "red"}]] * rows}),
-                   os.path.join(folder, "d.parquet"), row_group_size=1000)
-    return {"jsonl": n, "json": n, "parquet": rows}
+    table = pa.table({"images": [[{"bytes": png + i.to_bytes(4, "little"), "path": None}] for i in range(rows)],
+                      "texts": [[{"user": "Color?", "assistant": "red"}]] * rows})
+    pq.write_table(table, os.path.join(folder, "d.parquet"), row_group_size=1000)
+    with pa.ipc.new_stream(os.path.join(folder, "d.arrow"), table.schema) as writer:  # datasets' save_to_disk
+        writer.write_table(table, max_chunksize=1000)
+    return {"jsonl": n, "json": n, "parquet": rows, "arrow": rows}
 
 
 def data_start(path, folder):

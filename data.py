@@ -1,5 +1,6 @@
 """Data: tokenizer, chat template, image preprocessing, sample formats, the synthetic curriculum,
-data files (JSONL, JSON array, Parquet), mixing by ratio, and packing into PackedBatch (flat token stream, no padding).
+data files (JSONL, JSON array, Parquet, Arrow), mixing by ratio, and packing into PackedBatch (flat token
+stream, no padding).
 
 Label convention (Hugging Face's): labels are aligned with the tokens, labels[t] is the token at t
 when it carries loss, else -100. The model shifts within each sample (by cu_seqlens): position t
@@ -531,18 +532,18 @@ class SyntheticTasks:
 
 class FileDataset:
     """The records of one data file, its format told by its bytes: JSONL (one object per line), a JSON array
-    (LLaVA's llava_v1_5_mix665k.json), or Parquet (Hugging Face datasets; images as bytes in a column). A
-    record is LLaVA-style {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
+    (LLaVA's llava_v1_5_mix665k.json), Parquet or Arrow (Hugging Face datasets; images as bytes in a column).
+    A record is LLaVA-style {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
     "value": "<image>\\n..."}]}, OpenAI-style {"messages": [{"role", "content": text or parts}]} (see
     _from_messages), the_cauldron's {"images", "texts": [{"user", "assistant"}]}, or {"text": ...} (text-only;
     with images: caption/interleaved, images placed at the front when the text has no <image> tag). Optional
-    "task". Image paths are relative to image_root; Parquet images are {"bytes", "path"} structs or bytes.
-    Construction only indexes the file (line offsets, array element offsets, row-group sizes), so millions of
-    records cost little at start-up; a record is parsed and checked when read, and a bad one (malformed JSON,
-    missing image file, wrong number of <image> tags, empty reply) raises DataError naming file:line (Parquet:
-    file:row), which PackedLoader skips and counts with on_bad="skip". Corrupt image bytes surface at encode
-    time (DataError naming the image and the record). A syntax error inside a JSON array ends what can be
-    read of it: that one raises at construction."""
+    "task". Image paths are relative to image_root; Parquet/Arrow images are {"bytes", "path"} structs or bytes.
+    Construction only indexes the file (line offsets, array element offsets, row-group sizes; Arrow is memory-
+    mapped), so millions of records cost little at start-up; a record is parsed and checked when read, and a
+    bad one (malformed JSON, missing image file, wrong number of <image> tags, empty reply) raises DataError
+    naming file:line (Parquet, Arrow: file:row), which PackedLoader skips and counts with on_bad="skip".
+    Corrupt image bytes surface at encode time (DataError naming the image and the record). A syntax error
+    inside a JSON array ends what can be read of it: that one raises at construction."""
 
     def __init__(self, path, image_root="."):
         self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
@@ -553,6 +554,11 @@ class FileDataset:
             self.format, self.parquet, self.cached = "parquet", pq.ParquetFile(path), (None, None)
             meta = self.parquet.metadata  # row i is in the row group g with starts[g] <= i < starts[g + 1]
             self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        elif head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file or stream (datasets' save_to_disk)
+            import pyarrow as pa
+            reader = (pa.ipc.open_file if head.startswith(b"ARROW1") else pa.ipc.open_stream)(pa.memory_map(path))
+            self.format, self.table = "arrow", reader.read_all()  # memory-mapped: rows are read where they lie
+            self.starts = np.array([0, self.table.num_rows])
         elif head.lstrip()[:1] == b"[":
             self.format = "json"
             self.text, self.starts, self.ends, self.linenos = _json_array_index(path)
@@ -561,7 +567,7 @@ class FileDataset:
             self.starts, self.linenos = _line_index(path)
 
     def __len__(self):
-        return int(self.starts[-1]) if self.format == "parquet" else len(self.starts)
+        return int(self.starts[-1]) if self.format in ("parquet", "arrow") else len(self.starts)
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
@@ -571,6 +577,8 @@ class FileDataset:
             if self.cached[0] != g:
                 self.cached = (g, self.parquet.read_row_group(g).to_pylist())
             return self._parse(self.cached[1][index - self.starts[g]], f"{self.path}:row {index}")
+        if self.format == "arrow":
+            return self._parse(self.table.slice(index, 1).to_pylist()[0], f"{self.path}:row {index}")
         if self.format == "json":
             line = self.text[self.starts[index]:self.ends[index]]
             where = f"{self.path}:{self.linenos[index]} (element {index})"

@@ -492,8 +492,8 @@ def main(argv=None):
     p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
                    f"default: all of {','.join(data.SYNTHETIC_TASKS)}, or none when --data is given)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="an eval set file: JSONL, JSON array, OpenAI messages or Parquet (conversations; scored by "
-                        "data.TASK_METRIC of its task, else VQA accuracy)")
+                   help="an eval set file: JSONL, JSON array, OpenAI messages, Parquet or Arrow (conversations; "
+                        "scored by data.TASK_METRIC of its task, else VQA accuracy)")
     p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
     p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")

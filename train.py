@@ -110,7 +110,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages or Parquet); default: the synthetic curriculum"})
+    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
     image_root: str = field(default=".", metadata={"help": "directory the data files' image paths are relative to"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})

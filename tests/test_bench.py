@@ -64,7 +64,8 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
         assert r["packed_batches"] <= r["padded_batches"]
     assert set(res["summary"]) and all(math.isfinite(v) and v > 0 for v in res["summary"].values())
 
-    assert [(r["format"], r["records"]) for r in res["data"]] == [("jsonl", 2000), ("json", 2000), ("parquet", 200)]
+    assert [(r["format"], r["records"]) for r in res["data"]] == [("jsonl", 2000), ("json", 2000), ("parquet", 200),
+                                                                   ("arrow", 200)]
     assert all(positive(r, ["file_mib", "index_s", "first_batch_s", "peak_mib"]) for r in res["data"])
 
 

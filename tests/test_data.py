@@ -359,17 +359,22 @@ def assert_loader_raises_or_skips(ds, error):
 def write_records(tmp_path, fmt, replies):
     """One record per reply (" " makes a bad one: an empty reply) asking for the colour of a 56x84 red
     picture, in format `fmt`: LLaVA JSONL or JSON array, OpenAI messages in JSONL (image_url parts) or in a
-    JSON array (bare image parts + "images", Hugging Face's layout), or Parquet with the PNG bytes in a
-    column (the_cauldron's images/texts, two rows per row group). Returns the path and each record's place."""
+    JSON array (bare image parts + "images", Hugging Face's layout), or Parquet / Arrow with the PNG bytes in a
+    column (the_cauldron's images/texts, two rows per row group or batch). Returns the path and each record's
+    place."""
     small_image("red").save(tmp_path / "red.png")
-    if fmt == "parquet":
+    if fmt in ("parquet", "arrow"):
         import pyarrow as pa
         import pyarrow.parquet as pq
         png = (tmp_path / "red.png").read_bytes()
         table = pa.table({"images": [[{"bytes": png, "path": None}] for _ in replies],
                           "texts": [[{"user": "Color?", "assistant": r, "source": "test"}] for r in replies]})
-        pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
-        return str(tmp_path / "d.parquet"), [f"row {i}" for i in range(len(replies))]
+        if fmt == "parquet":
+            pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
+        else:  # an Arrow IPC stream, as datasets' save_to_disk writes
+            with pa.ipc.new_stream(str(tmp_path / "d.arrow"), table.schema) as writer:
+                writer.write_table(table, max_chunksize=2)
+        return str(tmp_path / f"d.{fmt}"), [f"row {i}" for i in range(len(replies))]
     if fmt in ("jsonl", "json"):
         recs = [{"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
                                                        {"from": "gpt", "value": r}]} for r in replies]
@@ -390,7 +395,7 @@ def write_records(tmp_path, fmt, replies):
     return str(path), [f"{i + 2} (element {i})" for i in range(len(recs))]
 
 
-FORMATS = ["jsonl", "json", "messages.jsonl", "messages.json", "parquet"]
+FORMATS = ["jsonl", "json", "messages.jsonl", "messages.json", "parquet", "arrow"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
