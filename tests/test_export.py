@@ -12,7 +12,7 @@ import data
 import evaluate
 import model as M
 import train
-from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, randomize, sample  # noqa: F401 (a fixture)
+from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, sample  # noqa: F401 (a fixture)
 
 TOL = 1e-5  # max abs logit difference between transformers on our export and our model (fp32)
 # the tiny preset in Qwen2.5-VL's layout: Qwen2 decoder (q/k/v bias, no QK-norm) with M-RoPE over head_dim/2 = 16
