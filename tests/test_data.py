@@ -418,6 +418,22 @@ def test_every_format_reads_the_same_records_and_names_bad_ones(tmp_path, fmt):
     assert_loader_raises_or_skips(ds, f"{path}:{places[1]}: empty reply")
 
 
+def test_messages_images_as_data_and_file_urls(tmp_path):
+    small_image("red").save(tmp_path / "red.png")
+    b64 = base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
+    msgs = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url},
+                                                       {"type": "text", "text": "Color?"}]},
+                          {"role": "assistant", "content": "red"}]}
+            for url in (f"data:image/png;base64,{b64}", f"file://{tmp_path / 'red.png'}", "red.png")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    ds = FileDataset(str(tmp_path / "m.jsonl"), str(tmp_path))
+    assert isinstance(ds[0]["images"][0], bytes)
+    assert ds[1]["images"][0] == ds[2]["images"][0] == str(tmp_path / "red.png")  # file:// inside the root
+    samples = [encode(ds[i], Tokenizer()) for i in range(3)]
+    assert samples[0].tokens == samples[1].tokens == samples[2].tokens
+    assert all(torch.equal(s.images[0][0], samples[2].images[0][0]) for s in samples)
+
+
 def test_format_specific_errors(tmp_path):
     path, _ = write_records(tmp_path, "json", ["red", "red"])
     text = open(path).read()
