@@ -387,7 +387,7 @@ def write_records(tmp_path, fmt, replies):
             {"role": "system", "content": "Answer in one word."},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": r}]}]} for r in replies]
-    path = tmp_path / ("d." + fmt.split(".")[-1])
+    path = tmp_path / (fmt if "." in fmt else f"d.{fmt}")  # distinct names: every format can share a folder
     if fmt.endswith("jsonl"):
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
         return str(path), [str(i + 1) for i in range(len(recs))]
@@ -404,12 +404,13 @@ def test_every_format_reads_the_same_records_and_names_bad_ones(tmp_path, fmt):
     ds = FileDataset(path, str(tmp_path))
     assert ds.format == fmt.split(".")[-1] and len(ds) == 5
     tok = Tokenizer()
-    want = encode({"task": "d", "format": "conversation", "images": [str(tmp_path / "red.png")],
+    task = os.path.basename(path).split(".")[0]
+    want = encode({"task": task, "format": "conversation", "images": [str(tmp_path / "red.png")],
                    "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]},
                   tok)
     for i in (0, 4):  # row 4 is in Parquet's third row group
         got = encode(ds[i], tok)
-        assert ds[i]["id"] == f"{path}:{places[i]}" and ds[i]["task"] == "d"
+        assert ds[i]["id"] == f"{path}:{places[i]}" and ds[i]["task"] == task
         if fmt != "messages.json":  # that one adds a system turn
             assert got.tokens == want.tokens and got.labels == want.labels
         assert torch.equal(got.images[0][0], want.images[0][0])

@@ -219,15 +219,16 @@ def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     assert "| stage3 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_every_data_format_trains_and_evaluates(tmp_path, fmt):
-    """--data name=path: JSONL, a JSON array, OpenAI messages, Parquet with image bytes, told from the file."""
-    path, _ = write_records(tmp_path, fmt, ["red"] * 4)
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"mine={path}:1"], image_root=str(tmp_path))
+def test_every_data_format_trains_and_evaluates(tmp_path):
+    """--data name=path: JSONL, a JSON array, OpenAI messages (JSONL, JSON), Parquet and Arrow with image bytes,
+    told from the file, mixed in one run (256 buffered reads: each file is read) and each evaluated."""
+    paths = {fmt.replace(".", "_"): write_records(tmp_path, fmt, ["red"] * 4)[0] for fmt in FORMATS}
+    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"{k}={p}:1" for k, p in paths.items()],
+                 image_root=str(tmp_path))
     assert train.run(cfg, SMALL, log=lambda *a: None)["stages"]["stage3"].status == "done"
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
     assert len(rows) == 2 and rows[0]["loss_tokens"] > 0 and rows[0]["loss_tokens"] % 4 == 0  # "red<|im_end|>" each
-    evaluate.main(["--ckpt", cfg.out, "--data", f"mine={path}", "--image-root", str(tmp_path), "--out", str(tmp_path),
-                   "--max-new-tokens", "2"])
+    evaluate.main(["--ckpt", cfg.out, *(f"--data={k}={p}" for k, p in paths.items()), "--image-root", str(tmp_path),
+                   "--out", str(tmp_path), "--max-new-tokens", "2"])
     results = json.load(open(tmp_path / "eval.json"))["checkpoints"]["stage3"]["results"]
-    assert list(results) == ["mine"] and results["mine"]["n"] == 4
+    assert list(results) == list(paths) and all(r["n"] == 4 for r in results.values())
