@@ -507,12 +507,14 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="autocast dtype for generation; with --export-hf, the weights' dtype (fp32: as trained)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level); "
+                   "--export-hf copies a Hugging Face dir's tokenizer files (default: the run's --init-from dir's)")
     p.add_argument("--average", nargs="+", default=None, metavar="CKPT", help="average these checkpoints into --out")
     p.add_argument("--weights", default=None, help="comma-separated averaging weights (default equal)")
     p.add_argument("--out", default=None, help="output dir: the averaged checkpoint, or where eval.json goes")
     p.add_argument("--export-hf", default=None, metavar="OUT",
-                   help="write --ckpt as a Hugging Face Qwen2.5-VL directory (transformers, vLLM load it) and stop")
+                   help="write --ckpt as a Hugging Face Qwen2.5-VL directory (transformers' from_pretrained loads it) "
+                        "and stop")
     p.add_argument("--decoder-only", action="store_true",
                    help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
