@@ -11,6 +11,7 @@ naming the file:line / sample; loaders skip and count them instead when on_bad="
 """
 import array
 import base64
+import binascii
 import bisect
 import hashlib
 import io
@@ -681,7 +682,10 @@ def _image_ref(x, where):
         head, _, payload = x.partition(",")
         if not head.endswith(";base64"):
             raise DataError(f"{where}: image data URL {head!r} is not base64")
-        return base64.b64decode(payload)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as e:
+            raise DataError(f"{where}: image data URL: bad base64 ({e})") from None
     if isinstance(x, str) and x.startswith(("http://", "https://")):
         raise DataError(f"{where}: image URL {x[:80]!r}: remote images are not fetched; download them first")
     if isinstance(x, str):

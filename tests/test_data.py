@@ -446,11 +446,13 @@ def test_format_specific_errors(tmp_path):
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x.org/a.png"}]},
                           {"role": "assistant", "content": "x"}]},
             {"messages": [{"role": "robot", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,@@"}]},
+                          {"role": "assistant", "content": "x"}]},
             {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
     ds = FileDataset(str(tmp_path / "m.jsonl"), str(tmp_path))
     for i, message in enumerate(["more image parts than images", "remote images are not fetched",
-                                 "role system|user|assistant", "need type text"]):
+                                 "role system|user|assistant", "bad base64", "need type text"]):
         with pytest.raises(DataError, match=f"m.jsonl:{i + 1}: .*{message}"):
             ds[i]
 
