@@ -1,10 +1,11 @@
 """Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
-(kernels.py's path vs plain torch vs torch.compile), a training step (tokens/s, MFU, peak memory), and
-packing vs padding the same samples (useful tokens/s).
+(kernels.py's path vs plain torch vs torch.compile), a training step (tokens/s, MFU, peak memory),
+packing vs padding the same samples (useful tokens/s), and data files' start-up cost.
 
     python bench.py                                  # every part on the best device (npu > cuda > cpu)
     python bench.py --device cuda --what attention   # one part
     python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
+    python bench.py --what data                      # time and memory to the first batch of 1M-record files
 
 Timing: median of --reps calls after warm-up; device events on cuda/npu; on cpu the process's CPU time when
 torch runs one thread (OMP_NUM_THREADS=1: immune to other jobs sharing the cores), else wall time.
@@ -432,6 +433,65 @@ def bench_packing(device, size, reps):
     return rows
 
 
+# ----------------------------------------------------------------------------- data start-up
+
+DATA_RECORDS = {"quick": 2_000, "cpu": 1_000_000, "accel": 1_000_000}  # records per file (Parquet, Arrow: a tenth)
+
+
+def write_data_files(folder, n):
+    """The same LLaVA-style colour question n times as JSONL and as a JSON array (one 56x84 PNG on disk), and
+    n/10 times as Parquet and as Arrow with the PNG's bytes in every row (the_cauldron's columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    Image.new("RGB", (56, 84), "red").save(os.path.join(folder, "red.png"))
+    line = json.dumps({"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
+                                                             {"from": "gpt", "value": "red"}]})
+    with open(os.path.join(folder, "d.jsonl"), "w") as f:
+        f.writelines(line + "\n" for _ in range(n))
+    with open(os.path.join(folder, "d.json"), "w") as f:
+        f.write("[\n" + ",\n".join(line for _ in range(n)) + "\n]\n")
+    with open(os.path.join(folder, "red.png"), "rb") as f:
+        png = f.read()
+    rows = n // 10
+    # distinct bytes per row (a counter after the PNG's end, which decoders ignore), as distinct images would be
+    table = pa.table({"images": [[{"bytes": png + i.to_bytes(4, "little"), "path": None}] for i in range(rows)],
+                      "texts": [[{"user": "Color?", "assistant": "red"}]] * rows})
+    pq.write_table(table, os.path.join(folder, "d.parquet"), row_group_size=1000)
+    with pa.ipc.new_stream(os.path.join(folder, "d.arrow"), table.schema) as writer:  # datasets' save_to_disk
+        writer.write_table(table, max_chunksize=1000)
+    return {"jsonl": n, "json": n, "parquet": rows, "arrow": rows}
+
+
+def data_start(path, folder):
+    """Seconds to index a data file (data.FileDataset) and to its first packed batch (PackedLoader encodes
+    its 256-sample buffer first)."""
+    t0 = time.perf_counter()
+    ds = data.FileDataset(path, folder)
+    t_index = time.perf_counter() - t0
+    next(data.PackedLoader(ds, data.Tokenizer(), 4096))
+    return t_index, time.perf_counter() - t0
+
+
+def bench_data(size):
+    """Start-up cost of large data files: wall time to index and to the first batch, then (a second run,
+    traced, so tracing does not slow the timed one) the peak of Python and numpy allocations meanwhile."""
+    import tempfile
+    import tracemalloc
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for fmt, n in write_data_files(folder, DATA_RECORDS[size]).items():
+            path = os.path.join(folder, f"d.{fmt}")
+            t_index, t_first = data_start(path, folder)
+            tracemalloc.start()
+            data_start(path, folder)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            rows.append(dict(format=fmt, records=n, file_mib=os.path.getsize(path) / 2 ** 20, index_s=t_index,
+                             first_batch_s=t_first, peak_mib=peak / 2 ** 20))
+    return rows
+
+
 # ----------------------------------------------------------------------------- tables and main
 
 COLUMNS = {
@@ -442,6 +502,7 @@ COLUMNS = {
              "tflops", "mfu", "peak_tflops", "peak_mib"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
+    "data": ["format", "records", "file_mib", "index_s", "first_batch_s", "peak_mib"],
 }
 
 
@@ -481,7 +542,8 @@ def summary(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
-    p.add_argument("--what", default="attention,ops,step,packing", help="comma-separated parts to run")
+    p.add_argument("--what", default="attention,ops,step,packing",
+                   help="comma-separated parts to run (also: data, start-up cost of 1M-record data files)")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
@@ -512,8 +574,10 @@ def main(argv=None):
             rows = bench_ops(device, size, warmup, reps, compile_too=not args.quick)
         elif part == "step":
             rows = bench_step(device, size, warmup, reps, args.peak_tflops)
-        else:
+        elif part == "packing":
             rows = bench_packing(device, size, reps)
+        else:
+            rows = bench_data(size)
         result[part] = rows
         result[f"{part}_seconds"] = time.perf_counter() - t0
         print_table(part, rows)

@@ -1,5 +1,6 @@
 """Data: tokenizer, chat template, image preprocessing, sample formats, the synthetic curriculum,
-JSONL datasets, mixing by ratio, and packing into PackedBatch (flat token stream, no padding).
+data files (JSONL, JSON array, Parquet, Arrow), mixing by ratio, and packing into PackedBatch (flat token
+stream, no padding).
 
 Label convention (Hugging Face's): labels are aligned with the tokens, labels[t] is the token at t
 when it carries loss, else -100. The model shifts within each sample (by cu_seqlens): position t
@@ -8,12 +9,16 @@ learns labels[t + 1] of the same sample, never the next sample's first token.
 Data problems (unreadable image, bad record, too-long sample) raise `DataError` (a ValueError)
 naming the file:line / sample; loaders skip and count them instead when on_bad="skip".
 """
+import array
 import base64
+import binascii
 import bisect
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -234,6 +239,14 @@ def to_8bit(img):
     return Image.fromarray(np.clip(np.rint(x * (255 / full)), 0, 255).astype(np.uint8), "L")
 
 
+def load_image_bytes(encoded):
+    """Decode an image kept as bytes (a Parquet column, a data URL); a failure is a DataError saying so."""
+    try:
+        return load_image(io.BytesIO(encoded))
+    except DataError as e:
+        raise DataError(f"cannot read image bytes ({len(encoded)} bytes): {e.__cause__}", reason=e.reason) from e
+
+
 def to_rgb(img):
     """RGB; transparency is composited onto white (as the Hugging Face processors do)."""
     img = to_8bit(img)
@@ -311,7 +324,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     images = []
     for img in record.get("images", []):
         try:
-            pil = load_image(img) if isinstance(img, str) else img
+            pil = load_image(img) if isinstance(img, str) else load_image_bytes(img) if isinstance(img, bytes) else img
             images.append(process_image(pil, min_pixels, max_pixels))
         except DataError as e:
             named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
@@ -540,62 +553,104 @@ class SyntheticTasks:
         return rec
 
 
-# ----------------------------------------------------------------------------- JSONL datasets
+# ----------------------------------------------------------------------------- data files
 
-class JsonlDataset:
-    """LLaVA-style JSONL: {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
-    "value": "<image>\\n..."}]}, or {"text": ...} (text-only; with images: caption/interleaved, images
-    placed at the front when the text has no <image> tag). Optional "task". Paths are relative to
-    image_root and must stay inside it (a dataset from elsewhere must not make the trainer read any file
-    it names) unless allow_outside_root. The file is scanned once: bad records (malformed JSON, missing
-    image file, wrong number of <image> tags, empty reply) raise DataError naming file:line
-    (on_bad="raise") or are skipped: `skipped` counts them and `errors` holds the DataErrors. Corrupt
-    image bytes surface at encode time (DataError naming the image path and the record's file:line)."""
+class FileDataset:
+    """The records of one data file, its format told by its bytes: JSONL (one object per line), a JSON array
+    (LLaVA's llava_v1_5_mix665k.json), Parquet or Arrow (Hugging Face datasets; images as bytes in a column).
+    A record is LLaVA-style {"image": path | "images": [paths], "conversations": [{"from": "human"|"gpt",
+    "value": "<image>\\n..."}]}, OpenAI-style {"messages": [{"role", "content": text or parts}]} (see
+    _from_messages), the_cauldron's {"images", "texts": [{"user", "assistant"}]}, or {"text": ...} (text-only;
+    with images: caption/interleaved, images placed at the front when the text has no <image> tag). Optional
+    "task". Image paths are relative to image_root; Parquet/Arrow images are {"bytes", "path"} structs or bytes.
+    Paths must stay inside image_root (a dataset from elsewhere must not make the trainer read any file it
+    names) unless allow_outside_root. Construction only indexes the file (line offsets, array element offsets, row-group sizes; Arrow is memory-
+    mapped), so millions of records cost little at start-up; a record is parsed and checked when read, and a
+    bad one (malformed JSON, missing image file, wrong number of <image> tags, empty reply) raises DataError
+    naming file:line (Parquet, Arrow: file:row), which PackedLoader skips and counts with on_bad="skip".
+    Corrupt image bytes surface at encode time (DataError naming the image and the record). A syntax error
+    inside a JSON array ends what can be read of it: that one raises at construction."""
 
-    def __init__(self, path, image_root=".", on_bad="raise", allow_outside_root=False):
-        if on_bad not in ("raise", "skip"):
-            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+    def __init__(self, path, image_root=".", allow_outside_root=False):
         self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
         self.allow_outside_root = allow_outside_root
-        self.offsets, self.errors = [], []  # (byte offset, line number) of every good record
         with open(path, "rb") as f:
-            offset = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        self._parse(line, lineno)
-                        self.offsets.append((offset, lineno))
-                    except DataError as e:
-                        if on_bad == "raise":
-                            raise
-                        self.errors.append(e)
-                offset += len(line)
+            head = f.read(4096)
+        if head.startswith(b"PAR1"):
+            import pyarrow.parquet as pq  # here: only Parquet files need pyarrow
+            self.format, self.parquet, self.cached = "parquet", pq.ParquetFile(path), (None, None)
+            meta = self.parquet.metadata  # row i is in the row group g with starts[g] <= i < starts[g + 1]
+            self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        elif head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file or stream (datasets' save_to_disk)
+            import pyarrow as pa
+            reader = (pa.ipc.open_file if head.startswith(b"ARROW1") else pa.ipc.open_stream)(pa.memory_map(path))
+            self.format, self.table = "arrow", reader.read_all()  # memory-mapped: rows are read where they lie
+            self.starts = np.array([0, self.table.num_rows])
+        elif head.lstrip()[:1] == b"[":
+            self.format = "json"
+            self.text, self.starts, self.ends, self.linenos = _json_array_index(path)
+        else:
+            self.format = "jsonl"
+            self.starts, self.linenos = _line_index(path)
 
-    def _parse(self, line, lineno):
-        where = f"{self.path}:{lineno}"
+    def __len__(self):
+        return int(self.starts[-1]) if self.format in ("parquet", "arrow") else len(self.starts)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: record {index} of {len(self)}")
+        if self.format == "parquet":  # the row group of the last read stays decoded: its neighbours cost nothing
+            g = int(np.searchsorted(self.starts, index, side="right")) - 1
+            if self.cached[0] != g:
+                self.cached = (g, self.parquet.read_row_group(g).to_pylist())
+            return self._parse(self.cached[1][index - self.starts[g]], f"{self.path}:row {index}")
+        if self.format == "arrow":
+            return self._parse(self.table.slice(index, 1).to_pylist()[0], f"{self.path}:row {index}")
+        if self.format == "json":
+            line = self.text[self.starts[index]:self.ends[index]]
+            where = f"{self.path}:{self.linenos[index]} (element {index})"
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(int(self.starts[index]))
+                line = f.readline()
+            where = f"{self.path}:{self.linenos[index]}"
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: malformed JSON ({e})", reason="malformed JSON") from None
+        return self._parse(obj, where)
+
+    def _parse(self, obj, where):
+        """One decoded record (any format) -> our record dict, checked: the path every format goes through."""
         if not isinstance(obj, dict):
             raise DataError(f"{where}: malformed JSON (not an object)", reason="malformed JSON")
-        images = obj.get("images", [obj["image"]] if "image" in obj else [])
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        images = obj.get("images")  # None also where a Parquet row has no images
+        if images is None:
+            images = [obj["image"]] if obj.get("image") is not None else []
+        if not isinstance(images, list):
             raise DataError(f"{where}: image/images must be a path or a list of paths")
-        images = [self._image_path(p, where) for p in images]
-        rec = {"task": obj.get("task", self.task), "images": images, "id": where}
-        if "conversations" in obj:
+        images = [_image_ref(p, where) for p in images]
+        rec = {"task": obj.get("task") or self.task, "id": where}
+        if "messages" in obj:
+            turns, images = _from_messages(obj["messages"], images, where)
+            rec.update(format="conversation", conversations=turns)
+        elif "texts" in obj:
+            turns = _from_texts(obj["texts"], len(images), where)
+            rec.update(format="conversation", conversations=turns)
+        elif "conversations" in obj:
             rec.update(format="conversation", conversations=obj["conversations"])
         else:
             text = obj.get("text")
             if isinstance(text, str) and images and IMAGE_TAG not in text:
                 text = IMAGE_TAG * len(images) + text
             rec.update(format="text" if not images else "caption" if len(images) == 1 else "interleaved", text=text)
+        images = [self._image_path(p, where) if isinstance(p, str) else p for p in images]
+        rec["images"] = images
         reason = check_record(rec)
         if reason:
             raise DataError(f"{where}: {reason}")
         for p in images:
-            if not os.path.isfile(p):
+            if isinstance(p, str) and not os.path.isfile(p):
                 raise DataError(f"{where}: missing image ({p})", reason="missing image")
         return rec
 
@@ -608,18 +663,118 @@ class JsonlDataset:
                             "(--allow-outside-image-root permits it)", reason="image outside root")
         return full
 
-    @property
-    def skipped(self):
-        return len(self.errors)
 
-    def __len__(self):
-        return len(self.offsets)
+def _line_index(path, chunk=1 << 20):
+    """(start offsets, 1-based line numbers) of a file's non-blank lines, found with numpy 1 MB at a time: a
+    line is blank when it has no byte other than whitespace (a running count of those at every newline)."""
+    newlines, counts, pos, total = [], [], 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            b = np.frombuffer(block, np.uint8)
+            solid = np.cumsum((b != 32) & (b != 9) & (b != 10) & (b != 13), dtype=np.int32)
+            nl = np.flatnonzero(b == 10)
+            newlines.append(nl + pos)
+            counts.append(solid[nl].astype(np.int64) + total)
+            pos, total = pos + len(block), total + int(solid[-1])
+    line_starts = np.concatenate([[0], *(n + 1 for n in newlines)])
+    solid_before = np.concatenate([[0], *counts, [total]])
+    keep = np.diff(solid_before) > 0  # line k holds a non-blank byte
+    return line_starts[keep], np.flatnonzero(keep) + 1
 
-    def __getitem__(self, index):
-        offset, lineno = self.offsets[index]
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return self._parse(f.readline(), lineno)
+
+def _json_array_index(path):
+    """A JSON array file's text and each element's start and end offsets and line: parsed once here to find
+    the elements (json's C scanner), decoded again when read."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder, space, sep = json.JSONDecoder(), re.compile(r"\s*"), re.compile(r"\s*([,\]])")
+    starts, ends, linenos, line, counted = array.array("q"), array.array("q"), array.array("q"), 1, 0
+    i = space.match(text).end() + 1  # past the "["
+    empty = re.compile(r"\s*\]").match(text, i) is not None
+    while not empty:
+        i = space.match(text, i).end()
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); the array cannot be read past it") from None
+        line, counted = line + text.count("\n", counted, i), i
+        starts.append(i), ends.append(end), linenos.append(line)
+        m = sep.match(text, end)
+        if m is None:
+            raise DataError(f"{path}:{line}: malformed JSON (no ',' or ']' after element {len(starts) - 1})")
+        i = m.end()
+        if m.group(1) == "]":
+            break
+    return text, *(np.frombuffer(a, dtype=np.int64) for a in (starts, ends, linenos))
+
+
+def _image_ref(x, where):
+    """An image as a record gives it -> a path (str) or encoded bytes: Parquet's {"bytes", "path"} structs, raw
+    bytes, file:// and data:...;base64 URLs."""
+    if isinstance(x, dict):
+        x = x.get("bytes") or x.get("path")
+    if isinstance(x, str) and x.startswith("data:"):
+        head, _, payload = x.partition(",")
+        if not head.endswith(";base64"):
+            raise DataError(f"{where}: image data URL {head!r} is not base64")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as e:
+            raise DataError(f"{where}: image data URL: bad base64 ({e})") from None
+    if isinstance(x, str) and x.startswith(("http://", "https://")):
+        raise DataError(f"{where}: image URL {x[:80]!r}: remote images are not fetched; download them first")
+    if isinstance(x, str):
+        return x.removeprefix("file://")
+    if isinstance(x, bytes) and x:
+        return x
+    raise DataError(f"{where}: image/images must be a path or a list of paths (or image bytes)")
+
+
+ROLES = {"system": "system", "user": "human", "assistant": "gpt"}  # OpenAI roles -> LLaVA's
+
+
+def _from_messages(messages, images, where):
+    """OpenAI-style chat -> (LLaVA conversations, images). content: a string, or parts {"type": "text",
+    "text"}, {"type": "image_url", "image_url": {"url"} or url}, {"type": "image", "image": path or bytes}, or
+    a bare {"type": "image"} that takes the record's next "images" entry (Hugging Face's layout); each image
+    part becomes an <image> tag where it stands."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: messages must be a list")
+    queue, turns, refs = iter(images), [], []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where}: messages need role system|user|assistant")
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise DataError(f"{where}: message content must be a string or a list of parts")
+        value = ""
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                value += part["text"]
+            elif kind in ("image_url", "image"):
+                url = part.get(kind)
+                url = url.get("url") if isinstance(url, dict) else url
+                refs.append(_image_ref(url, where) if url is not None else next(queue, None))
+                value += IMAGE_TAG
+            else:
+                raise DataError(f"{where}: message part {part!r:.80}: need type text (with text), image_url or image")
+        turns.append({"from": ROLES[m["role"]], "value": value})
+    if None in refs:
+        raise DataError(f"{where}: more image parts than images")
+    return turns, refs + list(queue)  # images no part placed fail check_record's tag count
+
+
+def _from_texts(texts, n_images, where):
+    """the_cauldron / FineVision turns [{"user", "assistant"}] -> LLaVA conversations, the images before the
+    first question (these datasets have no <image> tags)."""
+    if not isinstance(texts, list) or not all(isinstance(t, dict) for t in texts):
+        raise DataError(f"{where}: texts must be a list of {{user, assistant}} turns")
+    turns = [{"from": r, "value": t.get(k)} for t in texts for r, k in (("human", "user"), ("gpt", "assistant"))]
+    if turns and isinstance(turns[0]["value"], str) and IMAGE_TAG not in turns[0]["value"]:
+        turns[0]["value"] = IMAGE_TAG * n_images + "\n" * bool(n_images) + turns[0]["value"]
+    return turns
 
 
 # ----------------------------------------------------------------------------- mixing

@@ -4,12 +4,14 @@ multiple-choice letter), checkpoint averaging and test-time resolution search (M
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
     python evaluate.py --ckpt runs/tiny/stage3-avg --tasks vqa_color,vqa_count --resolutions 28x28,56x56,84x84
-    python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/
+    python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/  # that set only
     python evaluate.py --average runs/tiny/stage3-1024 runs/tiny/stage3-2048 --weights 1,1 --out runs/tiny/avg
+    python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
 
 train.py calls the same functions in-process for the default run.
 """
 import argparse
+import difflib
 import json
 import math
 import os
@@ -21,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 import data
-from model import MLLM, read_safetensors
+from model import MLLM, hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, read_safetensors, save_hf, \
+    text_config_to_hf
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -126,7 +129,7 @@ def choice_match(pred, ref):
 
 
 SCORERS = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "iou": iou_at_05, "choice": choice_match}
-DEFAULT_METRIC = "vqa"  # a JSONL eval set whose task data.TASK_METRIC does not know
+DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not know
 
 
 # ----------------------------------------------------------------------------- eval sets
@@ -158,8 +161,9 @@ def parse_data_flag(spec, flag="--data"):
     return name, head, weight
 
 
-def jsonl_eval_set(path, image_root, on_bad="raise"):
-    ds = data.JsonlDataset(path, image_root, on_bad=on_bad)
+def file_eval_set(path, image_root):
+    """Every record of a data file (any format data.FileDataset reads); a bad record is an error."""
+    ds = data.FileDataset(path, image_root)
     records = [ds[i] for i in range(len(ds))]
     bad = [r["id"] for r in records if r["format"] != "conversation"]
     if bad:
@@ -171,12 +175,12 @@ def metric_of(task):
     return data.TASK_METRIC.get(task, DEFAULT_METRIC)
 
 
-def build_eval_sets(tasks, split, n, seed=0, jsonl=(), image_root="."):
-    """{name: records}: each synthetic task's `split` slice of n, then each JSONL eval set (name, path)
-    in full; the dev/test distinction for JSONL sets is made by resolution_search (halves)."""
+def build_eval_sets(tasks, split, n, seed=0, files=(), image_root="."):
+    """{name: records}: each synthetic task's `split` slice of n, then each data file's eval set (name, path)
+    in full; the dev/test distinction for data files is made by resolution_search (halves)."""
     sets = {t: synthetic_eval_set(t, split, n, seed) for t in tasks}
-    for name, path in jsonl:
-        sets[name] = jsonl_eval_set(path, image_root)
+    for name, path in files:
+        sets[name] = file_eval_set(path, image_root)
     return sets
 
 
@@ -288,6 +292,68 @@ def average_checkpoints(ckpts, weights=None, out=None):
     return avg
 
 
+# ----------------------------------------------------------------------------- export to Hugging Face
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def is_hf_dir(path):
+    """A Hugging Face model directory: a config.json that is not ours (ours has `vision` and `text`)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not {"vision", "text"} <= read_config(path).keys()
+
+
+def hf_origin(ckpt, hops=8):
+    """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
+    the args.json of each run (a run directory holds args.json; its checkpoints sit one or two levels below)."""
+    path = ckpt
+    for _ in range(hops):
+        up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
+        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
+        if args is None:
+            return None
+        with open(args) as f:
+            path = json.load(f)["train_config"].get("init_from")
+        if not path or not os.path.isdir(path):
+            return None
+        if is_hf_dir(path):
+            return path
+    return None
+
+
+def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
+    """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
+    MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
+    weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
+    Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
+    copied. ValueError names what the transformers class cannot express."""
+    if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
+        raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
+    model = MLLM.from_pretrained(ckpt)
+    if decoder_only:
+        config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
+        files = HF_TOKENIZER_FILES
+    else:
+        if tokenizer.image_pad_id != model.config.image_pad_id:
+            raise ValueError(f"{ckpt}: image_pad_id {model.config.image_pad_id} but the tokenizer's <|image_pad|> is "
+                             f"{tokenizer.image_pad_id}; pass the model's tokenizer with --tokenizer")
+        config = qwen2_5_vl_config_to_hf(model.config, {"vision_start_token_id": tokenizer.vision_start_id,
+                                                        "vision_end_token_id": tokenizer.vision_end_id})
+        tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
+    if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
+        tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(tmp, config, tensors, max_shard_bytes)
+    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
+    for f in copied:
+        shutil.copy(os.path.join(source, f), tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return copied
+
+
 # ----------------------------------------------------------------------------- test-time resolution search
 
 
@@ -344,7 +410,7 @@ def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, defaul
 
 
 def split_halves(sets):
-    """JSONL eval sets have no dev split: even-indexed records serve as dev, odd-indexed as test."""
+    """Data-file eval sets have no dev split: even-indexed records serve as dev, odd-indexed as test."""
     return {k: v[0::2] for k, v in sets.items()}, {k: v[1::2] for k, v in sets.items()}
 
 
@@ -360,6 +426,40 @@ def markdown_table(rows, tasks=None):
         lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
                      + f" | {100 * sum(vals) / len(vals):.1f} |")
     return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (the Agg backend), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_results(rows, out_png, tasks=None):
+    """The markdown table as a picture: checkpoints x tasks (and their mean), scores in % in each cell. Returns
+    whether it was written (not without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    tasks = tasks or list(next(iter(rows.values())))
+    scores = [[100 * s[t] for t in tasks] for s in rows.values()]
+    scores = [r + [sum(r) / len(r)] for r in scores]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * (len(tasks) + 1), 1.0 + 0.45 * len(rows)))
+    ax.imshow(scores, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), list(rows))
+    for i, r in enumerate(scores):
+        for j, v in enumerate(r):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_title("score (%)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def write_json(obj, path):
@@ -397,11 +497,12 @@ def load_model(ckpt, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint, stage or run directories to evaluate")
-    p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS),
-                   help="comma-separated synthetic tasks to evaluate ('' for none)")
+    p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
+                   f"default: all of {','.join(data.SYNTHETIC_TASKS)}, or none when --data is given)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="a JSONL eval set (conversations; scored by data.TASK_METRIC of its task, else VQA accuracy)")
-    p.add_argument("--image-root", default=".", help="directory the JSONL image paths are relative to")
+                   help="an eval set file: JSONL, JSON array, OpenAI messages, Parquet or Arrow (conversations; "
+                        "scored by data.TASK_METRIC of its task, else VQA accuracy)")
+    p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
     p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
@@ -412,12 +513,22 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
     p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype for generation")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="autocast dtype for generation; with --export-hf, the weights' dtype (fp32: as trained)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level); "
+                   "--export-hf copies a Hugging Face dir's tokenizer files (default: the run's --init-from dir's)")
     p.add_argument("--average", nargs="+", default=None, metavar="CKPT", help="average these checkpoints into --out")
     p.add_argument("--weights", default=None, help="comma-separated averaging weights (default equal)")
     p.add_argument("--out", default=None, help="output dir: the averaged checkpoint, or where eval.json goes")
+    p.add_argument("--export-hf", default=None, metavar="OUT",
+                   help="write --ckpt as a Hugging Face Qwen2.5-VL directory (transformers' from_pretrained loads it) "
+                        "and stop")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     args = p.parse_args(argv)
+    if args.export_hf:
+        return export_main(p, args)
 
     if args.average:
         if not args.out:
@@ -435,21 +546,23 @@ def main(argv=None):
     from kernels import detect_device
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = load_tokenizer(args.tokenizer)
-    tasks = [t for t in args.tasks.split(",") if t]
-    jsonl = [parse_data_flag(s)[:2] for s in args.data]
+    tasks = parse_tasks(p, args.tasks, bool(args.data))
+    if not tasks and not args.data:
+        p.error("nothing to evaluate: --tasks '' and no --data")
+    files = [parse_data_flag(s)[:2] for s in args.data]
     kw = dict(device=device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
     t0 = time.time()
     report = {"settings": vars(args), "checkpoints": {}}
-    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, jsonl, args.image_root)
+    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
     for name, ckpt in ckpts:
         res = evaluate_model(load_model(ckpt, device), tokenizer, test_sets, args.min_pixels, args.max_pixels, **kw)
         report["checkpoints"][name] = {"path": ckpt, "results": res}
     rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
     if args.resolutions:
         name, ckpt = ckpts[-1]
-        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, jsonl, args.image_root)
+        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
         search = resolution_search(load_model(ckpt, device), tokenizer, dev_sets, test_half,
                                    [parse_resolution(r) for r in args.resolutions.split(",")], args.max_pixels,
                                    args.min_pixels, **kw)
@@ -461,14 +574,43 @@ def main(argv=None):
     report["table"], report["wall_s"] = table, time.time() - t0
     write_json(report, os.path.join(out, "eval.json"))
     print(f"wrote {os.path.join(out, 'eval.json')}")
+    if plot_results(rows, os.path.join(out, "results.png")):
+        print(f"wrote {os.path.join(out, 'results.png')}")
 
 
-def resolution_eval_sets(tasks, dev_n, test_n, seed, jsonl=(), image_root="."):
-    """(dev sets, test sets) for the resolution search: synthetic dev/test splits, JSONL sets halved."""
+def parse_tasks(p, spec, have_data):
+    """--tasks -> synthetic task names: all by default, none by default beside --data; a typo is a usage
+    error that lists the valid names."""
+    if spec is None:
+        return [] if have_data else list(data.SYNTHETIC_TASKS)
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    for t in tasks:
+        if t not in data.SYNTHETIC_TASKS:
+            close = difflib.get_close_matches(t, data.SYNTHETIC_TASKS, n=1)
+            p.error(f"--tasks: unknown task {t!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                    f"valid: {', '.join(data.SYNTHETIC_TASKS)}")
+    return tasks
+
+
+def export_main(p, args):
+    """--export-hf: one checkpoint out; tokenizer files from --tokenizer (a directory) or the HF origin."""
+    ckpts = [c for path in args.ckpt for _, c in resolve_checkpoints(path)]
+    if len(ckpts) != 1:
+        p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
+    source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
+    tokenizer = load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
+        os.path.join(source, "tokenizer.json")) else None))
+    copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
+                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
+    print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
+
+
+def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
+    """(dev sets, test sets) for the resolution search: synthetic dev/test splits, data-file sets halved."""
     dev = build_eval_sets(tasks, "dev", dev_n, seed)
     test = build_eval_sets(tasks, "test", test_n, seed)
-    if jsonl:
-        jdev, jtest = split_halves(build_eval_sets([], "test", 0, seed, jsonl, image_root))
+    if files:
+        jdev, jtest = split_halves(build_eval_sets([], "test", 0, seed, files, image_root))
         dev.update(jdev)
         test.update(jtest)
     return dev, test

@@ -13,14 +13,14 @@ Run directory (--out; locked by .lock while a run uses it):
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
         args.json              the flags of the run that trained it
         metrics.jsonl          one JSON object per optimizer step
-        loss.png               the loss curve (when matplotlib is installed)
+        loss.png               the loss curve
         step-000120/           a checkpoint: model.safetensors, config.json, train_state.pt
         latest                 the name of the newest complete checkpoint
     stage3-avg/                the averaged stage-3 checkpoint (model.safetensors, config.json)
     eval.json, results.md      evaluation of every checkpoint and the resolution search
+    results.png                the results table as a picture (checkpoints x tasks)
 """
 import argparse
-import collections
 import contextlib
 import fcntl
 import functools
@@ -113,8 +113,8 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    data: list = field(default_factory=list, metadata={"help": "JSONL dataset name=path:weight (repeatable); default: the synthetic curriculum"})
-    image_root: str = field(default=".", metadata={"help": "directory the JSONL image paths are relative to"})
+    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
+    image_root: str = field(default=".", metadata={"help": "directory the data files' image paths are relative to"})
     allow_outside_image_root: bool = field(default=False, metadata={"help": "let dataset image paths leave --image-root (absolute or ../ paths)"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
@@ -358,25 +358,15 @@ def build_tokenizer(cfg, model_config=None):
     return tok
 
 
-def build_source(cfg, stage_num, stage, log=print):
-    """What a stage reads: the --data JSONL datasets mixed by their weights, else the synthetic tasks of the
-    stage's mix. Each stage draws its own instances (seed offset by the stage number). Records skipped while
-    reading a file are reported, and a file that skips more than --max-skip-rate of its records stops the run."""
+def build_source(cfg, stage_num, stage):
+    """What a stage reads: the --data files mixed by their weights, else the synthetic tasks of the
+    stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
     seed = cfg.seed + 1000 * stage_num
     if cfg.data:
         sources, weights = {}, {}
         for name, path, weight in data_specs(cfg):
-            ds = data.JsonlDataset(path, cfg.image_root, on_bad=cfg.on_bad,
-                                   allow_outside_root=cfg.allow_outside_image_root)
-            if ds.skipped:
-                reasons = collections.Counter(e.reason for e in ds.errors)
-                summary = (f"--data {name}={path}: skipped {ds.skipped} of {ds.skipped + len(ds)} records ("
-                           + ", ".join(f"{r} x{k}" for r, k in sorted(reasons.items())) + f"); first: {ds.errors[0]}")
-                if ds.skipped > cfg.max_skip_rate * (ds.skipped + len(ds)):
-                    raise data.DataError(f"{summary}: more than --max-skip-rate {cfg.max_skip_rate:g}",
-                                         reason="skip rate")
-                log(f"warning: {summary}")
-            sources[name], weights[name] = ds, weight
+            sources[name] = data.FileDataset(path, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root)
+            weights[name] = weight
         return data.Mixture(sources, weights, seed)
     sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
@@ -587,13 +577,10 @@ def keep_metrics_until(path, step, log=print):
 
 
 def plot_loss(metrics_path, out_png):
-    """loss.png from metrics.jsonl, when matplotlib is installed (it is optional)."""
-    try:
-        import matplotlib
-    except ImportError:
+    """loss.png from metrics.jsonl; False when matplotlib (in requirements.txt) is missing."""
+    plt = evaluate.pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
     ok = [r for r in rows if r["loss"] is not None]
@@ -678,7 +665,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
         if dist.is_main else None
-    read_skips = sum(getattr(src, "skipped", 0) for src in loader.source.sources)  # dropped while reading files
     log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {total} steps x {cfg.grad_accum} "
         f"x {length} tokens; peak lr {peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
         f"trainable / {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -698,7 +684,7 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             counts = torch.tensor([float(sum(loss_tokens(b) for b in batches)), float(loader.skipped)], device=device)
             if dist.world_size > 1:
                 parallel.all_reduce_sum(counts, dist)
-            n_loss, skipped = counts[0], read_skips + int(counts[1])
+            n_loss, skipped = counts[0], int(counts[1])
             # the loss is a sum over loss tokens divided by their global count: every token weighs the same
             # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
             divisor = float(n_loss) / dist.world_size
@@ -763,10 +749,9 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                                        cfg.keep_last)
         ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
                                cfg.keep_last)
-    if loader.skipped or read_skips:
-        log(f"stage {stage_num}: skipped samples: {read_skips} while reading files, "
-            f"{loader.skipped} while encoding{' on rank 0' if dist.world_size > 1 else ''}"
-            + (f" ({loader.skip_summary()})" if loader.skipped else "") + "; see metrics.jsonl 'skipped_samples'")
+    if loader.skipped:
+        log(f"stage {stage_num}: skipped {loader.skipped} samples{' on rank 0' if dist.world_size > 1 else ''} "
+            f"({loader.skip_summary()}; last: {loader.last_error}); see metrics.jsonl 'skipped_samples'")
     if metrics is not None:
         os.close(metrics)
         if plot_loss(os.path.join(stage_dir, "metrics.jsonl"), os.path.join(stage_dir, "loss.png")):
@@ -798,7 +783,7 @@ def build_stage(cfg, stage_num, stage, init, tokenizer, length, peak_lr, device,
         model = parallel.shard_experts(model, dist)
     model.train()
     optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
-    loader = data.PackedLoader(build_source(cfg, stage_num, stage, log), tokenizer, length, seed=cfg.seed + stage_num,
+    loader = data.PackedLoader(build_source(cfg, stage_num, stage), tokenizer, length, seed=cfg.seed + stage_num,
                                rank=dist.rank, world_size=dist.world_size, min_pixels=cfg.min_pixels,
                                max_pixels=cfg.max_pixels, mrope=model.config.text.mrope_section is not None,
                                truncate=cfg.truncate, on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
@@ -926,6 +911,7 @@ def evaluate_run(cfg, tokenizer, device, log=print):
     evaluate.write_json(report, os.path.join(cfg.out, "eval.json"))
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(table + "\n")
+    evaluate.plot_results(rows, os.path.join(cfg.out, "results.png"), tasks)
     log("\n" + table)
     if resolutions:
         log("resolution search picked max_pixels per task: "

@@ -24,7 +24,7 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     # no TRITON_INTERPRET: the interpreted kernel is tested in test_attention.py, far too slow to time
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--quick", "--out", str(out),
-                           "--what", "attention,ops,step,packing"], cwd=ROOT, env=env, capture_output=True,
+                           "--what", "attention,ops,step,packing,data"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -63,6 +63,10 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
         assert r["padded_tokens"] >= r["useful_tokens"] and 0 <= r["pad_fraction"] < 1
         assert r["packed_batches"] <= r["padded_batches"]
     assert set(res["summary"]) and all(math.isfinite(v) and v > 0 for v in res["summary"].values())
+
+    assert [(r["format"], r["records"]) for r in res["data"]] == [("jsonl", 2000), ("json", 2000), ("parquet", 200),
+                                                                   ("arrow", 200)]
+    assert all(positive(r, ["file_mib", "index_s", "first_batch_s", "peak_mib"]) for r in res["data"])
 
 
 def test_attention_flops_convention():

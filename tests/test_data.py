@@ -4,6 +4,7 @@ packing and loader resume, bad inputs, and the synthetic curriculum."""
 import base64
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from data import (DataError, JsonlDataset, Mixture, PackedLoader, SyntheticTasks, Tokenizer, collate, encode, pack,
+from data import (DataError, FileDataset, Mixture, PackedLoader, SyntheticTasks, Tokenizer, collate, encode, pack,
                   process_image, smart_resize)
 
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -316,13 +317,13 @@ GOOD = json.dumps({"image": "ok.png", "conversations": [{"from": "human", "value
 
 
 def test_jsonl_reads_llava_records(tmp_path):
-    path = write_jsonl(tmp_path, [GOOD, json.dumps({"text": "just text"}),
+    path = write_jsonl(tmp_path, [GOOD, json.dumps({"text": "just text"}), "  \t",
                                   json.dumps({"images": ["ok.png", "ok.png"], "text": "two <image> and <image>"}),
                                   json.dumps({"image": "ok.png", "text": "a caption"})])
-    ds = JsonlDataset(path, str(tmp_path))
-    assert len(ds) == 4 and ds.skipped == 0
+    ds = FileDataset(path, str(tmp_path))
+    assert len(ds) == 4 and ds.format == "jsonl"  # the blank line is no record
     assert [ds[i]["format"] for i in range(4)] == ["conversation", "text", "interleaved", "caption"]
-    assert ds[3]["text"] == "<image>a caption" and ds[0]["id"] == f"{path}:1"
+    assert ds[3]["text"] == "<image>a caption" and ds[0]["id"] == f"{path}:1" and ds[3]["id"] == f"{path}:5"
     assert encode(ds[0], Tokenizer()).images[0][1] == (1, 4, 6)  # 60x40 scaled up to min_pixels
 
 
@@ -334,20 +335,133 @@ def test_jsonl_reads_llava_records(tmp_path):
                                                       {"from": "gpt", "value": "x"}]}), "0 <image> tags for 1"),
     (json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}), "empty reply"),
 ])
-def test_jsonl_bad_record_raises_or_skips(tmp_path, line, message):
+def test_jsonl_bad_record_raises_when_read_or_is_skipped(tmp_path, line, message):
     path = write_jsonl(tmp_path, [GOOD, line, GOOD])
+    ds = FileDataset(path, str(tmp_path))  # indexing reads no record: bad ones surface when read
+    assert len(ds) == 3 and [ds[i]["id"] for i in (0, 2)] == [f"{path}:1", f"{path}:3"]
     with pytest.raises(DataError, match=f"d.jsonl:2: {message}"):
-        JsonlDataset(path, str(tmp_path))
-    ds = JsonlDataset(path, str(tmp_path), on_bad="skip")
-    assert len(ds) == 2 and ds.skipped == 1 and str(ds.errors[0]).startswith(f"{path}:2: {message}")
-    assert [ds[i]["id"] for i in range(2)] == [f"{path}:1", f"{path}:3"]
+        ds[1]
+    assert_loader_raises_or_skips(ds, f"{path}:2: {message}")
+
+
+def assert_loader_raises_or_skips(ds, error):
+    """PackedLoader stops at the bad record with on_bad="raise" and counts it with on_bad="skip"."""
+    loader = PackedLoader(ds, Tokenizer(), 512, buffer_size=3)
+    with pytest.raises(DataError, match=re.escape(error)):
+        for _ in range(len(ds)):  # each batch takes at least one sample: every record is read
+            next(loader)
+    loader = PackedLoader(ds, Tokenizer(), 512, on_bad="skip", buffer_size=3)
+    batches = [next(loader) for _ in range(len(ds))]
+    assert loader.skipped >= 1 and loader.last_error.startswith(error)
+    assert all(len(b.cu_seqlens) > 1 for b in batches)
+
+
+def write_records(tmp_path, fmt, replies):
+    """One record per reply (" " makes a bad one: an empty reply) asking for the colour of a 56x84 red
+    picture, in format `fmt`: LLaVA JSONL or JSON array, OpenAI messages in JSONL (image_url parts) or in a
+    JSON array (bare image parts + "images", Hugging Face's layout), or Parquet / Arrow with the PNG bytes in a
+    column (the_cauldron's images/texts, two rows per row group or batch). Returns the path and each record's
+    place."""
+    small_image("red").save(tmp_path / "red.png")
+    if fmt in ("parquet", "arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        png = (tmp_path / "red.png").read_bytes()
+        table = pa.table({"images": [[{"bytes": png, "path": None}] for _ in replies],
+                          "texts": [[{"user": "Color?", "assistant": r, "source": "test"}] for r in replies]})
+        if fmt == "parquet":
+            pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
+        else:  # an Arrow IPC stream, as datasets' save_to_disk writes
+            with pa.ipc.new_stream(str(tmp_path / "d.arrow"), table.schema) as writer:
+                writer.write_table(table, max_chunksize=2)
+        return str(tmp_path / f"d.{fmt}"), [f"row {i}" for i in range(len(replies))]
+    if fmt in ("jsonl", "json"):
+        recs = [{"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
+                                                       {"from": "gpt", "value": r}]} for r in replies]
+    elif fmt == "messages.jsonl":
+        recs = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "red.png"}},
+                                                           {"type": "text", "text": "\nColor?"}]},
+                              {"role": "assistant", "content": r}]} for r in replies]
+    else:
+        recs = [{"images": ["red.png"], "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": r}]}]} for r in replies]
+    path = tmp_path / (fmt if "." in fmt else f"d.{fmt}")  # distinct names: every format can share a folder
+    if fmt.endswith("jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(path), [str(i + 1) for i in range(len(recs))]
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n")  # element k on line k + 2
+    return str(path), [f"{i + 2} (element {i})" for i in range(len(recs))]
+
+
+FORMATS = ["jsonl", "json", "messages.jsonl", "messages.json", "parquet", "arrow"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_reads_the_same_records_and_names_bad_ones(tmp_path, fmt):
+    path, places = write_records(tmp_path, fmt, ["red", " ", "red", "red", "red"])
+    ds = FileDataset(path, str(tmp_path))
+    assert ds.format == fmt.split(".")[-1] and len(ds) == 5
+    tok = Tokenizer()
+    task = os.path.basename(path).split(".")[0]
+    want = encode({"task": task, "format": "conversation", "images": [str(tmp_path / "red.png")],
+                   "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]},
+                  tok)
+    for i in (0, 4):  # row 4 is in Parquet's third row group
+        got = encode(ds[i], tok)
+        assert ds[i]["id"] == f"{path}:{places[i]}" and ds[i]["task"] == task
+        if fmt != "messages.json":  # that one adds a system turn
+            assert got.tokens == want.tokens and got.labels == want.labels
+        assert torch.equal(got.images[0][0], want.images[0][0])
+    with pytest.raises(DataError, match=re.escape(f"{path}:{places[1]}: empty reply")):
+        ds[1]
+    assert_loader_raises_or_skips(ds, f"{path}:{places[1]}: empty reply")
+
+
+def test_messages_images_as_data_and_file_urls(tmp_path):
+    small_image("red").save(tmp_path / "red.png")
+    b64 = base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
+    msgs = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url},
+                                                       {"type": "text", "text": "Color?"}]},
+                          {"role": "assistant", "content": "red"}]}
+            for url in (f"data:image/png;base64,{b64}", f"file://{tmp_path / 'red.png'}", "red.png")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    ds = FileDataset(str(tmp_path / "m.jsonl"), str(tmp_path))
+    assert isinstance(ds[0]["images"][0], bytes)
+    assert ds[1]["images"][0] == ds[2]["images"][0] == str(tmp_path / "red.png")  # file:// inside the root
+    samples = [encode(ds[i], Tokenizer()) for i in range(3)]
+    assert samples[0].tokens == samples[1].tokens == samples[2].tokens
+    assert all(torch.equal(s.images[0][0], samples[2].images[0][0]) for s in samples)
+
+
+def test_format_specific_errors(tmp_path):
+    path, _ = write_records(tmp_path, "json", ["red", "red"])
+    text = open(path).read()
+    open(path, "w").write(text.replace('"red"}]}', '"red"}]', 1))  # a syntax error inside the array
+    with pytest.raises(DataError, match=r"d.json:3: malformed JSON .*cannot be read past it"):  # where json notices
+        FileDataset(path, str(tmp_path))
+    msgs = [{"images": ["red.png"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+                                                 {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x.org/a.png"}]},
+                          {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,@@"}]},
+                          {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    ds = FileDataset(str(tmp_path / "m.jsonl"), str(tmp_path))
+    for i, message in enumerate(["more image parts than images", "remote images are not fetched",
+                                 "role system|user|assistant", "bad base64", "need type text"]):
+        with pytest.raises(DataError, match=f"m.jsonl:{i + 1}: .*{message}"):
+            ds[i]
 
 
 def test_corrupt_image_bytes(tmp_path):
     bad = json.dumps({"image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>"},
                                                                 {"from": "gpt", "value": "x"}]})
     path = write_jsonl(tmp_path, [GOOD, bad, GOOD])
-    ds = JsonlDataset(path, str(tmp_path))  # the file exists; its bytes are only read at encode time
+    ds = FileDataset(path, str(tmp_path))  # the file exists; its bytes are only read at encode time
     with pytest.raises(DataError, match=f"d.jsonl:2: cannot read image .*corrupt.png"):
         encode(ds[1], Tokenizer())
     with pytest.raises(DataError, match="corrupt.png"):

@@ -3,8 +3,10 @@ resolution search (argmax on the dev slice, ties, a real tiny run) and the comma
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import data
@@ -175,3 +177,20 @@ def test_command_line_average_and_evaluate(tmp_path, capsys):
     res = report["checkpoints"]["avg"]["results"]
     assert res["grounding"]["metric"] == "iou" and res["grounding"]["n"] == 2
     assert "| avg |" in capsys.readouterr().out
+    with Image.open(tmp_path / "avg" / "results.png") as img:  # the table as a picture beside eval.json
+        assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2
+
+
+def test_data_alone_evaluates_only_that_set_and_task_typos_list_names(tmp_path, capsys):
+    save_model(tmp_path / "a", 1)
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
+    turns = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"image": "red.png", "conversations": turns}) + "\n")
+    evaluate.main(["--ckpt", str(tmp_path / "a"), "--data", f"mine={tmp_path / 'mine.jsonl'}", "--image-root",
+                   str(tmp_path), "--max-new-tokens", "2", "--out", str(tmp_path)])
+    results = json.load(open(tmp_path / "eval.json"))["checkpoints"]["a"]["results"]
+    assert list(results) == ["mine"] and results["mine"]["n"] == 1  # no synthetic task unless --tasks asks
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", str(tmp_path / "a"), "--tasks", "vqa_colour,ocr"])
+    err = capsys.readouterr().err
+    assert "unknown task 'vqa_colour' (did you mean 'vqa_color'?)" in err and ", ".join(data.SYNTHETIC_TASKS) in err

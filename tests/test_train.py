@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ import data
 import evaluate
 import train
 from model import MLLM
+from test_data import FORMATS, write_records
 
 # a smaller tiny model and short packed batches keep each run to a few seconds on 2 cores
 SMALL = {"text.num_layers": 2, "vision.depth": 1, "vision.fullatt_blocks": (0,)}
@@ -176,6 +178,17 @@ def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path, keep_las
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
 
 
+def test_stage_writes_loss_png(tmp_path, capsys):
+    """`python train.py --stage 1 --max-steps 5` on a fresh install of requirements.txt draws the loss curve."""
+    train.main(["--stage", "1", "--max-steps", "5", "--out", str(tmp_path / "run"), "--device", "cpu",
+                "--packing-length", "256", "--peak-tflops", "1", "--text-num-layers", "2", "--vision-depth", "1",
+                "--vision-fullatt-blocks", "0"])
+    png = tmp_path / "run" / "stage1" / "loss.png"
+    assert f"wrote {png}" in capsys.readouterr().out
+    with Image.open(png) as img:
+        assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2  # drawn on, not blank
+
+
 def make_jsonl(tmp_path, n):
     """A LLaVA-style colour dataset: PNGs of one coloured square on disk, the question and the answer."""
     colors = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220)}
@@ -207,3 +220,18 @@ def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     # 20 steps teach the reply format (a colour word, then <|im_end|>), not yet the colours themselves
     assert all(e["pred"] in ("red", "green", "blue") for e in res["examples"])
     assert "| stage3 |" in capsys.readouterr().out
+
+
+def test_every_data_format_trains_and_evaluates(tmp_path):
+    """--data name=path: JSONL, a JSON array, OpenAI messages (JSONL, JSON), Parquet and Arrow with image bytes,
+    told from the file, mixed in one run (256 buffered reads: each file is read) and each evaluated."""
+    paths = {fmt.replace(".", "_"): write_records(tmp_path, fmt, ["red"] * 4)[0] for fmt in FORMATS}
+    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"{k}={p}:1" for k, p in paths.items()],
+                 image_root=str(tmp_path))
+    assert train.run(cfg, SMALL, log=lambda *a: None)["stages"]["stage3"].status == "done"
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
+    assert len(rows) == 2 and rows[0]["loss_tokens"] > 0 and rows[0]["loss_tokens"] % 4 == 0  # "red<|im_end|>" each
+    evaluate.main(["--ckpt", cfg.out, *(f"--data={k}={p}" for k, p in paths.items()), "--image-root", str(tmp_path),
+                   "--out", str(tmp_path), "--max-new-tokens", "2"])
+    results = json.load(open(tmp_path / "eval.json"))["checkpoints"]["stage3"]["results"]
+    assert list(results) == list(paths) and all(r["n"] == 4 for r in results.values())
