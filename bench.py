@@ -47,6 +47,12 @@ OPS = {  # tokens, hidden, heads x head_dim (rotary), MLP width, cross-entropy t
     "quick": dict(T=256, hidden=128, heads=2, head_dim=32, inter=256, ce_T=512, ce_hidden=32, vocab=1000),
 }
 CE_CHUNK = {"quick": 128}  # else kernels.linear_cross_entropy's default chunk
+# the training loss at the 8B preset's vocabulary: micro-batch tokens, hidden width. Full fp32 logits of 16k
+# tokens are ~10 GB (and as much again for their gradient): on cpu the default stays at 4k, --loss-tokens 16384
+# runs the issue's size (the hidden width sets the time, not the logits' memory, so cpu keeps it small)
+LOSS = {"accel": dict(tokens=(16384,), hidden=4096, vocab=151936),
+        "cpu": dict(tokens=(4096,), hidden=256, vocab=151936),
+        "quick": dict(tokens=(256,), hidden=32, vocab=151936)}
 
 # ~0.5B dense model for the GPU step: Qwen3-0.6B's decoder shapes (its config.json) with a 12-block ViT;
 # the byte tokenizer's image_pad_id (261) stays, so the synthetic data runs on it unchanged
@@ -302,6 +308,39 @@ def bench_ops(device, size, warmup, reps, compile_too):
     return rows
 
 
+# ----------------------------------------------------------------------------- the training loss
+
+
+def full_logits_loss(hidden, weight, targets, z_loss):
+    """The loss as it was before MLLM.forward went chunked: [tokens, vocab] fp32 logits, CE + z-loss."""
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, targets, reduction="sum") + z_loss * torch.logsumexp(logits, -1).square().sum()
+
+
+def chunked_loss(hidden, weight, targets, z_loss):
+    """MLLM.forward's loss: kernels.linear_cross_entropy, logits 1024 tokens at a time."""
+    ce, z = kernels.linear_cross_entropy(hidden, weight, targets, z_loss=True)
+    return ce + z_loss * z
+
+
+def bench_loss(device, size, reps, tokens_list, impls):
+    """Peak memory (and time) of the loss forward+backward (gradients for hidden states and the head)."""
+    s, dtype = LOSS[size], torch.float32 if device == "cpu" else torch.bfloat16
+    fns = {"chunked": chunked_loss, "full": full_logits_loss}
+    rows = []
+    for tokens in tokens_list or s["tokens"]:
+        hidden = torch.randn(tokens, s["hidden"], device=device, dtype=dtype, requires_grad=True)
+        weight = (0.02 * torch.randn(s["vocab"], s["hidden"], device=device, dtype=dtype)).requires_grad_(True)
+        targets = torch.randint(0, s["vocab"], (tokens,), device=device)
+        for impl in impls:
+            fwd_bwd = lambda: torch.autograd.grad(fns[impl](hidden, weight, targets, 1e-4), (hidden, weight))  # noqa: E731
+            rows.append(dict(impl=impl, tokens=tokens, hidden=s["hidden"], vocab=s["vocab"],
+                             dtype=str(dtype).removeprefix("torch."), fwd_bwd_ms=time_ms(fwd_bwd, device, 0, reps),
+                             peak_mib=peak_mib(fwd_bwd, device),
+                             logits_mib=tokens * s["vocab"] * 4 / 2 ** 20))
+    return rows
+
+
 # ----------------------------------------------------------------------------- training step and packing
 
 
@@ -440,6 +479,7 @@ COLUMNS = {
     "ops": ["op", "impl", "shape", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mib", "error"],
     "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
              "tflops", "mfu", "peak_tflops", "peak_mib"],
+    "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "logits_mib"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
 }
@@ -471,6 +511,11 @@ def summary(result):
     ce = {r["impl"]: r for r in result.get("ops", []) if r["op"] == "linear_cross_entropy" and "peak_mib" in r}
     if {"kernels", "torch"} <= ce.keys():
         out["cross-entropy peak memory, full logits / chunked"] = ce["torch"]["peak_mib"] / ce["kernels"]["peak_mib"]
+    loss = {(r["impl"], r["tokens"]): r for r in result.get("loss", [])}
+    for (impl, tokens), r in loss.items():
+        if impl == "chunked" and ("full", tokens) in loss:
+            out[f"loss peak memory chunked / full logits, vocab {r['vocab']}, {tokens} tokens"] = (
+                r["peak_mib"] / loss["full", tokens]["peak_mib"])
     for r in result.get("step", []):
         out[f"step {r['model']} MFU"] = r["mfu"]
     for r in result.get("packing", []):
@@ -481,13 +526,16 @@ def summary(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
-    p.add_argument("--what", default="attention,ops,step,packing", help="comma-separated parts to run")
+    p.add_argument("--what", default="attention,ops,loss,step,packing", help="comma-separated parts to run")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bench.PEAK_TFLOPS "
                    "by device name; on cpu a measured fp32 matmul)")
+    p.add_argument("--loss-tokens", default=None, help="comma-separated token counts for the loss part (default "
+                   "16384 on cuda/npu, 4096 on cpu: full fp32 logits of 16k tokens need ~30 GB)")
+    p.add_argument("--loss-impls", default="chunked,full", help="loss part: chunked (ours), full (fp32 logits)")
     args = p.parse_args(argv)
     parts = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
@@ -510,6 +558,9 @@ def main(argv=None):
             rows = bench_attention(device, size, warmup, reps)
         elif part == "ops":
             rows = bench_ops(device, size, warmup, reps, compile_too=not args.quick)
+        elif part == "loss":
+            rows = bench_loss(device, size, reps, [int(t) for t in args.loss_tokens.split(",")] if args.loss_tokens
+                              else None, [i.strip() for i in args.loss_impls.split(",")])
         elif part == "step":
             rows = bench_step(device, size, warmup, reps, args.peak_tflops)
         else:

@@ -702,7 +702,9 @@ def linear_cross_entropy(hidden, weight, labels, chunk=1024, z_loss=False):
     if labels.numel() and (labels.min() < 0 or labels.max() >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: labels must be -100 or in [0, {weight.shape[0]}); got "
                          f"min {labels.min().item()}, max {labels.max().item()}")
-    ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    (hidden, weight), autocast_off = _autocast_cast(hidden, weight)  # backward recomputes in the same dtype
+    with autocast_off:
+        ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
     return (ce, z) if z_loss else ce
 
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rope, grouped_mm, rms_norm, swiglu, varlen_attention
+from kernels import apply_rope, grouped_mm, linear_cross_entropy, rms_norm, swiglu, varlen_attention
 
 # ----------------------------------------------------------------------------- configs
 
@@ -712,14 +712,12 @@ class MLLM(nn.Module):
         hidden = self.hidden_states(batch)
         targets = torch.roll(batch.labels, -1)
         targets[batch.cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
-        keep = targets != -100
-        logits = self.decoder.lm_head(hidden[keep]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ce_sum = (lse - logits.gather(1, targets[keep][:, None])[:, 0]).sum()
-        n_loss = int(keep.sum())
+        # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
+        ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
+        n_loss = int((targets != -100).sum())
         divisor = loss_divisor if loss_divisor is not None else max(n_loss, 1)
         ce = ce_sum / divisor
-        z = self.config.z_loss * (lse ** 2).sum() / divisor  # MM1: z-loss keeps the softmax normaliser near 1
+        z = self.config.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
                  "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
         return ce + z + self._moe_terms(n_loss / divisor, stats), stats

@@ -24,7 +24,7 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     # no TRITON_INTERPRET: the interpreted kernel is tested in test_attention.py, far too slow to time
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--quick", "--out", str(out),
-                           "--what", "attention,ops,step,packing"], cwd=ROOT, env=env, capture_output=True,
+                           "--what", "attention,ops,loss,step,packing"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -51,6 +51,11 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     assert all(positive(r, ["fwd_ms", "fwd_bwd_ms", "peak_mib"]) for r in ops.values())
     # memory, not time: chunked cross-entropy never holds the [T, vocab] fp32 logits and their gradient
     assert ops["linear_cross_entropy", "kernels"]["peak_mib"] < ops["linear_cross_entropy", "torch"]["peak_mib"]
+
+    loss = {r["impl"]: r for r in res["loss"]}
+    assert set(loss) == {"chunked", "full"} and all(positive(r, ["fwd_bwd_ms", "peak_mib"]) for r in loss.values())
+    assert loss["full"]["peak_mib"] > loss["full"]["logits_mib"]  # the fp32 logits are really held
+    assert loss["chunked"]["peak_mib"] < loss["full"]["peak_mib"]
 
     (step,) = res["step"]
     assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",

@@ -244,6 +244,28 @@ def test_loss_shifts_within_samples_and_divides():
         assert abs(summed.item() - loss.item() * n / 1000.0) < 1e-6
 
 
+def test_chunked_loss_matches_full_logits():
+    """MLLM.forward's chunked loss (kernels.linear_cross_entropy, 1024 tokens a chunk) against [tokens, vocab]
+    fp32 logits and F.cross_entropy: same loss (CE + z-loss) and same gradients for every parameter."""
+    model = tiny_model(z_loss=1e-2).train()
+    batch = pack([sample(900, [(1, 4, 6)]), sample(700, []), sample(500, [(1, 8, 4)])])  # > 2 chunks
+    params = [p for p in model.parameters()]
+    loss, _ = model(batch, loss_divisor=3000.0)
+    got = torch.autograd.grad(loss, params)
+
+    targets = torch.roll(batch.labels, -1)
+    targets[batch.cu_seqlens[1:].long() - 1] = -100
+    keep = targets != -100
+    assert keep.sum() > 2048
+    logits = (model.hidden_states(batch) @ model.decoder.lm_head.weight.t()).float()[keep]
+    want_loss = (F.cross_entropy(logits, targets[keep], reduction="sum")
+                 + 1e-2 * torch.logsumexp(logits, -1).square().sum()) / 3000.0
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=name)
+
+
 def test_image_pad_count_mismatch_is_an_error():
     model = tiny_model()
     tokens, labels, images = sample(4, [(1, 4, 4)])
