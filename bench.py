@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import kernels
 import train
-from model import MLLM, config_from_preset, count_parameters
+from model import MLLM, config_from_preset, count_parameters, model_flops
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -401,8 +401,8 @@ def bench_step(device, size, warmup, reps, peak_override):
         mem = getattr(torch, device).max_memory_allocated() / 2 ** 20
     timed = [b for b, _ in batches[warmup:]]
     tokens = sum(int(b.input_ids.shape[0]) for b in timed)
-    # PaLM-style model FLOPs (train.step_flops), every module training as in stages 2 and 3
-    flops = train.step_flops(config, train.matmul_params(config), timed, train.MODULE_GROUPS)
+    # PaLM-style model FLOPs (model.model_flops: MoE activated experts, MLA dims), every module training
+    flops = sum(sum(model_flops(config, b).values()) for b in timed)
     peak, peak_source = peak_flops(device, peak_override)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return [dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],

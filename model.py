@@ -670,6 +670,13 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- the MLLM
 
 
+def next_token_targets(labels, cu_seqlens):
+    """Position t's target: labels[t + 1] of the same sample, -100 (no loss) at each sample's last token."""
+    targets = torch.roll(labels, -1)
+    targets[cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
+    return targets
+
+
 class MLLM(nn.Module):
     """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
 
@@ -710,8 +717,7 @@ class MLLM(nn.Module):
         """(loss, stats): cross-entropy summed over loss tokens, divided by their count (token mean) or by
         `loss_divisor` (the trainer's global count over micro-batches and ranks), plus the MM1 z-loss."""
         hidden = self.hidden_states(batch)
-        targets = torch.roll(batch.labels, -1)
-        targets[batch.cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
+        targets = next_token_targets(batch.labels, batch.cu_seqlens)
         # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
         ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
         n_loss = int((targets != -100).sum())
@@ -812,6 +818,72 @@ def parameter_counts(config: ModelConfig):
                for m in model.decoder.modules() if isinstance(m, MoE))
     return {"total": vision + decoder, "activated": vision + decoder - int(idle), "vision": vision,
             "decoder": decoder, "decoder_activated": decoder - int(idle)}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _decoder_layer_weights(t: TextConfig, layer_idx):
+    """Matmul weights one token runs through in decoder layer `layer_idx`: the attention projections (MLA:
+    its low-rank latents) and the FFN's activated part (MoE: router, shared and num_experts_per_tok routed
+    experts, DeepSeek-V3 eq. 12)."""
+    D, H = t.hidden_size, t.num_heads
+    if t.attention == "mla":
+        qk = t.qk_nope_head_dim + t.qk_rope_head_dim
+        q = (D + H * qk) * t.q_lora_rank if t.q_lora_rank else D * H * qk
+        attn = (q + D * (t.kv_lora_rank + t.qk_rope_head_dim) + t.kv_lora_rank * H * (t.qk_nope_head_dim + t.v_head_dim)
+                + H * t.v_head_dim * D)
+    else:
+        attn = D * t.head_dim * (2 * H + 2 * t.num_kv_heads)
+    if t.n_routed_experts and layer_idx >= t.first_k_dense:
+        return attn + D * t.n_routed_experts + 3 * D * t.moe_intermediate_size * (
+            t.n_shared_experts + t.num_experts_per_tok)
+    return attn + 3 * D * t.intermediate_size
+
+
+def _squares(cu_seqlens):
+    return float(((cu_seqlens[1:] - cu_seqlens[:-1]).double() ** 2).sum())
+
+
+def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "decoder")):
+    """{"forward", "backward"} model FLOPs of MLLM.forward + backward on `batch` with the module groups `trains`
+    trainable, after PaLM (Chowdhery et al. 2022, App. B): a matmul with N weights costs 2N per token forward,
+    2N for its input's gradient and 2N for its weights' (only when they train); embeddings and norms are not
+    matmuls. MoE layers count the activated experts only. Attention over a sample of s tokens costs
+    2 s^2 heads (d_qk + d_v) forward (QK^T and PV; MLA: d_qk = nope + rope dims, d_v = v_head_dim), without
+    the causal half (PaLM's convention), and twice that backward (dQ, dK, dV, dP). Recomputation (activation
+    checkpointing, the chunked loss's logits) is not counted: these are model FLOPs, not hardware FLOPs."""
+    v, t = config.vision, config.text
+    tokens, patches = float(batch.input_ids.shape[0]), float(batch.image_grid.prod(-1).sum())
+    n_loss = float((next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())
+    # decoder: layers over every token, the head over the loss tokens only (the chunked loss)
+    dec_w = sum(_decoder_layer_weights(t, i) for i in range(t.num_layers)) * tokens
+    qk, vd = (t.qk_nope_head_dim + t.qk_rope_head_dim, t.v_head_dim) if t.attention == "mla" else (t.head_dim,) * 2
+    dec_attn = 2 * t.num_layers * t.num_heads * (qk + vd) * _squares(batch.cu_seqlens)
+    head_w = t.hidden_size * t.vocab_size * n_loss
+    # vision: patch embedding, blocks (window attention but in fullatt_blocks), PatchMerger per merged token
+    dv, m2 = v.hidden_size, v.spatial_merge_size ** 2
+    embed_w = 3 * v.patch_size ** 2 * dv * patches
+    vis_w = v.depth * (4 * dv * dv + 3 * dv * v.intermediate_size) * patches
+    conn_w = (dv * m2 * dv * m2 + dv * m2 * t.hidden_size) * patches / m2
+    vis_attn = 0.0
+    if patches:
+        _, _, _, cu_images, cu_windows = vision_layout(
+            batch.image_grid.cpu(), v.spatial_merge_size, v.window_size // v.patch_size // v.spatial_merge_size, "cpu")
+        n_full = len(v.fullatt_blocks)
+        vis_attn = 4 * dv * (n_full * _squares(cu_images) + (v.depth - n_full) * _squares(cu_windows))
+    forward = 2 * (dec_w + head_w + embed_w + vis_w + conn_w) + dec_attn + vis_attn
+    # backward: input gradients wherever something trainable lies upstream (the connector's own RMSNorm gain
+    # counts: it sits before fc1), weight gradients of the trained groups; pixels take no gradient
+    vision, connector, decoder = ("vision" in trains), ("connector" in trains), ("decoder" in trains)
+    backward = 0.0
+    if vision:
+        backward += 2 * (embed_w + vis_w) + 2 * vis_w + 2 * vis_attn
+    if vision or connector:
+        backward += 2 * conn_w * (1 + connector)
+    if decoder or vision or connector:
+        backward += 2 * dec_w * (1 + decoder) + 2 * dec_attn + 2 * head_w * (1 + decoder)
+    return {"forward": forward, "backward": backward}
 
 
 # ----------------------------------------------------------------------------- checkpoints
