@@ -353,26 +353,16 @@ def synthetic_samples(stage_num, n, seed=0):
     return [data.encode(source[i], tok) for i in range(n)]
 
 
-def build_model(name, device):
+def build_model(name, device, attn_backend=None):
     """fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
     do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
     torch.manual_seed(0)
-    config = config_from_preset("tiny", **MODELS[name])
+    config = config_from_preset("tiny", attn_backend=attn_backend, **MODELS[name])
     return MLLM(config).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
 
 
-def bench_step(device, size, warmup, reps, peak_override):
-    s = STEP[size]
-    model = build_model(s["model"], device)
-    config = model.config
-    # stage 3's samples average ~75 tokens: enough for warmup + reps full micro-batches (the last,
-    # least full bins of best-fit-decreasing are not timed)
-    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
-    batches = data.pack(samples, s["length"])[:warmup + reps]
-    divisors = [max(1, train.loss_tokens(b)) for b in batches]
-    batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-
+def train_step(model, optimizer):
+    """bench's optimizer step on one (PackedBatch, loss divisor): forward, backward, clipping, AdamW."""
     def step(batch):
         b, n_loss = batch
         loss, _ = model(b, loss_divisor=n_loss)
@@ -380,36 +370,57 @@ def bench_step(device, size, warmup, reps, peak_override):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    for b in batches[:warmup]:
-        step(b)
-    synchronize(device)
-    if device != "cpu":
-        getattr(torch, device).reset_peak_memory_stats()
-    clock, times = host_clock(device), []
-    for b in batches[warmup:]:
-        t0 = clock()
-        step(b)
-        synchronize(device)
-        times.append(clock() - t0)
-    if device == "cpu":  # weights and optimizer state are allocated before the profiled step
-        static = sum(t.numel() * t.element_size() for t in
-                     itertools.chain(model.parameters(), (v for st in optimizer.state.values() for v in st.values()
-                                                          if torch.is_tensor(v))))
-        mem = static / 2 ** 20 + peak_mib(lambda: step(batches[-1]), device)
-    else:
-        mem = getattr(torch, device).max_memory_allocated() / 2 ** 20
+
+def bench_step(device, size, warmup, reps, peak_override):
+    """One row per attention backend (the reference's Python tiles only on cpu): same initial weights and
+    batches, the backends' steps interleaved batch by batch so drifting machine load hits them alike."""
+    s = STEP[size]
+    ours = kernels.default_backend(device)
+    backends = [ours] + [b for b in attention_backends(device) if b != ours and (device == "cpu" or b != "reference")]
+    # stage 3's samples average ~75 tokens: enough for warmup + reps full micro-batches (the last,
+    # least full bins of best-fit-decreasing are not timed)
+    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
+    batches = data.pack(samples, s["length"])[:warmup + reps]
+    divisors = [max(1, train.loss_tokens(b)) for b in batches]
+    batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
+    runs = {}
+    for backend in backends:
+        model = build_model(s["model"], device, backend)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+        runs[backend] = (model, optimizer, train_step(model, optimizer), [])
+    clock = host_clock(device)
+    for i, b in enumerate(batches):
+        for model, optimizer, step, times in runs.values():
+            synchronize(device)
+            t0 = clock()
+            step(b)
+            synchronize(device)
+            if i >= warmup:
+                times.append(clock() - t0)
     timed = [b for b, _ in batches[warmup:]]
     tokens = sum(int(b.input_ids.shape[0]) for b in timed)
+    config = runs[ours][0].config
     # PaLM-style model FLOPs (model.model_flops: MoE activated experts, MLA dims), every module training
     flops = sum(sum(model_flops(config, b).values()) for b in timed)
     peak, peak_source = peak_flops(device, peak_override)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return [dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],
-                 samples_per_step=statistics.mean(len(b.cu_seqlens) - 1 for b in timed), steps=len(timed),
-                 dtype=dtype, attn_backend=kernels.default_backend(device), step_ms=1e3 * statistics.median(times),
-                 tokens_per_s=tokens / sum(times), tflops=flops / sum(times) / 1e12, mfu=flops / sum(times) / peak,
-                 peak_tflops=peak / 1e12, peak_source=peak_source, peak_mib=mem)]
+    rows = []
+    for backend, (model, optimizer, step, times) in runs.items():
+        # weights and optimizer state are allocated before the profiled step
+        static = sum(t.numel() * t.element_size() for t in
+                     itertools.chain(model.parameters(), (v for st in optimizer.state.values() for v in st.values()
+                                                          if torch.is_tensor(v))))
+        rows.append(dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],
+                         samples_per_step=statistics.mean(len(b.cu_seqlens) - 1 for b in timed), steps=len(timed),
+                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), attn_backend=backend,
+                         ours=backend == ours, step_ms=1e3 * statistics.median(times),
+                         tokens_per_s=tokens / sum(times), tflops=flops / sum(times) / 1e12,
+                         mfu=flops / sum(times) / peak, peak_tflops=peak / 1e12, peak_source=peak_source,
+                         peak_mib=static / 2 ** 20 + peak_mib(lambda: step(batches[-1]), device)))
+    for r in rows:
+        r["x_default"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
 
 
 def pad_to_longest(samples, length, pad_id):
@@ -478,7 +489,7 @@ COLUMNS = {
                   "fwd_bwd_tflops", "peak_mib", "x_sdpa_fwd", "x_sdpa", "x_flash_attn"],
     "ops": ["op", "impl", "shape", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mib", "error"],
     "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
-             "tflops", "mfu", "peak_tflops", "peak_mib"],
+             "x_default", "tflops", "mfu", "peak_tflops", "peak_mib"],
     "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "logits_mib"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
@@ -517,7 +528,11 @@ def summary(result):
             out[f"loss peak memory chunked / full logits, vocab {r['vocab']}, {tokens} tokens"] = (
                 r["peak_mib"] / loss["full", tokens]["peak_mib"])
     for r in result.get("step", []):
-        out[f"step {r['model']} MFU"] = r["mfu"]
+        if r["ours"]:
+            out[f"step {r['model']} MFU"] = r["mfu"]
+        else:
+            out[f"step {r['model']} tokens/s, {r['attn_backend']} / default ({result['step'][0]['attn_backend']})"] = (
+                r["x_default"])
     for r in result.get("packing", []):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
     return out

@@ -57,9 +57,10 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     assert loss["full"]["peak_mib"] > loss["full"]["logits_mib"]  # the fp32 logits are really held
     assert loss["chunked"]["peak_mib"] < loss["full"]["peak_mib"]
 
-    (step,) = res["step"]
-    assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
-                                                       "peak_mib"])
+    assert [r["attn_backend"] for r in res["step"]] == ["sdpa", "reference"]  # the default first
+    for step in res["step"]:
+        assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
+                                                           "peak_mib", "x_default"])
 
     pk = res["packing"]
     assert [r["stage"] for r in pk] == [2, 3]
