@@ -18,8 +18,10 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import kernels
 import train
-from model import MLLM, config_from_preset, count_parameters, model_flops
+from model import MLLM, config_from_preset, count_parameters, load_hf, model_flops
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -482,6 +484,167 @@ def bench_packing(device, size, reps):
     return rows
 
 
+# ----------------------------------------------------------------------------- peer: transformers' Qwen2.5-VL
+
+# the same tiny random weights in both (tiny's shapes as a Hugging Face Qwen2.5-VL, M-RoPE over head_dim 32),
+# the same image + conversation samples; long replies are the short ones' answers repeated to ~LONG tokens
+PEER = {"full": dict(samples=24, micro_batch=8, long_reply=300, new_tokens=32),
+        "quick": dict(samples=6, micro_batch=3, long_reply=40, new_tokens=4)}
+PEER_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+PEER_VISION = dict(depth=2, hidden_size=96, intermediate_size=256, num_heads=4, out_hidden_size=192,
+                   window_size=56, fullatt_block_indexes=[1])
+
+
+def save_peer_checkpoint(path):
+    """A random Qwen2.5-VL checkpoint at `path` on our byte tokenizer's ids, weights drawn wider than HF's
+    init so logits differ from uniform (a key-map error would show in the loss check)."""
+    import transformers
+    tok = data.Tokenizer()
+    ids = dict(pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=tok.vocab_size + 1, **PEER_TEXT, **ids), vision_config=PEER_VISION,
+        image_token_id=tok.image_pad_id, video_token_id=tok.vocab_size, vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id, tie_word_embeddings=True, **ids)
+    torch.manual_seed(0)
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name or "ln_q" in name else 0.05 * torch.randn_like(p))
+    theirs.save_pretrained(path)
+
+
+def peer_models(device, path):
+    """(ours, transformers') fresh from the checkpoint at `path`: ours through model.load_hf."""
+    import transformers
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return load_hf(path).to(device).train(), theirs.to(device).train()
+
+
+def peer_samples(n, long_reply=0, for_generation=False):
+    """n synthetic image + conversation samples (every task but text-only arithmetic); long_reply > 0 repeats
+    each answer to about that many characters (byte tokenizer: tokens), +-5% so lengths differ a little."""
+    tasks = [t for t in data.SYNTHETIC_TASKS if t != "arithmetic"]
+    source, tok, rng = data.SyntheticTasks(tasks, "train", 0, style="instruct"), data.Tokenizer(), random.Random(0)
+    out = []
+    for i in range(n):
+        rec = source[i]
+        if long_reply:
+            answer = rec["conversations"][-1]["value"]
+            size = int(long_reply * rng.uniform(0.95, 1.05))
+            rec["conversations"][-1]["value"] = ((answer + ". ") * (size // (len(answer) + 2) + 1))[:size]
+        out.append(data.encode(rec, tok, for_generation=for_generation))
+    return out
+
+
+def hf_inputs(samples, device, left_pad=False):
+    """Samples -> transformers' padded [B, Lmax] inputs (pads: <|endoftext|>, label -100, mask 0), pixels as
+    its [P, 3*2*14*14] two-frame patches (a still image repeats its frame, as its processor does)."""
+    tok = data.Tokenizer()
+    longest = max(len(s.tokens) for s in samples)
+    ids = torch.full((len(samples), longest), tok.eos_id)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        cols = slice(longest - len(s.tokens), longest) if left_pad else slice(0, len(s.tokens))
+        ids[i, cols], labels[i, cols], mask[i, cols] = torch.tensor(s.tokens), torch.tensor(s.labels), 1
+    patches = torch.cat([p for s in samples for p, _ in s.images])
+    pixels = patches.view(-1, 3, 1, 14, 14).expand(-1, 3, 2, 14, 14).reshape(len(patches), -1)
+    grid = torch.tensor([g for s in samples for _, g in s.images])
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels,
+                                             image_grid_thw=grid, mm_token_type_ids=(ids == tok.image_pad_id).int()).items()}
+
+
+def peer_train(ours, theirs, samples, device, micro_batch, reps):
+    """Losses of both on the same samples, then one optimizer step over all of them (gradient accumulation
+    over micro-batches: ours packed, theirs padded, same token budget), A/B interleaved; useful tokens/s."""
+    useful = sum(len(s.tokens) for s in samples)
+    hf_batches = [hf_inputs(samples[i:i + micro_batch], device) for i in range(0, len(samples), micro_batch)]
+    budget = max(b["input_ids"].numel() for b in hf_batches)
+    packed = [b.to(device) for b in data.pack(samples, budget, mrope=True)]
+    n_loss = sum(train.loss_tokens(b) for b in packed)
+    hf_targets = [int((b["labels"][:, 1:] != -100).sum()) for b in hf_batches]
+    ours_loss = lambda b: ours(b, loss_divisor=n_loss)[0]  # noqa: E731
+    theirs_loss = lambda b, n: theirs(**b).loss * n / n_loss  # noqa: E731  (theirs: mean over its targets)
+    with torch.no_grad():
+        a, b = sum(ours_loss(x) for x in packed).item(), sum(theirs_loss(x, n) for x, n in zip(hf_batches, hf_targets)).item()
+    if sum(hf_targets) != n_loss or abs(a - b) > 1e-4 * abs(b):
+        raise RuntimeError(f"peer: losses disagree (ours {a:.6f} over {n_loss} targets, transformers {b:.6f} over "
+                           f"{sum(hf_targets)}): not the same model, timing them would mean nothing")
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+
+    def step(model, losses):
+        for loss in losses:
+            loss().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[model].step()
+        opts[model].zero_grad(set_to_none=True)
+    runs = {"ours": lambda: step(ours, [lambda x=x: ours_loss(x) for x in packed]),
+            "transformers": lambda: step(theirs, [lambda x=x, n=n: theirs_loss(x, n) for x, n in zip(hf_batches, hf_targets)])}
+    seconds = interleaved(runs, device, reps)
+    padded = sum(b["input_ids"].numel() for b in hf_batches)
+    return dict(samples=len(samples), useful_tokens=useful, pad_fraction=1 - useful / padded, loss_ours=a,
+                loss_transformers=b, loss_rel_diff=abs(a - b) / abs(b), ours_tokens_per_s=useful / seconds["ours"],
+                transformers_tokens_per_s=useful / seconds["transformers"], speedup=seconds["transformers"] / seconds["ours"])
+
+
+def interleaved(runs, device, reps):
+    """Median seconds of each fn in `runs` after one warm-up call each, the fns alternating call by call."""
+    for fn in runs.values():
+        fn()
+    clock, seconds = host_clock(device), {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            synchronize(device)
+            t0 = clock()
+            fn()
+            synchronize(device)
+            seconds[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in seconds.items()}
+
+
+def peer_generate(ours, theirs, prompts, device, new_tokens, reps):
+    """Greedy decoding of every prompt at once: our packed KV-cache generate vs transformers' generate
+    (left-padded batch), no stop token; new tokens/s and the share of replies that agree token for token."""
+    batch = data.collate(prompts, mrope=True).to(device)
+    inputs = hf_inputs(prompts, device, left_pad=True)
+    inputs.pop("labels")
+    outputs = {}
+
+    def ours_gen():
+        outputs["ours"] = ours.generate(batch, new_tokens)
+
+    def theirs_gen():
+        with torch.no_grad():
+            out = theirs.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        outputs["transformers"] = out[:, inputs["input_ids"].shape[1]:].tolist()
+    ours.eval(), theirs.eval()
+    seconds = interleaved({"ours": ours_gen, "transformers": theirs_gen}, device, reps)
+    n = len(prompts) * new_tokens
+    agree = sum(a == b for a, b in zip(outputs["ours"], outputs["transformers"])) / len(prompts)
+    return dict(samples=len(prompts), new_tokens=new_tokens, ours_tokens_per_s=n / seconds["ours"],
+                transformers_tokens_per_s=n / seconds["transformers"], speedup=seconds["transformers"] / seconds["ours"],
+                replies_agree=agree)
+
+
+def bench_peer(device, size, reps):
+    """Our training step and generation against transformers' Qwen2.5-VL on the same weights and samples."""
+    if importlib.util.find_spec("transformers") is None:
+        raise RuntimeError("--what peer needs transformers (pip install -r requirements-dev.txt)")
+    p = PEER["quick" if size == "quick" else "full"]
+    rows = []
+    with tempfile.TemporaryDirectory() as path:
+        save_peer_checkpoint(path)
+        for case, long_reply in (("train, short replies", 0), ("train, long replies", p["long_reply"])):
+            samples = peer_samples(p["samples"], long_reply)
+            rows.append(dict(case=case, **peer_train(*peer_models(device, path), samples, device, p["micro_batch"],
+                                                     reps)))
+        prompts = peer_samples(p["samples"], for_generation=True)
+        rows.append(dict(case="greedy generation", **peer_generate(*peer_models(device, path), prompts, device,
+                                                                  p["new_tokens"], reps)))
+    return rows
+
+
 # ----------------------------------------------------------------------------- tables and main
 
 COLUMNS = {
@@ -491,6 +654,8 @@ COLUMNS = {
     "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
              "x_default", "tflops", "mfu", "peak_tflops", "peak_mib"],
     "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "logits_mib"],
+    "peer": ["case", "samples", "useful_tokens", "pad_fraction", "new_tokens", "loss_rel_diff", "ours_tokens_per_s",
+             "transformers_tokens_per_s", "speedup", "replies_agree"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
 }
@@ -533,6 +698,8 @@ def summary(result):
         else:
             out[f"step {r['model']} tokens/s, {r['attn_backend']} / default ({result['step'][0]['attn_backend']})"] = (
                 r["x_default"])
+    for r in result.get("peer", []):
+        out[f"ours / transformers tokens/s, {r['case']}"] = r["speedup"]
     for r in result.get("packing", []):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
     return out
@@ -576,6 +743,8 @@ def main(argv=None):
         elif part == "loss":
             rows = bench_loss(device, size, reps, [int(t) for t in args.loss_tokens.split(",")] if args.loss_tokens
                               else None, [i.strip() for i in args.loss_impls.split(",")])
+        elif part == "peer":
+            rows = bench_peer(device, size, reps)
         elif part == "step":
             rows = bench_step(device, size, warmup, reps, args.peak_tflops)
         else:
