@@ -157,9 +157,12 @@ def _decode_attention(q, k, v, cu_k, scale):
     slot = torch.arange(int(lens.max()), device=q.device)
     valid = slot[None] < lens[:, None]                                                 # [B, L]
     index = torch.where(valid, cu_k[:-1, None].long() + slot[None], 0)
-    kb, vb = (x[index].float().repeat_interleave(q.shape[1] // k.shape[1], dim=2) for x in (k, v))  # [B, L, H, D]
-    s = torch.einsum("bhd,blhd->bhl", q.float() * scale, kb).masked_fill(~valid[:, None], -math.inf)
-    return torch.einsum("bhl,blhd->bhd", s.softmax(-1), vb).to(q.dtype)
+    (B, H, D), Hkv = q.shape, k.shape[1]
+    kb, vb = (x[index].float().transpose(1, 2) for x in (k, v))                        # [B, Hkv, L, D]
+    # GQA as a [B, Hkv, groups, D] query: each kv head read once, not repeated per query head
+    s = (q.float().view(B, Hkv, H // Hkv, -1) * scale) @ kb.transpose(2, 3)            # [B, Hkv, groups, L]
+    s = s.masked_fill(~valid[:, None, None], -math.inf)
+    return (s.softmax(-1) @ vb).reshape(B, H, -1).to(q.dtype)
 
 
 class ReferenceAttention(torch.autograd.Function):

@@ -98,3 +98,17 @@ def test_padding_emulation_pads_each_sample_to_its_batch_longest():
             assert (b.input_ids[s + n:e] == data.Tokenizer().eos_id).all() and (b.labels[s + n:e] == -100).all()
             assert (b.position_ids[s:e] == torch.arange(e - s)).all()
     assert len(seen) == len(samples)
+
+
+def test_peer_bench_runs_and_losses_agree():
+    """bench.py --what peer at its quick size: ours and transformers' Qwen2.5-VL on one checkpoint give the same
+    loss (bench_peer raises before timing otherwise) and the same greedy replies; no timing is asserted."""
+    rows = {r["case"]: r for r in bench.bench_peer("cpu", "quick", reps=1)}
+    assert set(rows) == {"train, short replies", "train, long replies", "greedy generation"}
+    short, long = rows["train, short replies"], rows["train, long replies"]
+    for r in (short, long):
+        assert r["loss_rel_diff"] < 1e-5 and 5.0 < r["loss_ours"] < 7.0  # random weights: ~ln(263), not ~0
+        assert positive(r, ["ours_tokens_per_s", "transformers_tokens_per_s", "speedup"])
+    assert long["pad_fraction"] < short["pad_fraction"] and long["useful_tokens"] > short["useful_tokens"]
+    gen = rows["greedy generation"]
+    assert gen["replies_agree"] == 1.0 and positive(gen, ["ours_tokens_per_s", "transformers_tokens_per_s"])
