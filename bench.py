@@ -489,7 +489,7 @@ def bench_packing(device, size, reps):
 # the same tiny random weights in both (tiny's shapes as a Hugging Face Qwen2.5-VL, M-RoPE over head_dim 32),
 # the same image + conversation samples; long replies are the short ones' answers repeated to ~LONG tokens
 PEER = {"full": dict(samples=24, micro_batch=8, long_reply=300, new_tokens=32),
-        "quick": dict(samples=6, micro_batch=3, long_reply=40, new_tokens=4)}
+        "quick": dict(samples=4, micro_batch=2, long_reply=40, new_tokens=4)}
 PEER_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
                  rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
