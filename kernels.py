@@ -150,19 +150,28 @@ def _causal_mask(i0, i1, j0, j1, offset, device):
 
 
 def _decode_attention(q, k, v, cu_k, scale):
-    """One query per sample (KV-cache decoding), all samples in one batched product: each sample's keys
-    gathered into a row padded to the longest and masked. The query is the sample's last position, so
-    bottom-right causal masking lets it see all of its (>= 1) keys."""
+    """One query per sample (KV-cache decoding) over packed keys: each sample's keys gathered into a row
+    padded to the longest, then decode_attention."""
     lens = (cu_k[1:] - cu_k[:-1]).long()
     slot = torch.arange(int(lens.max()), device=q.device)
-    valid = slot[None] < lens[:, None]                                                 # [B, L]
-    index = torch.where(valid, cu_k[:-1, None].long() + slot[None], 0)
-    (B, H, D), Hkv = q.shape, k.shape[1]
-    kb, vb = (x[index].float().transpose(1, 2) for x in (k, v))                        # [B, Hkv, L, D]
-    # GQA as a [B, Hkv, groups, D] query: each kv head read once, not repeated per query head
-    s = (q.float().view(B, Hkv, H // Hkv, -1) * scale) @ kb.transpose(2, 3)            # [B, Hkv, groups, L]
-    s = s.masked_fill(~valid[:, None, None], -math.inf)
-    return (s.softmax(-1) @ vb).reshape(B, H, -1).to(q.dtype)
+    index = torch.where(slot[None] < lens[:, None], cu_k[:-1, None].long() + slot[None], 0)
+    return decode_attention(q, k[index], v[index], lens, scale)
+
+
+def decode_attention(q, k, v, lens, scale=None):
+    """One query per sample, all samples in one batched product: q [B, H, D] over keys/values [B, L, Hkv, D]
+    of which sample b's first lens[b] are its own (the rest is padding, masked). The query is the sample's
+    last position, so bottom-right causal masking lets it see all of its (>= 1) keys."""
+    (q, k, v), autocast_off = _autocast_cast(q, k, v)
+    (B, H, D), Hkv = q.shape, k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    with autocast_off:
+        valid = torch.arange(k.shape[1], device=q.device)[None] < lens[:, None]                  # [B, L]
+        kb, vb = (x.float().transpose(1, 2) for x in (k, v))                                      # [B, Hkv, L, D]
+        # GQA as a [B, Hkv, groups, D] query: each kv head read once, not repeated per query head
+        s = (q.float().view(B, Hkv, H // Hkv, -1) * scale) @ kb.transpose(2, 3)                  # [B, Hkv, groups, L]
+        s = s.masked_fill(~valid[:, None, None], -math.inf)
+        return (s.softmax(-1) @ vb).reshape(B, H, -1).to(q.dtype)
 
 
 class ReferenceAttention(torch.autograd.Function):

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rope, grouped_mm, linear_cross_entropy, rms_norm, swiglu, varlen_attention
+from kernels import apply_rope, decode_attention, grouped_mm, linear_cross_entropy, rms_norm, swiglu, \
+    varlen_attention
 
 # ----------------------------------------------------------------------------- configs
 
@@ -398,41 +399,46 @@ def rope_cos_sin(position_ids, head_dim, theta, mrope_section, scaling=None):
 
 
 class KVCache:
-    """Keys/values of all samples, packed (sample b's keys contiguous at cu_seqlens[b]). Each decoder call
-    first `extend`s the per-sample lengths by that call's tokens; each layer then `update`s its tensors."""
+    """Keys/values of each layer in a buffer [samples, capacity, heads, dim] that grows by doubling; sample b's
+    first `lens[b]` rows are its keys. Each decoder call first `extend`s the lengths by that call's packed
+    tokens; each layer then `attend`s: it writes its new keys in place (a decoding step writes one row per
+    sample, the cache is never copied) and attends over the buffer (the first call: over its packed tokens)."""
 
     def __init__(self, num_layers):
         self.k, self.v = [None] * num_layers, [None] * num_layers
-        self.cu_seqlens = self.max_seqlen = None
+        self.lens = None
 
     def extend(self, cu_seqlens_new):
-        """Make room for this call's tokens (cu_seqlens_new over them) at the end of each sample."""
-        new_lens = cu_seqlens_new[1:] - cu_seqlens_new[:-1]
-        old_lens = (torch.zeros_like(new_lens) if self.cu_seqlens is None
-                    else self.cu_seqlens[1:] - self.cu_seqlens[:-1])
-        cu = F.pad((old_lens + new_lens).cumsum(0), (1, 0)).to(torch.int32)
-        self.old_index = self._slots(cu[:-1], old_lens)
-        self.new_index = self._slots(cu[:-1] + old_lens, new_lens)
-        self.cu_seqlens, self.max_seqlen = cu, _max_len(cu)
+        """Where this call's tokens (cu_seqlens_new over them) go: after each sample's cached ones."""
+        new_lens = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
+        self.first = self.lens is None
+        old_lens = torch.zeros_like(new_lens) if self.first else self.lens
+        sample = torch.repeat_interleave(torch.arange(len(new_lens), device=new_lens.device), new_lens)
+        within = torch.arange(len(sample), device=new_lens.device) - cu_seqlens_new[:-1].long()[sample]
+        self.rows = (sample, old_lens[sample] + within)
+        self.lens = old_lens + new_lens
+        self.longest = int(self.lens.max())
 
-    @staticmethod
-    def _slots(starts, lens):
-        """Flat indices starts[b] + arange(lens[b]) for every sample b."""
-        within = torch.arange(int(lens.sum()), device=lens.device) - torch.repeat_interleave(
-            lens.cumsum(0) - lens, lens)
-        return torch.repeat_interleave(starts.long(), lens) + within
+    def _store(self, cache, layer, new):
+        buf = cache[layer]
+        if buf is None or buf.shape[1] < self.longest:
+            grown = new.new_zeros(len(self.lens), max(self.longest, 2 * (0 if buf is None else buf.shape[1])),
+                                  *new.shape[1:])
+            if buf is not None:
+                grown[:, :buf.shape[1]] = buf
+            cache[layer] = buf = grown
+        buf[self.rows] = new
+        return buf[:, :self.longest]
 
-    def update(self, layer, k, v):
-        total = int(self.cu_seqlens[-1])
-        out = []
-        for cache, new in ((self.k, k), (self.v, v)):
-            merged = new.new_empty(total, *new.shape[1:])
-            if cache[layer] is not None:
-                merged[self.old_index] = cache[layer]
-            merged[self.new_index] = new
-            cache[layer] = merged
-            out.append(merged)
-        return out
+    def attend(self, layer, q, k, v, cu_seqlens, max_seqlen, backend, scale=None):
+        """Causal attention of this call's queries (packed, cu_seqlens) over each sample's cached + new keys."""
+        kb, vb = self._store(self.k, layer, k), self._store(self.v, layer, v)
+        if self.first:  # the prompts: their own packed keys are all there is
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=scale)
+        if q.shape[0] != len(self.lens):
+            raise ValueError(f"KVCache: after the prompts, one new token per sample ({len(self.lens)}), got "
+                             f"{q.shape[0]}")
+        return decode_attention(q, kb, vb, self.lens, scale)
 
 
 class Attention(nn.Module):
@@ -458,12 +464,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cu_k, max_k = cu_seqlens, max_seqlen
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
-                               cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)
         return self.o_proj(out.flatten(1))
 
 
@@ -500,12 +504,10 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_rope[:, None], cos, sin).expand(T, H, -1)], dim=-1)
         v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v
-        cu_k, max_k = cu_seqlens, max_seqlen
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
-                               cu_seqlens_k=cu_k, max_seqlen_k=max_k, scale=self.scale)
+            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend, self.scale)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=self.scale)
         return self.o_proj(out[..., :c.v_head_dim].flatten(1))
 
 
