@@ -19,8 +19,10 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -30,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import kernels
 import train
-from model import MLLM, config_from_preset, count_parameters
+from model import MLLM, config_from_preset, count_parameters, load_hf, model_flops
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -48,6 +50,12 @@ OPS = {  # tokens, hidden, heads x head_dim (rotary), MLP width, cross-entropy t
     "quick": dict(T=256, hidden=128, heads=2, head_dim=32, inter=256, ce_T=512, ce_hidden=32, vocab=1000),
 }
 CE_CHUNK = {"quick": 128}  # else kernels.linear_cross_entropy's default chunk
+# the training loss at the 8B preset's vocabulary: micro-batch tokens, hidden width. Full fp32 logits of 16k
+# tokens are ~10 GB (and as much again for their gradient): on cpu the default stays at 4k, --loss-tokens 16384
+# runs the issue's size (the hidden width sets the time, not the logits' memory, so cpu keeps it small)
+LOSS = {"accel": dict(tokens=(16384,), hidden=4096, vocab=151936),
+        "cpu": dict(tokens=(4096,), hidden=256, vocab=151936),
+        "quick": dict(tokens=(256,), hidden=32, vocab=151936)}
 
 # ~0.5B dense model for the GPU step: Qwen3-0.6B's decoder shapes (its config.json) with a 12-block ViT;
 # the byte tokenizer's image_pad_id (261) stays, so the synthetic data runs on it unchanged
@@ -303,6 +311,39 @@ def bench_ops(device, size, warmup, reps, compile_too):
     return rows
 
 
+# ----------------------------------------------------------------------------- the training loss
+
+
+def full_logits_loss(hidden, weight, targets, z_loss):
+    """The loss as it was before MLLM.forward went chunked: [tokens, vocab] fp32 logits, CE + z-loss."""
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, targets, reduction="sum") + z_loss * torch.logsumexp(logits, -1).square().sum()
+
+
+def chunked_loss(hidden, weight, targets, z_loss):
+    """MLLM.forward's loss: kernels.linear_cross_entropy, logits 1024 tokens at a time."""
+    ce, z = kernels.linear_cross_entropy(hidden, weight, targets, z_loss=True)
+    return ce + z_loss * z
+
+
+def bench_loss(device, size, reps, tokens_list, impls):
+    """Peak memory (and time) of the loss forward+backward (gradients for hidden states and the head)."""
+    s, dtype = LOSS[size], torch.float32 if device == "cpu" else torch.bfloat16
+    fns = {"chunked": chunked_loss, "full": full_logits_loss}
+    rows = []
+    for tokens in tokens_list or s["tokens"]:
+        hidden = torch.randn(tokens, s["hidden"], device=device, dtype=dtype, requires_grad=True)
+        weight = (0.02 * torch.randn(s["vocab"], s["hidden"], device=device, dtype=dtype)).requires_grad_(True)
+        targets = torch.randint(0, s["vocab"], (tokens,), device=device)
+        for impl in impls:
+            fwd_bwd = lambda: torch.autograd.grad(fns[impl](hidden, weight, targets, 1e-4), (hidden, weight))  # noqa: E731
+            rows.append(dict(impl=impl, tokens=tokens, hidden=s["hidden"], vocab=s["vocab"],
+                             dtype=str(dtype).removeprefix("torch."), fwd_bwd_ms=time_ms(fwd_bwd, device, 0, reps),
+                             peak_mib=peak_mib(fwd_bwd, device),
+                             logits_mib=tokens * s["vocab"] * 4 / 2 ** 20))
+    return rows
+
+
 # ----------------------------------------------------------------------------- training step and packing
 
 
@@ -315,26 +356,16 @@ def synthetic_samples(stage_num, n, seed=0):
     return [data.encode(source[i], tok) for i in range(n)]
 
 
-def build_model(name, device):
+def build_model(name, device, attn_backend=None):
     """fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
     do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
     torch.manual_seed(0)
-    config = config_from_preset("tiny", **MODELS[name])
+    config = config_from_preset("tiny", attn_backend=attn_backend, **MODELS[name])
     return MLLM(config).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
 
 
-def bench_step(device, size, warmup, reps, peak_override):
-    s = STEP[size]
-    model = build_model(s["model"], device)
-    config = model.config
-    # stage 3's samples average ~75 tokens: enough for warmup + reps full micro-batches (the last,
-    # least full bins of best-fit-decreasing are not timed)
-    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
-    batches = data.pack(samples, s["length"])[:warmup + reps]
-    divisors = [max(1, train.loss_tokens(b)) for b in batches]
-    batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-
+def train_step(model, optimizer):
+    """bench's optimizer step on one (PackedBatch, loss divisor): forward, backward, clipping, AdamW."""
     def step(batch):
         b, n_loss = batch
         loss, _ = model(b, loss_divisor=n_loss)
@@ -342,36 +373,57 @@ def bench_step(device, size, warmup, reps, peak_override):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    for b in batches[:warmup]:
-        step(b)
-    synchronize(device)
-    if device != "cpu":
-        getattr(torch, device).reset_peak_memory_stats()
-    clock, times = host_clock(device), []
-    for b in batches[warmup:]:
-        t0 = clock()
-        step(b)
-        synchronize(device)
-        times.append(clock() - t0)
-    if device == "cpu":  # weights and optimizer state are allocated before the profiled step
+
+def bench_step(device, size, warmup, reps, peak_override):
+    """One row per attention backend (the reference's Python tiles only on cpu): same initial weights and
+    batches, the backends' steps interleaved batch by batch so drifting machine load hits them alike."""
+    s = STEP[size]
+    ours = kernels.default_backend(device)
+    backends = [ours] + [b for b in attention_backends(device) if b != ours and (device == "cpu" or b != "reference")]
+    # stage 3's samples average ~75 tokens: enough for warmup + reps full micro-batches (the last,
+    # least full bins of best-fit-decreasing are not timed)
+    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
+    batches = data.pack(samples, s["length"])[:warmup + reps]
+    divisors = [max(1, train.loss_tokens(b)) for b in batches]
+    batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
+    runs = {}
+    for backend in backends:
+        model = build_model(s["model"], device, backend)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+        runs[backend] = (model, optimizer, train_step(model, optimizer), [])
+    clock = host_clock(device)
+    for i, b in enumerate(batches):
+        for model, optimizer, step, times in runs.values():
+            synchronize(device)
+            t0 = clock()
+            step(b)
+            synchronize(device)
+            if i >= warmup:
+                times.append(clock() - t0)
+    timed = [b for b, _ in batches[warmup:]]
+    tokens = sum(int(b.input_ids.shape[0]) for b in timed)
+    config = runs[ours][0].config
+    # PaLM-style model FLOPs (model.model_flops: MoE activated experts, MLA dims), every module training
+    flops = sum(sum(model_flops(config, b).values()) for b in timed)
+    peak, peak_source = peak_flops(device, peak_override)
+    rows = []
+    for backend, (model, optimizer, step, times) in runs.items():
+        # weights and optimizer state are allocated before the profiled step
         static = sum(t.numel() * t.element_size() for t in
                      itertools.chain(model.parameters(), (v for st in optimizer.state.values() for v in st.values()
                                                           if torch.is_tensor(v))))
-        mem = static / 2 ** 20 + peak_mib(lambda: step(batches[-1]), device)
-    else:
-        mem = getattr(torch, device).max_memory_allocated() / 2 ** 20
-    timed = [b for b, _ in batches[warmup:]]
-    tokens = sum(int(b.input_ids.shape[0]) for b in timed)
-    # PaLM-style model FLOPs (train.step_flops), every module training as in stages 2 and 3
-    flops = train.step_flops(config, train.matmul_params(config), timed, train.MODULE_GROUPS)
-    peak, peak_source = peak_flops(device, peak_override)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return [dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],
-                 samples_per_step=statistics.mean(len(b.cu_seqlens) - 1 for b in timed), steps=len(timed),
-                 dtype=dtype, attn_backend=kernels.default_backend(device), step_ms=1e3 * statistics.median(times),
-                 tokens_per_s=tokens / sum(times), tflops=flops / sum(times) / 1e12, mfu=flops / sum(times) / peak,
-                 peak_tflops=peak / 1e12, peak_source=peak_source, peak_mib=mem)]
+        rows.append(dict(model=s["model"], params_m=count_parameters(config) / 1e6, length=s["length"],
+                         samples_per_step=statistics.mean(len(b.cu_seqlens) - 1 for b in timed), steps=len(timed),
+                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), attn_backend=backend,
+                         ours=backend == ours, step_ms=1e3 * statistics.median(times),
+                         tokens_per_s=tokens / sum(times), tflops=flops / sum(times) / 1e12,
+                         mfu=flops / sum(times) / peak, peak_tflops=peak / 1e12, peak_source=peak_source,
+                         peak_mib=static / 2 ** 20 + peak_mib(lambda: step(batches[-1]), device)))
+    for r in rows:
+        r["x_default"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
 
 
 def pad_to_longest(samples, length, pad_id):
@@ -492,6 +544,167 @@ def bench_data(size):
     return rows
 
 
+# ----------------------------------------------------------------------------- peer: transformers' Qwen2.5-VL
+
+# the same tiny random weights in both (tiny's shapes as a Hugging Face Qwen2.5-VL, M-RoPE over head_dim 32),
+# the same image + conversation samples; long replies are the short ones' answers repeated to ~LONG tokens
+PEER = {"full": dict(samples=24, micro_batch=8, long_reply=300, new_tokens=32),
+        "quick": dict(samples=4, micro_batch=2, long_reply=40, new_tokens=4)}
+PEER_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+PEER_VISION = dict(depth=2, hidden_size=96, intermediate_size=256, num_heads=4, out_hidden_size=192,
+                   window_size=56, fullatt_block_indexes=[1])
+
+
+def save_peer_checkpoint(path):
+    """A random Qwen2.5-VL checkpoint at `path` on our byte tokenizer's ids, weights drawn wider than HF's
+    init so logits differ from uniform (a key-map error would show in the loss check)."""
+    import transformers
+    tok = data.Tokenizer()
+    ids = dict(pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=tok.vocab_size + 1, **PEER_TEXT, **ids), vision_config=PEER_VISION,
+        image_token_id=tok.image_pad_id, video_token_id=tok.vocab_size, vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id, tie_word_embeddings=True, **ids)
+    torch.manual_seed(0)
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name or "ln_q" in name else 0.05 * torch.randn_like(p))
+    theirs.save_pretrained(path)
+
+
+def peer_models(device, path):
+    """(ours, transformers') fresh from the checkpoint at `path`: ours through model.load_hf."""
+    import transformers
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return load_hf(path).to(device).train(), theirs.to(device).train()
+
+
+def peer_samples(n, long_reply=0, for_generation=False):
+    """n synthetic image + conversation samples (every task but text-only arithmetic); long_reply > 0 repeats
+    each answer to about that many characters (byte tokenizer: tokens), +-5% so lengths differ a little."""
+    tasks = [t for t in data.SYNTHETIC_TASKS if t != "arithmetic"]
+    source, tok, rng = data.SyntheticTasks(tasks, "train", 0, style="instruct"), data.Tokenizer(), random.Random(0)
+    out = []
+    for i in range(n):
+        rec = source[i]
+        if long_reply:
+            answer = rec["conversations"][-1]["value"]
+            size = int(long_reply * rng.uniform(0.95, 1.05))
+            rec["conversations"][-1]["value"] = ((answer + ". ") * (size // (len(answer) + 2) + 1))[:size]
+        out.append(data.encode(rec, tok, for_generation=for_generation))
+    return out
+
+
+def hf_inputs(samples, device, left_pad=False):
+    """Samples -> transformers' padded [B, Lmax] inputs (pads: <|endoftext|>, label -100, mask 0), pixels as
+    its [P, 3*2*14*14] two-frame patches (a still image repeats its frame, as its processor does)."""
+    tok = data.Tokenizer()
+    longest = max(len(s.tokens) for s in samples)
+    ids = torch.full((len(samples), longest), tok.eos_id)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        cols = slice(longest - len(s.tokens), longest) if left_pad else slice(0, len(s.tokens))
+        ids[i, cols], labels[i, cols], mask[i, cols] = torch.tensor(s.tokens), torch.tensor(s.labels), 1
+    patches = torch.cat([p for s in samples for p, _ in s.images])
+    pixels = patches.view(-1, 3, 1, 14, 14).expand(-1, 3, 2, 14, 14).reshape(len(patches), -1)
+    grid = torch.tensor([g for s in samples for _, g in s.images])
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels,
+                                             image_grid_thw=grid, mm_token_type_ids=(ids == tok.image_pad_id).int()).items()}
+
+
+def peer_train(ours, theirs, samples, device, micro_batch, reps):
+    """Losses of both on the same samples, then one optimizer step over all of them (gradient accumulation
+    over micro-batches: ours packed, theirs padded, same token budget), A/B interleaved; useful tokens/s."""
+    useful = sum(len(s.tokens) for s in samples)
+    hf_batches = [hf_inputs(samples[i:i + micro_batch], device) for i in range(0, len(samples), micro_batch)]
+    budget = max(b["input_ids"].numel() for b in hf_batches)
+    packed = [b.to(device) for b in data.pack(samples, budget, mrope=True)]
+    n_loss = sum(train.loss_tokens(b) for b in packed)
+    hf_targets = [int((b["labels"][:, 1:] != -100).sum()) for b in hf_batches]
+    ours_loss = lambda b: ours(b, loss_divisor=n_loss)[0]  # noqa: E731
+    theirs_loss = lambda b, n: theirs(**b).loss * n / n_loss  # noqa: E731  (theirs: mean over its targets)
+    with torch.no_grad():
+        a, b = sum(ours_loss(x) for x in packed).item(), sum(theirs_loss(x, n) for x, n in zip(hf_batches, hf_targets)).item()
+    if sum(hf_targets) != n_loss or abs(a - b) > 1e-4 * abs(b):
+        raise RuntimeError(f"peer: losses disagree (ours {a:.6f} over {n_loss} targets, transformers {b:.6f} over "
+                           f"{sum(hf_targets)}): not the same model, timing them would mean nothing")
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+
+    def step(model, losses):
+        for loss in losses:
+            loss().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[model].step()
+        opts[model].zero_grad(set_to_none=True)
+    runs = {"ours": lambda: step(ours, [lambda x=x: ours_loss(x) for x in packed]),
+            "transformers": lambda: step(theirs, [lambda x=x, n=n: theirs_loss(x, n) for x, n in zip(hf_batches, hf_targets)])}
+    seconds = interleaved(runs, device, reps)
+    padded = sum(b["input_ids"].numel() for b in hf_batches)
+    return dict(samples=len(samples), useful_tokens=useful, pad_fraction=1 - useful / padded, loss_ours=a,
+                loss_transformers=b, loss_rel_diff=abs(a - b) / abs(b), ours_tokens_per_s=useful / seconds["ours"],
+                transformers_tokens_per_s=useful / seconds["transformers"], speedup=seconds["transformers"] / seconds["ours"])
+
+
+def interleaved(runs, device, reps):
+    """Median seconds of each fn in `runs` after one warm-up call each, the fns alternating call by call."""
+    for fn in runs.values():
+        fn()
+    clock, seconds = host_clock(device), {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            synchronize(device)
+            t0 = clock()
+            fn()
+            synchronize(device)
+            seconds[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in seconds.items()}
+
+
+def peer_generate(ours, theirs, prompts, device, new_tokens, reps):
+    """Greedy decoding of every prompt at once: our packed KV-cache generate vs transformers' generate
+    (left-padded batch), no stop token; new tokens/s and the share of replies that agree token for token."""
+    batch = data.collate(prompts, mrope=True).to(device)
+    inputs = hf_inputs(prompts, device, left_pad=True)
+    inputs.pop("labels")
+    outputs = {}
+
+    def ours_gen():
+        outputs["ours"] = ours.generate(batch, new_tokens)
+
+    def theirs_gen():
+        with torch.no_grad():
+            out = theirs.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        outputs["transformers"] = out[:, inputs["input_ids"].shape[1]:].tolist()
+    ours.eval(), theirs.eval()
+    seconds = interleaved({"ours": ours_gen, "transformers": theirs_gen}, device, reps)
+    n = len(prompts) * new_tokens
+    agree = sum(a == b for a, b in zip(outputs["ours"], outputs["transformers"])) / len(prompts)
+    return dict(samples=len(prompts), new_tokens=new_tokens, ours_tokens_per_s=n / seconds["ours"],
+                transformers_tokens_per_s=n / seconds["transformers"], speedup=seconds["transformers"] / seconds["ours"],
+                replies_agree=agree)
+
+
+def bench_peer(device, size, reps):
+    """Our training step and generation against transformers' Qwen2.5-VL on the same weights and samples."""
+    if importlib.util.find_spec("transformers") is None:
+        raise RuntimeError("--what peer needs transformers (pip install -r requirements-dev.txt)")
+    p = PEER["quick" if size == "quick" else "full"]
+    rows = []
+    with tempfile.TemporaryDirectory() as path:
+        save_peer_checkpoint(path)
+        for case, long_reply in (("train, short replies", 0), ("train, long replies", p["long_reply"])):
+            samples = peer_samples(p["samples"], long_reply)
+            rows.append(dict(case=case, **peer_train(*peer_models(device, path), samples, device, p["micro_batch"],
+                                                     reps)))
+        prompts = peer_samples(p["samples"], for_generation=True)
+        rows.append(dict(case="greedy generation", **peer_generate(*peer_models(device, path), prompts, device,
+                                                                  p["new_tokens"], reps)))
+    return rows
+
+
 # ----------------------------------------------------------------------------- tables and main
 
 COLUMNS = {
@@ -499,7 +712,10 @@ COLUMNS = {
                   "fwd_bwd_tflops", "peak_mib", "x_sdpa_fwd", "x_sdpa", "x_flash_attn"],
     "ops": ["op", "impl", "shape", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mib", "error"],
     "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
-             "tflops", "mfu", "peak_tflops", "peak_mib"],
+             "x_default", "tflops", "mfu", "peak_tflops", "peak_mib"],
+    "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "logits_mib"],
+    "peer": ["case", "samples", "useful_tokens", "pad_fraction", "new_tokens", "loss_rel_diff", "ours_tokens_per_s",
+             "transformers_tokens_per_s", "speedup", "replies_agree"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
     "data": ["format", "records", "file_mib", "index_s", "first_batch_s", "peak_mib"],
@@ -532,8 +748,19 @@ def summary(result):
     ce = {r["impl"]: r for r in result.get("ops", []) if r["op"] == "linear_cross_entropy" and "peak_mib" in r}
     if {"kernels", "torch"} <= ce.keys():
         out["cross-entropy peak memory, full logits / chunked"] = ce["torch"]["peak_mib"] / ce["kernels"]["peak_mib"]
+    loss = {(r["impl"], r["tokens"]): r for r in result.get("loss", [])}
+    for (impl, tokens), r in loss.items():
+        if impl == "chunked" and ("full", tokens) in loss:
+            out[f"loss peak memory chunked / full logits, vocab {r['vocab']}, {tokens} tokens"] = (
+                r["peak_mib"] / loss["full", tokens]["peak_mib"])
     for r in result.get("step", []):
-        out[f"step {r['model']} MFU"] = r["mfu"]
+        if r["ours"]:
+            out[f"step {r['model']} MFU"] = r["mfu"]
+        else:
+            out[f"step {r['model']} tokens/s, {r['attn_backend']} / default ({result['step'][0]['attn_backend']})"] = (
+                r["x_default"])
+    for r in result.get("peer", []):
+        out[f"ours / transformers tokens/s, {r['case']}"] = r["speedup"]
     for r in result.get("packing", []):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
     return out
@@ -542,14 +769,18 @@ def summary(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
-    p.add_argument("--what", default="attention,ops,step,packing",
-                   help="comma-separated parts to run (also: data, start-up cost of 1M-record data files)")
+    p.add_argument("--what", default="attention,ops,loss,step,packing",
+                   help="comma-separated parts to run (also: data, start-up cost of 1M-record data files; "
+                        "peer, against transformers' Qwen2.5-VL)")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bench.PEAK_TFLOPS "
                    "by device name; on cpu a measured fp32 matmul)")
+    p.add_argument("--loss-tokens", default=None, help="comma-separated token counts for the loss part (default "
+                   "16384 on cuda/npu, 4096 on cpu: full fp32 logits of 16k tokens need ~30 GB)")
+    p.add_argument("--loss-impls", default="chunked,full", help="loss part: chunked (ours), full (fp32 logits)")
     args = p.parse_args(argv)
     parts = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
@@ -572,6 +803,11 @@ def main(argv=None):
             rows = bench_attention(device, size, warmup, reps)
         elif part == "ops":
             rows = bench_ops(device, size, warmup, reps, compile_too=not args.quick)
+        elif part == "loss":
+            rows = bench_loss(device, size, reps, [int(t) for t in args.loss_tokens.split(",")] if args.loss_tokens
+                              else None, [i.strip() for i in args.loss_impls.split(",")])
+        elif part == "peer":
+            rows = bench_peer(device, size, reps)
         elif part == "step":
             rows = bench_step(device, size, warmup, reps, args.peak_tflops)
         elif part == "packing":

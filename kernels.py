@@ -71,12 +71,13 @@ ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "npu")
 
 
 def default_backend(device_type):
-    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton), else reference."""
+    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton), cpu -> SDPA (its
+    fused CPU kernel: 1.2x our tiled reference per tiny training step, bench.py --what step)."""
     if device_type == "npu":
         return "npu"
     if device_type == "cuda":
         return "triton" if triton is not None else "sdpa"
-    return "reference"
+    return "sdpa"
 
 
 def _autocast_cast(*tensors):
@@ -111,9 +112,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
 
 
 def _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, backend, scale):
+    if backend in ("reference", "sdpa") and causal and int(max_seqlen) == 1 and q.shape[0] == cu_seqlens.numel() - 1:
+        return _decode_attention(q, k, v, cu_seqlens_k, scale)  # KV-cache decoding: one batched product
     if backend == "reference":
-        if causal and int(max_seqlen) == 1 and q.shape[0] == cu_seqlens.numel() - 1:
-            return _decode_attention(q, k, v, cu_seqlens_k, scale)
         return ReferenceAttention.apply(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
     if backend == "sdpa":
         return _sdpa_attention(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale)
@@ -149,16 +150,28 @@ def _causal_mask(i0, i1, j0, j1, offset, device):
 
 
 def _decode_attention(q, k, v, cu_k, scale):
-    """One query per sample (KV-cache decoding), all samples in one batched product: each sample's keys
-    gathered into a row padded to the longest and masked. The query is the sample's last position, so
-    bottom-right causal masking lets it see all of its (>= 1) keys."""
+    """One query per sample (KV-cache decoding) over packed keys: each sample's keys gathered into a row
+    padded to the longest, then decode_attention."""
     lens = (cu_k[1:] - cu_k[:-1]).long()
     slot = torch.arange(int(lens.max()), device=q.device)
-    valid = slot[None] < lens[:, None]                                                 # [B, L]
-    index = torch.where(valid, cu_k[:-1, None].long() + slot[None], 0)
-    kb, vb = (x[index].float().repeat_interleave(q.shape[1] // k.shape[1], dim=2) for x in (k, v))  # [B, L, H, D]
-    s = torch.einsum("bhd,blhd->bhl", q.float() * scale, kb).masked_fill(~valid[:, None], -math.inf)
-    return torch.einsum("bhl,blhd->bhd", s.softmax(-1), vb).to(q.dtype)
+    index = torch.where(slot[None] < lens[:, None], cu_k[:-1, None].long() + slot[None], 0)
+    return decode_attention(q, k[index], v[index], lens, scale)
+
+
+def decode_attention(q, k, v, lens, scale=None):
+    """One query per sample, all samples in one batched product: q [B, H, D] over keys/values [B, L, Hkv, D]
+    of which sample b's first lens[b] are its own (the rest is padding, masked). The query is the sample's
+    last position, so bottom-right causal masking lets it see all of its (>= 1) keys."""
+    (q, k, v), autocast_off = _autocast_cast(q, k, v)
+    (B, H, D), Hkv = q.shape, k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    with autocast_off:
+        valid = torch.arange(k.shape[1], device=q.device)[None] < lens[:, None]                  # [B, L]
+        kb, vb = (x.float().transpose(1, 2) for x in (k, v))                                      # [B, Hkv, L, D]
+        # GQA as a [B, Hkv, groups, D] query: each kv head read once, not repeated per query head
+        s = (q.float().view(B, Hkv, H // Hkv, -1) * scale) @ kb.transpose(2, 3)                  # [B, Hkv, groups, L]
+        s = s.masked_fill(~valid[:, None, None], -math.inf)
+        return (s.softmax(-1) @ vb).reshape(B, H, -1).to(q.dtype)
 
 
 class ReferenceAttention(torch.autograd.Function):
@@ -255,21 +268,28 @@ class ReferenceAttention(torch.autograd.Function):
 
 
 def _sdpa_attention(q, k, v, cu_q, cu_k, causal, scale):
-    """torch's scaled_dot_product_attention one sample at a time (no cross-sample mask needed)."""
-    out = torch.empty_like(q)
-    for qs, qe, ks, ke in _sample_bounds(cu_q, cu_k):
-        Lq, Lk = qe - qs, ke - ks
+    """torch's scaled_dot_product_attention one sample at a time (no cross-sample mask needed). Samples are
+    split off and the outputs concatenated: the backward of a slice or of a slice assignment would fill a
+    whole [T, H, D] zero tensor per sample (measured: a third of the tiny step's attention time on CPU)."""
+    bounds = _sample_bounds(cu_q, cu_k)
+    if bounds[-1][1] != q.shape[0] or bounds[-1][3] != k.shape[0]:
+        raise ValueError(f"cu_seqlens end at {bounds[-1][1]} (q) / {bounds[-1][3]} (k), tensors have "
+                         f"{q.shape[0]} / {k.shape[0]} tokens")
+    q_lens, k_lens = [qe - qs for qs, qe, _, _ in bounds], [ke - ks for _, _, ks, ke in bounds]
+    out = []
+    for qs, ks, vs in zip(q.split(q_lens), k.split(k_lens), v.split(k_lens)):
+        Lq, Lk = qs.shape[0], ks.shape[0]
         if Lq == 0:
+            out.append(qs)
             continue
-        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
         mask = None
         if causal and Lq != Lk:  # bottom-right alignment is not what is_causal means
             mask = _causal_mask(0, Lq, 0, Lk, Lk - Lq, q.device)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                           is_causal=causal and Lq == Lk,
+        o = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (qs, ks, vs)), attn_mask=mask,
+                                           scale=scale, is_causal=causal and Lq == Lk,
                                            enable_gqa=q.shape[1] != k.shape[1])
-        out[qs:qe] = o[0].transpose(0, 1)
-    return out
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
 
 
 def _flash_attn_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -702,7 +722,9 @@ def linear_cross_entropy(hidden, weight, labels, chunk=1024, z_loss=False):
     if labels.numel() and (labels.min() < 0 or labels.max() >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: labels must be -100 or in [0, {weight.shape[0]}); got "
                          f"min {labels.min().item()}, max {labels.max().item()}")
-    ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    (hidden, weight), autocast_off = _autocast_cast(hidden, weight)  # backward recomputes in the same dtype
+    with autocast_off:
+        ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
     return (ce, z) if z_loss else ce
 
 

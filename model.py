@@ -17,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rope, grouped_mm, rms_norm, swiglu, varlen_attention
+from kernels import apply_rope, decode_attention, grouped_mm, linear_cross_entropy, rms_norm, swiglu, \
+    varlen_attention
 
 # ----------------------------------------------------------------------------- configs
 
@@ -398,41 +399,46 @@ def rope_cos_sin(position_ids, head_dim, theta, mrope_section, scaling=None):
 
 
 class KVCache:
-    """Keys/values of all samples, packed (sample b's keys contiguous at cu_seqlens[b]). Each decoder call
-    first `extend`s the per-sample lengths by that call's tokens; each layer then `update`s its tensors."""
+    """Keys/values of each layer in a buffer [samples, capacity, heads, dim] that grows by doubling; sample b's
+    first `lens[b]` rows are its keys. Each decoder call first `extend`s the lengths by that call's packed
+    tokens; each layer then `attend`s: it writes its new keys in place (a decoding step writes one row per
+    sample, the cache is never copied) and attends over the buffer (the first call: over its packed tokens)."""
 
     def __init__(self, num_layers):
         self.k, self.v = [None] * num_layers, [None] * num_layers
-        self.cu_seqlens = self.max_seqlen = None
+        self.lens = None
 
     def extend(self, cu_seqlens_new):
-        """Make room for this call's tokens (cu_seqlens_new over them) at the end of each sample."""
-        new_lens = cu_seqlens_new[1:] - cu_seqlens_new[:-1]
-        old_lens = (torch.zeros_like(new_lens) if self.cu_seqlens is None
-                    else self.cu_seqlens[1:] - self.cu_seqlens[:-1])
-        cu = F.pad((old_lens + new_lens).cumsum(0), (1, 0)).to(torch.int32)
-        self.old_index = self._slots(cu[:-1], old_lens)
-        self.new_index = self._slots(cu[:-1] + old_lens, new_lens)
-        self.cu_seqlens, self.max_seqlen = cu, _max_len(cu)
+        """Where this call's tokens (cu_seqlens_new over them) go: after each sample's cached ones."""
+        new_lens = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
+        self.first = self.lens is None
+        old_lens = torch.zeros_like(new_lens) if self.first else self.lens
+        sample = torch.repeat_interleave(torch.arange(len(new_lens), device=new_lens.device), new_lens)
+        within = torch.arange(len(sample), device=new_lens.device) - cu_seqlens_new[:-1].long()[sample]
+        self.rows = (sample, old_lens[sample] + within)
+        self.lens = old_lens + new_lens
+        self.longest = int(self.lens.max())
 
-    @staticmethod
-    def _slots(starts, lens):
-        """Flat indices starts[b] + arange(lens[b]) for every sample b."""
-        within = torch.arange(int(lens.sum()), device=lens.device) - torch.repeat_interleave(
-            lens.cumsum(0) - lens, lens)
-        return torch.repeat_interleave(starts.long(), lens) + within
+    def _store(self, cache, layer, new):
+        buf = cache[layer]
+        if buf is None or buf.shape[1] < self.longest:
+            grown = new.new_zeros(len(self.lens), max(self.longest, 2 * (0 if buf is None else buf.shape[1])),
+                                  *new.shape[1:])
+            if buf is not None:
+                grown[:, :buf.shape[1]] = buf
+            cache[layer] = buf = grown
+        buf[self.rows] = new
+        return buf[:, :self.longest]
 
-    def update(self, layer, k, v):
-        total = int(self.cu_seqlens[-1])
-        out = []
-        for cache, new in ((self.k, k), (self.v, v)):
-            merged = new.new_empty(total, *new.shape[1:])
-            if cache[layer] is not None:
-                merged[self.old_index] = cache[layer]
-            merged[self.new_index] = new
-            cache[layer] = merged
-            out.append(merged)
-        return out
+    def attend(self, layer, q, k, v, cu_seqlens, max_seqlen, backend, scale=None):
+        """Causal attention of this call's queries (packed, cu_seqlens) over each sample's cached + new keys."""
+        kb, vb = self._store(self.k, layer, k), self._store(self.v, layer, v)
+        if self.first:  # the prompts: their own packed keys are all there is
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=scale)
+        if q.shape[0] != len(self.lens):
+            raise ValueError(f"KVCache: after the prompts, one new token per sample ({len(self.lens)}), got "
+                             f"{q.shape[0]}")
+        return decode_attention(q, kb, vb, self.lens, scale)
 
 
 class Attention(nn.Module):
@@ -458,12 +464,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cu_k, max_k = cu_seqlens, max_seqlen
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
-                               cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)
         return self.o_proj(out.flatten(1))
 
 
@@ -500,12 +504,10 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_rope[:, None], cos, sin).expand(T, H, -1)], dim=-1)
         v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v
-        cu_k, max_k = cu_seqlens, max_seqlen
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-            cu_k, max_k = cache.cu_seqlens, cache.max_seqlen
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend,
-                               cu_seqlens_k=cu_k, max_seqlen_k=max_k, scale=self.scale)
+            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend, self.scale)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=self.scale)
         return self.o_proj(out[..., :c.v_head_dim].flatten(1))
 
 
@@ -670,6 +672,13 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- the MLLM
 
 
+def next_token_targets(labels, cu_seqlens):
+    """Position t's target: labels[t + 1] of the same sample, -100 (no loss) at each sample's last token."""
+    targets = torch.roll(labels, -1)
+    targets[cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
+    return targets
+
+
 class MLLM(nn.Module):
     """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
 
@@ -710,16 +719,13 @@ class MLLM(nn.Module):
         """(loss, stats): cross-entropy summed over loss tokens, divided by their count (token mean) or by
         `loss_divisor` (the trainer's global count over micro-batches and ranks), plus the MM1 z-loss."""
         hidden = self.hidden_states(batch)
-        targets = torch.roll(batch.labels, -1)
-        targets[batch.cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
-        keep = targets != -100
-        logits = self.decoder.lm_head(hidden[keep]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ce_sum = (lse - logits.gather(1, targets[keep][:, None])[:, 0]).sum()
-        n_loss = int(keep.sum())
+        targets = next_token_targets(batch.labels, batch.cu_seqlens)
+        # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
+        ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
+        n_loss = int((targets != -100).sum())
         divisor = loss_divisor if loss_divisor is not None else max(n_loss, 1)
         ce = ce_sum / divisor
-        z = self.config.z_loss * (lse ** 2).sum() / divisor  # MM1: z-loss keeps the softmax normaliser near 1
+        z = self.config.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
                  "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
         return ce + z + self._moe_terms(n_loss / divisor, stats), stats
@@ -825,6 +831,72 @@ def parameter_counts(config: ModelConfig):
                for m in model.decoder.modules() if isinstance(m, MoE))
     return {"total": vision + decoder, "activated": vision + decoder - int(idle), "vision": vision,
             "decoder": decoder, "decoder_activated": decoder - int(idle)}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _decoder_layer_weights(t: TextConfig, layer_idx):
+    """Matmul weights one token runs through in decoder layer `layer_idx`: the attention projections (MLA:
+    its low-rank latents) and the FFN's activated part (MoE: router, shared and num_experts_per_tok routed
+    experts, DeepSeek-V3 eq. 12)."""
+    D, H = t.hidden_size, t.num_heads
+    if t.attention == "mla":
+        qk = t.qk_nope_head_dim + t.qk_rope_head_dim
+        q = (D + H * qk) * t.q_lora_rank if t.q_lora_rank else D * H * qk
+        attn = (q + D * (t.kv_lora_rank + t.qk_rope_head_dim) + t.kv_lora_rank * H * (t.qk_nope_head_dim + t.v_head_dim)
+                + H * t.v_head_dim * D)
+    else:
+        attn = D * t.head_dim * (2 * H + 2 * t.num_kv_heads)
+    if t.n_routed_experts and layer_idx >= t.first_k_dense:
+        return attn + D * t.n_routed_experts + 3 * D * t.moe_intermediate_size * (
+            t.n_shared_experts + t.num_experts_per_tok)
+    return attn + 3 * D * t.intermediate_size
+
+
+def _squares(cu_seqlens):
+    return float(((cu_seqlens[1:] - cu_seqlens[:-1]).double() ** 2).sum())
+
+
+def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "decoder")):
+    """{"forward", "backward"} model FLOPs of MLLM.forward + backward on `batch` with the module groups `trains`
+    trainable, after PaLM (Chowdhery et al. 2022, App. B): a matmul with N weights costs 2N per token forward,
+    2N for its input's gradient and 2N for its weights' (only when they train); embeddings and norms are not
+    matmuls. MoE layers count the activated experts only. Attention over a sample of s tokens costs
+    2 s^2 heads (d_qk + d_v) forward (QK^T and PV; MLA: d_qk = nope + rope dims, d_v = v_head_dim), without
+    the causal half (PaLM's convention), and twice that backward (dQ, dK, dV, dP). Recomputation (activation
+    checkpointing, the chunked loss's logits) is not counted: these are model FLOPs, not hardware FLOPs."""
+    v, t = config.vision, config.text
+    tokens, patches = float(batch.input_ids.shape[0]), float(batch.image_grid.prod(-1).sum())
+    n_loss = float((next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())
+    # decoder: layers over every token, the head over the loss tokens only (the chunked loss)
+    dec_w = sum(_decoder_layer_weights(t, i) for i in range(t.num_layers)) * tokens
+    qk, vd = (t.qk_nope_head_dim + t.qk_rope_head_dim, t.v_head_dim) if t.attention == "mla" else (t.head_dim,) * 2
+    dec_attn = 2 * t.num_layers * t.num_heads * (qk + vd) * _squares(batch.cu_seqlens)
+    head_w = t.hidden_size * t.vocab_size * n_loss
+    # vision: patch embedding, blocks (window attention but in fullatt_blocks), PatchMerger per merged token
+    dv, m2 = v.hidden_size, v.spatial_merge_size ** 2
+    embed_w = 3 * v.patch_size ** 2 * dv * patches
+    vis_w = v.depth * (4 * dv * dv + 3 * dv * v.intermediate_size) * patches
+    conn_w = (dv * m2 * dv * m2 + dv * m2 * t.hidden_size) * patches / m2
+    vis_attn = 0.0
+    if patches:
+        _, _, _, cu_images, cu_windows = vision_layout(
+            batch.image_grid.cpu(), v.spatial_merge_size, v.window_size // v.patch_size // v.spatial_merge_size, "cpu")
+        n_full = len(v.fullatt_blocks)
+        vis_attn = 4 * dv * (n_full * _squares(cu_images) + (v.depth - n_full) * _squares(cu_windows))
+    forward = 2 * (dec_w + head_w + embed_w + vis_w + conn_w) + dec_attn + vis_attn
+    # backward: input gradients wherever something trainable lies upstream (the connector's own RMSNorm gain
+    # counts: it sits before fc1), weight gradients of the trained groups; pixels take no gradient
+    vision, connector, decoder = ("vision" in trains), ("connector" in trains), ("decoder" in trains)
+    backward = 0.0
+    if vision:
+        backward += 2 * (embed_w + vis_w) + 2 * vis_w + 2 * vis_attn
+    if vision or connector:
+        backward += 2 * conn_w * (1 + connector)
+    if decoder or vision or connector:
+        backward += 2 * dec_w * (1 + decoder) + 2 * dec_attn + 2 * head_w * (1 + decoder)
+    return {"forward": forward, "backward": backward}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -45,7 +45,7 @@ import evaluate
 import parallel
 from kernels import detect_device
 from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, config_from_preset, load_hf, \
-    load_hf_decoder, update_expert_bias, vision_layout
+    load_hf_decoder, model_flops, update_expert_bias
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -422,46 +422,6 @@ def lr_factor(step, total, warmup, min_ratio=MIN_LR_RATIO):
 # ----------------------------------------------------------------------------- FLOPs, MFU, memory
 
 
-def matmul_params(config):
-    """Weights that multiply activations, per module: {vision, connector, decoder_layers, lm_head} (built
-    on the meta device; embeddings are lookups and norms are not matmuls)."""
-    with torch.device("meta"):
-        m = MLLM(config)
-    mats = lambda mod: sum(p.numel() for p in mod.parameters() if p.dim() == 2)  # noqa: E731
-    return {"vision": mats(m.vision), "connector": mats(m.connector), "decoder": mats(m.decoder.layers),
-            "lm_head": m.decoder.lm_head.weight.numel()}
-
-
-def step_flops(config, params, batches, trains):
-    """Model FLOPs of one optimizer step, after PaLM (Chowdhery et al. 2022, App. B): a matmul with N weights
-    costs 2N per token forward, 2N for the gradient w.r.t. its input and 2N for the gradient w.r.t. its
-    weights (6N in all); attention over a sample of s tokens costs 4*s^2*d_attn per layer forward (QK^T and
-    PV, no causal saving, as PaLM counts) and twice that backward (dQ, dK, dV, dP) whenever gradients flow
-    through it. A frozen module skips its weight gradients, and one with nothing trainable before it skips
-    its backward altogether."""
-    v, t = config.vision, config.text
-    back_vision = 4 if "vision" in trains else 0
-    back_conn = (2 if "connector" in trains else 0) + (2 if "vision" in trains else 0)
-    back_dec = (2 if "decoder" in trains else 0) + (2 if set(trains) & {"vision", "connector"} else 0)
-    window_units = v.window_size // v.patch_size // v.spatial_merge_size
-    total = 0.0
-    for b in batches:
-        seq = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double()
-        tokens, loss_tok = float(seq.sum()), loss_tokens(b)
-        patches = float(b.image_grid.prod(-1).sum()) if len(b.image_grid) else 0.0
-        dec_attn = 4 * t.num_layers * t.num_heads * t.head_dim * float((seq ** 2).sum())
-        total += (2 + back_dec) * params["decoder"] * tokens + dec_attn * (3 if back_dec else 1)
-        total += 6 * params["lm_head"] * loss_tok if "decoder" in trains else 4 * params["lm_head"] * loss_tok
-        if patches:
-            _, _, _, cu_img, cu_win = vision_layout(b.image_grid.cpu(), v.spatial_merge_size, window_units, "cpu")
-            sq = lambda cu: float(((cu[1:] - cu[:-1]).double() ** 2).sum())  # noqa: E731
-            n_full = len(v.fullatt_blocks)
-            vis_attn = 4 * v.hidden_size * (n_full * sq(cu_img) + (v.depth - n_full) * sq(cu_win))
-            total += (2 + back_vision) * params["vision"] * patches + vis_attn * (3 if back_vision else 1)
-            total += (2 + back_conn) * params["connector"] * patches / v.spatial_merge_size ** 2
-    return total
-
-
 @functools.lru_cache(maxsize=None)
 def measured_peak_flops(device, dtype):
     """A dense matmul's FLOP rate on this device and dtype, the MFU denominator when --peak-tflops is not
@@ -660,7 +620,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                                                                   "model_overrides": overrides or {}}, log=log)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
-    flop_params = matmul_params(model.config)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak_flops(
         device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
@@ -725,7 +684,8 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             dt = time.perf_counter() - t0
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             tokens = sum(int(b.input_ids.shape[0]) for b in batches) * dist.world_size
-            mfu = step_flops(model.config, flop_params, batches, stage.trains) * dist.world_size / dt / peak
+            flops = sum(sum(model_flops(model.config, b, stage.trains).values()) for b in batches)
+            mfu = flops * dist.world_size / dt / peak
             row = {"stage": stage_num, "step": step, "loss": loss_sum if finite else None,
                    "lr": peak_lr * lr_mult, "grad_norm": float(norm) if finite else None, "tokens": tokens,
                    "loss_tokens": int(n_loss), "tokens_per_s": tokens / dt, "mfu": mfu,

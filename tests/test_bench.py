@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
@@ -24,7 +25,7 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     # no TRITON_INTERPRET: the interpreted kernel is tested in test_attention.py, far too slow to time
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--quick", "--out", str(out),
-                           "--what", "attention,ops,step,packing,data"], cwd=ROOT, env=env, capture_output=True,
+                           "--what", "attention,ops,loss,step,packing,data"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -43,7 +44,7 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
                     flops = bench.attention_flops(bench.split_tokens(tokens), r["heads"], head_dim, causal)
                     assert math.isclose(r["fwd_tflops"] * r["fwd_ms"] * 1e9, flops, rel_tol=1e-9)
                     assert math.isclose(r["fwd_bwd_tflops"] * r["fwd_bwd_ms"] * 1e9, 3.5 * flops, rel_tol=1e-9)
-                assert got["sdpa"]["x_sdpa"] == 1.0 and got["reference"]["ours"] and not got["sdpa"]["ours"]
+                assert got["sdpa"]["x_sdpa"] == 1.0 and got["sdpa"]["ours"] and not got["reference"]["ours"]
 
     ops = {(r["op"], r["impl"]): r for r in res["ops"]}
     assert set(ops) == {(op, impl) for op in ("rms_norm", "apply_rope", "swiglu", "linear_cross_entropy")
@@ -52,9 +53,15 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     # memory, not time: chunked cross-entropy never holds the [T, vocab] fp32 logits and their gradient
     assert ops["linear_cross_entropy", "kernels"]["peak_mib"] < ops["linear_cross_entropy", "torch"]["peak_mib"]
 
-    (step,) = res["step"]
-    assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
-                                                       "peak_mib"])
+    loss = {r["impl"]: r for r in res["loss"]}
+    assert set(loss) == {"chunked", "full"} and all(positive(r, ["fwd_bwd_ms", "peak_mib"]) for r in loss.values())
+    assert loss["full"]["peak_mib"] > loss["full"]["logits_mib"]  # the fp32 logits are really held
+    assert loss["chunked"]["peak_mib"] < loss["full"]["peak_mib"]
+
+    assert [r["attn_backend"] for r in res["step"]] == ["sdpa", "reference"]  # the default first
+    for step in res["step"]:
+        assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
+                                                           "peak_mib", "x_default"])
 
     pk = res["packing"]
     assert [r["stage"] for r in pk] == [2, 3]
@@ -96,3 +103,23 @@ def test_padding_emulation_pads_each_sample_to_its_batch_longest():
             assert (b.input_ids[s + n:e] == data.Tokenizer().eos_id).all() and (b.labels[s + n:e] == -100).all()
             assert (b.position_ids[s:e] == torch.arange(e - s)).all()
     assert len(seen) == len(samples)
+
+
+@pytest.mark.slow  # ~15-35 s on 2 shared cores: three checkpoint loads a side, two steps and two generations
+def test_peer_bench_runs_and_losses_agree():
+    """bench.py --what peer at its quick size: ours and transformers' Qwen2.5-VL on one checkpoint give the same
+    loss (bench_peer raises before timing otherwise) and the same greedy replies; no timing is asserted."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess above: 2 spinning threads on 2 shared cores crawl
+    try:
+        rows = {r["case"]: r for r in bench.bench_peer("cpu", "quick", reps=1)}
+    finally:
+        torch.set_num_threads(threads)
+    assert set(rows) == {"train, short replies", "train, long replies", "greedy generation"}
+    short, long = rows["train, short replies"], rows["train, long replies"]
+    for r in (short, long):
+        assert r["loss_rel_diff"] < 1e-5 and 5.0 < r["loss_ours"] < 7.0  # random weights: ~ln(263), not ~0
+        assert positive(r, ["ours_tokens_per_s", "transformers_tokens_per_s", "speedup"])
+    assert long["pad_fraction"] < short["pad_fraction"] and long["useful_tokens"] > short["useful_tokens"]
+    gen = rows["greedy generation"]
+    assert gen["replies_agree"] == 1.0 and positive(gen, ["ours_tokens_per_s", "transformers_tokens_per_s"])

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from safetensors.torch import load_file, save_file
 
 import model as M
@@ -244,6 +246,28 @@ def test_loss_shifts_within_samples_and_divides():
         assert abs(summed.item() - loss.item() * n / 1000.0) < 1e-6
 
 
+def test_chunked_loss_matches_full_logits():
+    """MLLM.forward's chunked loss (kernels.linear_cross_entropy, 1024 tokens a chunk) against [tokens, vocab]
+    fp32 logits and F.cross_entropy: same loss (CE + z-loss) and same gradients for every parameter."""
+    model = tiny_model(z_loss=1e-2).train()
+    batch = pack([sample(900, [(1, 4, 6)]), sample(700, []), sample(500, [(1, 8, 4)])])  # > 2 chunks
+    params = [p for p in model.parameters()]
+    loss, _ = model(batch, loss_divisor=3000.0)
+    got = torch.autograd.grad(loss, params)
+
+    targets = torch.roll(batch.labels, -1)
+    targets[batch.cu_seqlens[1:].long() - 1] = -100
+    keep = targets != -100
+    assert keep.sum() > 2048
+    logits = (model.hidden_states(batch) @ model.decoder.lm_head.weight.t()).float()[keep]
+    want_loss = (F.cross_entropy(logits, targets[keep], reduction="sum")
+                 + 1e-2 * torch.logsumexp(logits, -1).square().sum()) / 3000.0
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=name)
+
+
 def test_image_pad_count_mismatch_is_an_error():
     model = tiny_model()
     tokens, labels, images = sample(4, [(1, 4, 4)])
@@ -277,6 +301,40 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert runs[0][0] == runs[1][0]
     for name, g in runs[0][1].items():
         assert torch.allclose(g, runs[1][1][name], atol=1e-6), name
+
+
+GROUPS = ("vision", "connector", "decoder")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("trains", [GROUPS, ("connector",), ("decoder",)])
+def test_model_flops_match_torch_flop_counter(preset, trains):
+    """model_flops against FlopCounterMode's count of the matmuls forward and backward ran. Attention runs
+    as SDPA's math kernel (plain bmm: the full s x s product, as model_flops counts it, causal or not; the
+    reference backend's tiles skip the causal half forward and recompute QK^T backward, and SDPA's fused CPU
+    kernel is not counted by FlopCounterMode at all). What the counter sees beyond model FLOPs is added here:
+    the chunked loss recomputes its logits backward, and MLA pads v to the q/k head dim for varlen_attention."""
+    config = M.config_from_preset(preset, attn_backend="sdpa")
+    model = M.MLLM(config).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] in trains)
+    batch = pack(three_samples())
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            loss, _ = model(batch)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    want = M.model_flops(config, batch, trains)
+    t = config.text
+    n_loss = int((M.next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())
+    extra_bwd = 2 * t.hidden_size * t.vocab_size * n_loss  # the chunked loss's recomputed logits
+    extra_fwd = 0
+    if t.attention == "mla":  # PV over v zero-padded from v_head_dim to qk_nope + qk_rope
+        lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+        extra_fwd = 2 * t.num_layers * t.num_heads * (t.qk_rope_head_dim + t.qk_nope_head_dim - t.v_head_dim) * int(
+            (lens ** 2).sum())
+    assert want["forward"] + extra_fwd == pytest.approx(fwd.get_total_flops(), rel=1e-6)
+    assert want["backward"] + extra_bwd + 2 * extra_fwd == pytest.approx(bwd.get_total_flops(), rel=1e-6)
 
 
 def test_real_preset_parameter_count():

@@ -1,6 +1,6 @@
 """train.py: each stage trains exactly its table's modules, resume (after Ctrl-C) equals the uninterrupted run
-bit for bit, non-finite steps are skipped and counted, the schedule, the flags, the FLOP count against
-torch's FlopCounterMode, atomic checkpoints, and a JSONL dataset on disk trained and evaluated end to end."""
+bit for bit, non-finite steps are skipped and counted, the schedule, the flags, atomic checkpoints, and a
+JSONL dataset on disk trained and evaluated end to end."""
 import json
 import os
 import signal
@@ -10,10 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import evaluate
 import train
 from model import MLLM
@@ -146,24 +143,6 @@ def test_every_config_field_is_a_flag_with_help():
     assert train.config_from_preset("tiny", **overrides).text.num_layers == 3
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "4"])
-
-
-def test_flop_count_matches_torch_flop_counter():
-    """step_flops against torch's own count of the matmuls and attention that forward + backward ran."""
-    cfg = train.config_from_preset("tiny", attn_backend="sdpa", **SMALL)
-    tok = data.Tokenizer()
-    src = data.SyntheticTasks(["caption", "vqa_color", "arithmetic"], "train", style="instruct")
-    batch = data.collate([data.encode(src[i], tok) for i in range(6)])
-    params = train.matmul_params(cfg)
-    for stage in train.STAGES.values():
-        model = MLLM(cfg)
-        train.set_trainable(model, stage)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: attention as bmm
-            loss, _ = model(batch)
-            loss.backward()
-        ours = train.step_flops(cfg, params, [batch], stage.trains)
-        # ours counts 6N for the ViT's patch embedding, whose input gradient autograd never computes
-        assert ours == pytest.approx(counter.get_total_flops(), rel=0.02), stage.name
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
