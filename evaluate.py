@@ -342,8 +342,10 @@ def bootstrap_ci(diffs, n_boot=2000, level=0.95, seed=0):
 def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, default_max_pixels, min_pixels,
                       log=print, test_default=None, **eval_kwargs):
     """MindVL §3 test-time resolution search: score every max_pixels in `resolutions` (plus the default) on
-    the dev sets, keep per task the one that beats the default beyond noise (select_resolutions), then score the test sets at the chosen resolution beside the
-    default one (`test_default`: those default scores when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px}, "test_default", "test_searched"}."""
+    the dev sets, keep per task the one that beats the default beyond noise (select_resolutions), then score
+    the test sets at the chosen resolution beside the default one (`test_default`: evaluate_model's results
+    at the default when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px},
+    "test_default", "test_searched": {task: score}, "test_searched_scores": {task: per-sample scores}}."""
     candidates = sorted(set(resolutions) | {default_max_pixels})
     dev, dev_samples = {}, {}
     for px in candidates:
@@ -352,17 +354,14 @@ def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, defaul
         log(f"resolution search: dev at max_pixels={px}: " + ", ".join(f"{t} {s:.3f}" for t, s in dev[px].items()))
     chosen = select_resolutions(dev_samples, default_max_pixels)
     if test_default is None:  # the caller may already have the test scores at the default resolution
-        test_default = scores_of(evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels,
-                                                **eval_kwargs))
-    test_searched = {}
-    for px in sorted(set(chosen.values())):
+        test_default = evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels, **eval_kwargs)
+    searched = {}
+    for px in sorted(set(chosen.values()) - {default_max_pixels}):
         tasks = {t: test_sets[t] for t, p in chosen.items() if p == px}
-        if px == default_max_pixels:
-            test_searched.update({t: test_default[t] for t in tasks})
-        else:
-            test_searched.update(scores_of(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs)))
-    return {"dev": dev, "chosen": chosen, "test_default": test_default,
-            "test_searched": {t: test_searched[t] for t in test_default}}
+        searched.update(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs))
+    searched = {t: searched.get(t, test_default[t]) for t in test_default}
+    return {"dev": dev, "chosen": chosen, "test_default": scores_of(test_default), "test_searched": scores_of(searched),
+            "test_searched_scores": {t: r["scores"] for t, r in searched.items()}}
 
 
 def split_halves(sets):
