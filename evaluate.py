@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -205,7 +206,7 @@ def generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, 
 
 def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_pixels=data.MAX_PIXELS,
                    device=None, batch_size=64, max_new_tokens=48, dtype=torch.float32, n_examples=3):
-    """{name: {"score", "metric", "n", "examples"}} with score the mean over the set (0..1)."""
+    """{name: {"score", "scores", "metric", "n", "examples"}}: score is the mean of the per-sample scores (0..1)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -215,7 +216,7 @@ def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_
                                        max_new_tokens, dtype)
         metric = metric_of(records[0]["task"] if name not in data.TASK_METRIC else name)
         scores = [SCORERS[metric](p, r) for p, r in zip(preds, refs)]
-        results[name] = {"score": sum(scores) / len(scores), "metric": metric, "n": len(scores),
+        results[name] = {"score": sum(scores) / len(scores), "scores": scores, "metric": metric, "n": len(scores),
                          "examples": [{"pred": p, "ref": r} for p, r in zip(preds[:n_examples], refs)]}
     model.train(was_training)
     return results
@@ -306,7 +307,7 @@ def is_hf_dir(path):
 
 def hf_origin(ckpt, hops=8):
     """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
-    the args.json of each run (a run directory holds args.json; its checkpoints sit one or two levels below)."""
+    the args.json of each run (a stage directory holds args.json; its checkpoints sit one level below)."""
     path = ckpt
     for _ in range(hops):
         up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
@@ -372,41 +373,61 @@ def parse_resolution(s):
     return pixels
 
 
-def select_resolutions(dev_scores, default):
-    """Per task, the max_pixels with the best dev score; ties go to the default resolution if it is among
-    the best, else to the smallest (cheapest). dev_scores: {max_pixels: {task: score}}."""
-    tasks = next(iter(dev_scores.values())).keys()
+def select_resolutions(dev_scores, default, level=0.95):
+    """Per task, the default max_pixels unless another beats it on dev beyond noise: the lower end of the
+    paired bootstrap interval of (candidate - default) over the dev samples lies above zero. Among those,
+    the best dev mean wins (ties: the smaller, cheaper one). dev_scores: {max_pixels: {task: [per sample]}}.
+    A one-sample dev difference is a coin toss, not a finding: it never moves the choice."""
     chosen = {}
-    for task in tasks:
-        best = max(s[task] for s in dev_scores.values())
-        tied = [r for r, s in dev_scores.items() if s[task] >= best - 1e-12]
-        chosen[task] = default if default in tied else min(tied)
+    for task in dev_scores[default]:
+        base = np.asarray(dev_scores[default][task], dtype=np.float64)
+        better = [(-np.mean(s[task]), px) for px, s in dev_scores.items() if px != default
+                  and bootstrap_ci([{task: np.asarray(s[task], dtype=np.float64) - base}], level=level)["lo"] > 0]
+        chosen[task] = min(better)[1] if better else default
     return chosen
+
+
+def bootstrap_ci(diffs, n_boot=2000, level=0.95, seed=0):
+    """{"mean", "lo", "hi"} of a paired difference and its percentile bootstrap interval. diffs: one dict per
+    training seed, {task: per-sample differences on the same test samples}. The statistic is the mean over
+    seeds of the mean over tasks (each task weighs the same) of the mean over samples; the bootstrap
+    resamples seeds, then samples within each drawn (seed, task) independently (a two-level bootstrap:
+    Davison & Hinkley 1997, §3.8), so the interval holds both training-seed and test-sample noise."""
+    rng = np.random.default_rng(seed)
+    k = len(diffs)
+    # inner[s][b, j]: task-mean of an independent resample of seed s's samples, for draw j of replicate b
+    inner = [np.mean([rng.choice(np.asarray(d[t]), (n_boot, k, len(d[t]))).mean(-1) for t in d], axis=0)
+             for d in diffs]
+    drawn = rng.integers(0, k, (n_boot, k))
+    stats = np.stack(inner)[drawn, np.arange(n_boot)[:, None], np.arange(k)[None, :]].mean(1)
+    mean = float(np.mean([np.mean([np.mean(d[t]) for t in d]) for d in diffs]))
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi)}
 
 
 def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, default_max_pixels, min_pixels,
                       log=print, test_default=None, **eval_kwargs):
     """MindVL §3 test-time resolution search: score every max_pixels in `resolutions` (plus the default) on
-    the dev sets, keep the best per task, then score the test sets at the chosen resolution beside the
-    default one (`test_default`: those default scores when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px}, "test_default", "test_searched"}."""
+    the dev sets, keep per task the one that beats the default beyond noise (select_resolutions), then score
+    the test sets at the chosen resolution beside the default one (`test_default`: evaluate_model's results
+    at the default when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px},
+    "test_default", "test_searched": {task: score}, "test_searched_scores": {task: per-sample scores}}."""
     candidates = sorted(set(resolutions) | {default_max_pixels})
-    dev = {}
+    dev, dev_samples = {}, {}
     for px in candidates:
-        dev[px] = scores_of(evaluate_model(model, tokenizer, dev_sets, min_pixels, px, **eval_kwargs))
+        res = evaluate_model(model, tokenizer, dev_sets, min_pixels, px, **eval_kwargs)
+        dev[px], dev_samples[px] = scores_of(res), {t: r["scores"] for t, r in res.items()}
         log(f"resolution search: dev at max_pixels={px}: " + ", ".join(f"{t} {s:.3f}" for t, s in dev[px].items()))
-    chosen = select_resolutions(dev, default_max_pixels)
+    chosen = select_resolutions(dev_samples, default_max_pixels)
     if test_default is None:  # the caller may already have the test scores at the default resolution
-        test_default = scores_of(evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels,
-                                                **eval_kwargs))
-    test_searched = {}
-    for px in sorted(set(chosen.values())):
+        test_default = evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels, **eval_kwargs)
+    searched = {}
+    for px in sorted(set(chosen.values()) - {default_max_pixels}):
         tasks = {t: test_sets[t] for t, p in chosen.items() if p == px}
-        if px == default_max_pixels:
-            test_searched.update({t: test_default[t] for t in tasks})
-        else:
-            test_searched.update(scores_of(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs)))
-    return {"dev": dev, "chosen": chosen, "test_default": test_default,
-            "test_searched": {t: test_searched[t] for t in test_default}}
+        searched.update(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs))
+    searched = {t: searched.get(t, test_default[t]) for t in test_default}
+    return {"dev": dev, "chosen": chosen, "test_default": scores_of(test_default), "test_searched": scores_of(searched),
+            "test_searched_scores": {t: r["scores"] for t, r in searched.items()}}
 
 
 def split_halves(sets):

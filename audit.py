@@ -1,0 +1,146 @@
+"""The recipe audited: what each MindVL element changes, with a 95% confidence interval.
+
+    python audit.py                                  # 3 seeds of the default recipe, then the comparison table
+    python audit.py --seeds 0,1 --eval-n 32 --max-steps 100    # a quicker look; any train.py flag passes through
+
+For every seed, train.py's recipe (stages 1 -> 2 -> 3 at each --stage3-lengths -> their average) and, for the
+stage-2 comparison, stage 3 at the first length started straight from stage 1 with the same budget. Every
+checkpoint is scored per sample on the same test samples, so each comparison is a paired difference, and its
+interval comes from a two-level bootstrap over seeds and test samples (evaluate.bootstrap_ci). A seed whose
+scores.json exists is not trained again, so a stopped audit continues where it stopped.
+
+Writes OUT/seed-N/ (the runs and scores.json), OUT/audit.json, OUT/audit.md and OUT/audit.png.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import train
+from kernels import detect_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py "
+                                "(e.g. --max-steps, --preset, --device); --seed and --stage are set per run.")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (each also draws its own test samples)")
+    p.add_argument("--out", default="runs/audit", help="audit directory")
+    p.add_argument("--eval-n", type=int, default=data.SIZES["test"], help="test samples per task (default: all)")
+    p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS), help="synthetic tasks scored")
+    args, rest = p.parse_known_args(argv)
+    cfg, overrides = train.parse_args(rest + ["--no-eval"])
+    return args, cfg, overrides
+
+
+def run_seed(args, cfg, overrides, seed, log=print):
+    """Train the recipe and the no-stage-2 arm for one seed, score every checkpoint per sample, keep scores.json."""
+    out = os.path.join(args.out, f"seed-{seed}")
+    cfg = replace(cfg, seed=seed, out=out, stage="all", eval=False)
+    train.run(cfg, overrides, log=log)
+    length, steps = train.stage3_runs(cfg)[0]
+    train.run(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
+                      packing_length=length, max_steps=steps),
+              {k: v for k, v in overrides.items() if k in train.RUNTIME_MODEL_FIELDS}, log=log)  # shape: from stage 1
+    tasks = [t for t in args.tasks.split(",") if t]
+    device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
+    tokenizer, test = train.build_tokenizer(cfg), evaluate.build_eval_sets(tasks, "test", args.eval_n, seed)
+    runs = {f"stage3-{n}": f"stage3-{n}" for n, _ in train.stage3_runs(cfg)} | {"stage3-avg": "stage3-avg",
+                                                                                "no-stage2": "no-stage2/stage3"}
+    results = {}
+    for name, path in runs.items():
+        model = evaluate.load_model(train.checkpoint_dir(os.path.join(out, path)), device)
+        results[name] = evaluate.evaluate_model(model, tokenizer, test, cfg.min_pixels, cfg.max_pixels, device=device)
+        log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in results[name].items()))
+    scores = {name: {t: r["scores"] for t, r in res.items()} for name, res in results.items()}
+    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
+    dev = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, seed)
+    model = evaluate.load_model(os.path.join(out, "stage3-avg"), device)
+    search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, cfg.max_pixels, cfg.min_pixels,
+                                        log=log, test_default=results["stage3-avg"], device=device)
+    scores["stage3-avg + resolution search"] = search["test_searched_scores"]
+    result = {"seed": seed, "scores": scores, "chosen": search["chosen"]}
+    evaluate.write_json(result, os.path.join(out, "scores.json"))
+    return result
+
+
+def comparisons(seeds, lengths):
+    """[(label, A, B)] of the recipe's elements: A is the recipe's choice, B what it is compared with."""
+    first = f"stage3-{lengths[0]}"
+    means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][f"stage3-{n}"].values()]) for s in seeds])
+             for n in lengths}
+    better = f"stage3-{max(lengths, key=means.get)}"  # picked on the test scores: the average's hardest rival
+    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2")]
+    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}") for a, b in zip(lengths, lengths[1:])]
+    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}") for n in lengths]
+    rows += [(f"average vs the better single length ({better})", "stage3-avg", better),
+             ("resolution search vs the default resolution", "stage3-avg + resolution search", "stage3-avg")]
+    return rows
+
+
+def audit_table(seeds, lengths):
+    """Per comparison: both means, the paired difference and its 95% interval (macro-mean over tasks, in %)."""
+    table = []
+    for label, a, b in comparisons(seeds, lengths):
+        diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in s["scores"][a]}
+                 for s in seeds]
+        mean = lambda name: float(np.mean([np.mean([np.mean(v) for v in s["scores"][name].values()])  # noqa: E731
+                                           for s in seeds]))
+        table.append({"comparison": label, "a": a, "b": b, "a_mean": mean(a), "b_mean": mean(b),
+                      **evaluate.bootstrap_ci(diffs)})
+    return table
+
+
+def markdown(table, n_seeds):
+    lines = [f"| comparison ({n_seeds} seeds) | A | B | A - B (points) | 95% interval | reads as |", "|---" * 6 + "|"]
+    for r in table:
+        verdict = "A better" if r["lo"] > 0 else "B better" if r["hi"] < 0 else "no difference resolved"
+        lines.append(f"| {r['comparison']} | {100 * r['a_mean']:.1f} | {100 * r['b_mean']:.1f} | "
+                     f"{100 * r['mean']:+.1f} | [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {verdict} |")
+    return "\n".join(lines)
+
+
+def plot(table, out_png):
+    """The paired differences with their intervals, one row per comparison."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(table)))
+    y = np.arange(len(table))[::-1]
+    mean = np.array([100 * r["mean"] for r in table])
+    err = np.array([[100 * (r["mean"] - r["lo"]) for r in table], [100 * (r["hi"] - r["mean"]) for r in table]])
+    ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set(yticks=y, yticklabels=[r["comparison"] for r in table], xlabel="A - B, points (95% interval)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    t0, seeds = time.time(), []
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        done = os.path.join(args.out, f"seed-{seed}", "scores.json")
+        seeds.append(json.load(open(done)) if os.path.isfile(done) else run_seed(args, cfg, overrides, seed))
+    table = audit_table(seeds, [n for n, _ in train.stage3_runs(cfg)])
+    text = markdown(table, len(seeds))
+    chosen = {t: sorted({s["chosen"][t] for s in seeds}) for t in seeds[0]["chosen"]}
+    text += "\n\nresolution search chose (max_pixels per task, over seeds): " + \
+        ", ".join(f"{t} {'/'.join(map(str, px))}" for t, px in chosen.items())
+    evaluate.write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
+    with open(os.path.join(args.out, "audit.md"), "w") as f:
+        f.write(text + "\n")
+    plot(table, os.path.join(args.out, "audit.png"))
+    print(text)
+    print(f"audit: {time.time() - t0:.0f}s; wrote {os.path.join(args.out, 'audit.md')} and audit.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

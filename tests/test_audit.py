@@ -1,0 +1,37 @@
+"""audit.py end to end at a toy size (one seed; the two-level interval itself is tested in test_evaluate): every
+comparison gets a paired difference inside its interval, the
+picture is written, and a finished seed is read back instead of trained again."""
+import json
+import os
+
+import pytest
+
+import audit
+import train
+
+FLAGS = ["--device", "cpu", "--max-steps", "1", "--eval-n", "3", "--eval-dev-n", "3", "--tasks", "vqa_color,vqa_count",
+         "--stage3-lengths", "256,512", "--resolutions", "28x28", "--peak-tflops", "1", "--log-every", "1000",
+         "--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
+
+
+def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "audit")
+    audit.main(["--seeds", "1", "--out", out, *FLAGS])
+    report = json.load(open(os.path.join(out, "audit.json")))
+    labels = [r["comparison"] for r in report["table"]]
+    assert len(labels) == 6 and labels[0].startswith("stage 2") and labels[-1].startswith("resolution search")
+    for r in report["table"]:
+        assert r["lo"] <= r["mean"] <= r["hi"] and r["a_mean"] - r["b_mean"] == pytest.approx(r["mean"])
+    assert os.path.getsize(os.path.join(out, "audit.png")) > 0
+    seed = json.load(open(os.path.join(out, "seed-1", "scores.json")))
+    assert set(seed["scores"]) == {"stage3-256", "stage3-512", "stage3-avg", "no-stage2",
+                                   "stage3-avg + resolution search"}
+    assert all(len(v) == 3 for s in seed["scores"].values() for v in s.values())
+    assert "| stage 2 (multitask pre-training)" in capsys.readouterr().out
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr(train, "run", no_training)
+    audit.main(["--seeds", "1", "--out", out, *FLAGS])
+    assert json.load(open(os.path.join(out, "audit.json")))["table"] == report["table"]
