@@ -13,6 +13,7 @@ import array
 import base64
 import binascii
 import bisect
+import collections
 import hashlib
 import io
 import json
@@ -555,6 +556,9 @@ class SyntheticTasks:
 
 # ----------------------------------------------------------------------------- data files
 
+PARQUET_CACHE_BYTES = 256 * 2 ** 20  # decoded Parquet row groups kept per file
+
+
 class FileDataset:
     """The records of one data file, its format told by its bytes: JSONL (one object per line), a JSON array
     (LLaVA's llava_v1_5_mix665k.json), Parquet or Arrow (Hugging Face datasets; images as bytes in a column).
@@ -578,7 +582,7 @@ class FileDataset:
             head = f.read(4096)
         if head.startswith(b"PAR1"):
             import pyarrow.parquet as pq  # here: only Parquet files need pyarrow
-            self.format, self.parquet, self.cached = "parquet", pq.ParquetFile(path), (None, None)
+            self.format, self.parquet, self.groups = "parquet", pq.ParquetFile(path), collections.OrderedDict()
             meta = self.parquet.metadata  # row i is in the row group g with starts[g] <= i < starts[g + 1]
             self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         elif head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file or stream (datasets' save_to_disk)
@@ -599,11 +603,10 @@ class FileDataset:
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.path}: record {index} of {len(self)}")
-        if self.format == "parquet":  # the row group of the last read stays decoded: its neighbours cost nothing
+        if self.format == "parquet":
             g = int(np.searchsorted(self.starts, index, side="right")) - 1
-            if self.cached[0] != g:
-                self.cached = (g, self.parquet.read_row_group(g).to_pylist())
-            return self._parse(self.cached[1][index - self.starts[g]], f"{self.path}:row {index}")
+            row = self._row_group(g).slice(index - self.starts[g], 1).to_pylist()[0]
+            return self._parse(row, f"{self.path}:row {index}")
         if self.format == "arrow":
             return self._parse(self.table.slice(index, 1).to_pylist()[0], f"{self.path}:row {index}")
         if self.format == "json":
@@ -619,6 +622,17 @@ class FileDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: malformed JSON ({e})", reason="malformed JSON") from None
         return self._parse(obj, where)
+
+    def _row_group(self, g):
+        """Parquet row group g, decoded; the most recently read groups stay decoded up to PARQUET_CACHE_BYTES,
+        so shuffled reads of a file that fits decode each group once, not once per row."""
+        table = self.groups.pop(g, None)
+        if table is None:
+            table = self.parquet.read_row_group(g)
+            while self.groups and sum(t.nbytes for t in self.groups.values()) + table.nbytes > PARQUET_CACHE_BYTES:
+                self.groups.popitem(last=False)
+        self.groups[g] = table
+        return table
 
     def _parse(self, obj, where):
         """One decoded record (any format) -> our record dict, checked: the path every format goes through."""

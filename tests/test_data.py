@@ -419,6 +419,16 @@ def test_every_format_reads_the_same_records_and_names_bad_ones(tmp_path, fmt):
     assert_loader_raises_or_skips(ds, f"{path}:{places[1]}: empty reply")
 
 
+def test_parquet_keeps_decoded_row_groups_up_to_the_cache_size(tmp_path, monkeypatch):
+    path, _ = write_records(tmp_path, "parquet", ["red", "blue", "red", "green", "red"])  # row groups of 2
+    ds = FileDataset(path, str(tmp_path))
+    assert [ds[i]["conversations"][1]["value"] for i in (4, 1, 3)] == ["red", "blue", "green"]
+    assert list(ds.groups) == [2, 0, 1]  # least recently read first
+    monkeypatch.setattr(data, "PARQUET_CACHE_BYTES", 1)  # room for one group: each new one evicts the last
+    small = FileDataset(path, str(tmp_path))
+    assert [small[i]["conversations"][1]["value"] for i in (4, 1)] == ["red", "blue"] and list(small.groups) == [0]
+
+
 def test_messages_images_as_data_and_file_urls(tmp_path):
     small_image("red").save(tmp_path / "red.png")
     b64 = base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
