@@ -17,8 +17,8 @@ Usage (train.py):
     loss, stats = model(batch, loss_divisor=global_loss_tokens / dist.world_size); loss.backward()
     clip_grad_norm_(model.parameters(), 1.0, dist); optimizer.step()
     save_sharded(model, optimizer, dist, dir); state = gather_full_state_dict(model, dist)  # rank 0
-Every rank must run the same units in the same order (collectives pair up by order): a micro-batch without
-images on one rank skips the ViT blocks there and breaks the step. A sharded model runs `forward` only (not
+Every rank must run the same units in the same order (collectives pair up by order): MLLM.forward runs the
+ViT and connector on a blank image when a training micro-batch has none, so the data cannot break this. A sharded model runs `forward` only (not
 `generate`); evaluation loads the full checkpoint in one process. Expert parallelism (all_to_all dispatch and
 combine of routed experts: `shard_experts`) runs without FSDP for now: the rest of the model stays replicated,
 `all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`.
@@ -80,7 +80,7 @@ def barrier(dist):
         tdist.barrier()
 
 
-def close_distributed(dist):
+def close_distributed(dist=None):
     """Leave the process group (after a barrier, so no rank exits while another still talks to it)."""
     if tdist.is_initialized():
         tdist.barrier()
@@ -432,12 +432,22 @@ def shard_experts(model, dist):
 
 def all_reduce_grads(model, dist):
     """After backward on a data-parallel (not FSDP) model: replicated parameters' gradients become the mean
-    over ranks (SUM / N); expert-parallel ones are only divided by N (see shard_experts)."""
+    over ranks (SUM / N); expert-parallel ones are only divided by N (see shard_experts). A trainable
+    parameter without a gradient on this rank counts as zero, so every rank issues the same all-reduces."""
     for p in model.parameters():
-        if p.grad is not None:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             if not getattr(p, "expert_parallel", False):
                 all_reduce_sum(p.grad, dist)
             p.grad.div_(dist.world_size)
+
+
+def is_sharded(model):
+    """Whether this rank holds only part of the model (FSDP or expert parallelism), i.e. its optimizer state
+    is per rank; otherwise every rank holds the same replica (plain data parallelism)."""
+    return hasattr(model, "fsdp") or any(isinstance(p, DTensor) or getattr(p, "expert_parallel", False)
+                                         for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- clipping and checkpoints
@@ -545,8 +555,8 @@ def load_sharded(model, optimizer, dist, directory):
     """Restore what save_sharded wrote (same world size); returns its `extra`."""
     path = _shard_path(directory, dist)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no shard {path} for rank {dist.rank} of {dist.world_size}; a run with another "
-                                "world size resumes from the full model.safetensors instead")
+        raise FileNotFoundError(f"no shard {path} for rank {dist.rank} of {dist.world_size}; on another world "
+                                "size load the full model.safetensors (load_full_state_dict) instead")
     state = torch.load(path, map_location=dist.device, weights_only=False)  # our own file (DTensors in it)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

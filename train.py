@@ -446,8 +446,9 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if dist.world_size > 1:
-        parallel.barrier(dist)
+    sharded = parallel.is_sharded(model)  # else every rank holds the same weights and optimizer: rank 0 writes
+    parallel.barrier(dist)
+    if sharded:
         full = parallel.gather_full_state_dict(model, dist)
         parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
         if dist.is_main:
@@ -456,10 +457,10 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(model.config.to_dict(), f, indent=2)
         parallel.barrier(dist)
-    else:
+    elif dist.is_main:
         model.save_pretrained(tmp)
     if dist.is_main:
-        torch.save({**state, "optimizer": optimizer.state_dict() if dist.world_size == 1 else None},
+        torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
                    os.path.join(tmp, "train_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -469,9 +470,31 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
         for old in os.listdir(stage_dir):
             if old.startswith("step-") and old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
-    if dist.world_size > 1:
-        parallel.barrier(dist)
+    parallel.barrier(dist)
     return final
+
+
+def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=print):
+    """Restore the optimizer and this rank's data position from a checkpoint (the weights come from its
+    model.safetensors). A replicated optimizer (one process, plain data parallel) resumes on any world size,
+    the ranks' read positions re-dealt over the new ranks; per-rank shards (--fsdp, --ep) need the same one."""
+    loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # one per rank
+    sharded, saved_sharded = parallel.is_sharded(model), state["optimizer"] is None
+    if sharded != saved_sharded or (sharded and len(loaders) != dist.world_size):
+        how = lambda shards, n: f"{n} rank(s) with " + (  # noqa: E731
+            "per-rank optimizer shards (--fsdp/--ep)" if shards else "a replicated optimizer")
+        raise SystemExit(f"--resume: {ckpt} was written by {how(saved_sharded, len(loaders))}, this run has "
+                         f"{how(sharded, dist.world_size)}: resume with the world size and flags it was written "
+                         f"with, or start from its weights with --init-from {ckpt} (new optimizer and schedule)")
+    if sharded:
+        parallel.load_sharded(model, optimizer, dist, ckpt)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if len(loaders) != dist.world_size:
+        log(f"--resume: {ckpt} was written by {len(loaders)} rank(s), this run has {dist.world_size}: the "
+            "samples they had not trained on are dealt to the new ranks")
+        loaders = data.reshard_loader_states(loaders, dist.world_size)
+    loader.load_state_dict(loaders[dist.rank])
 
 
 def load_train_state(ckpt):
@@ -512,23 +535,33 @@ def plot_loss(metrics_path, out_png):
 
 
 class StopRequested:
-    """Ctrl-C (SIGINT) asks the loop to stop after the current step and checkpoint; a second one kills."""
+    """SIGINT (Ctrl-C) or SIGTERM (what Slurm and Kubernetes send before killing a job) on any rank asks the
+    loop to stop: train_stage sums the flag over ranks once per step, so every rank stops after the same step
+    and they write one checkpoint together. A second Ctrl-C at least AGAIN_S after the first aborts at once;
+    copies arriving together (the terminal's and the one torchrun forwards) count once, and SIGTERM never
+    aborts (the scheduler's SIGKILL follows its grace period)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    AGAIN_S = 2.0
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.since = False, None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step and writing a checkpoint (press again to abort)", flush=True)
+            if signum == signal.SIGINT and time.monotonic() - self.since >= self.AGAIN_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.since = True, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing this step on every rank and writing a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -576,11 +609,7 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         if st["stage"] != stage_num or st["total_steps"] != total:
             raise SystemExit(f"--resume: {resume_ckpt} is stage {st['stage']} of {st['total_steps']} steps, "
                              f"this run is stage {stage_num} of {total}")
-        if dist.world_size > 1:
-            parallel.load_sharded(model, optimizer, dist, resume_ckpt)
-        else:
-            optimizer.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"][dist.rank] if dist.world_size > 1 else st["loader"])
+        resume_optimizer_and_data(model, optimizer, loader, st, resume_ckpt, dist, log)
         set_rng_state(st["rng"])
         step, bad_total, bad_run = st["step"], st["bad_steps"], st["bad_run"]
         log(f"stage {stage_num}: resumed from {resume_ckpt} at step {step}")
@@ -605,9 +634,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     t_start, status, ckpt, dt_avg = time.time(), "done", resume_ckpt, None
     with StopRequested() as stop:
         while step < total:
-            if stop.requested:
-                status = "interrupted"
-                break
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(cfg.grad_accum)]
             n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
@@ -635,8 +661,13 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
-            if dist.world_size > 1:  # skip or step on every rank alike, or the shards diverge
-                finite = bool(parallel.all_reduce_sum(torch.tensor(float(not finite), device=device), dist) == 0)
+            tokens, stopping = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested
+            if dist.world_size > 1:  # one all-reduce: the global loss and tokens; skip, step and stop on every
+                # rank alike (a rank stepping alone diverges, one stopping alone leaves the others in a collective)
+                agreed = parallel.all_reduce_sum(
+                    torch.tensor([loss_sum, float(not finite), float(stopping), tokens], device=device), dist)
+                loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
+                tokens = int(agreed[3])
             lr_mult = lr_factor(step, total, warmup)
             if finite:
                 for g in optimizer.param_groups:
@@ -652,7 +683,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             step += 1
             dt = time.perf_counter() - t0
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            tokens = sum(int(b.input_ids.shape[0]) for b in batches) * dist.world_size
             mfu = step_flops(model.config, flop_params, batches, stage.trains) * dist.world_size / dt / peak
             row = {"stage": stage_num, "step": step, "loss": loss_sum if finite else None,
                    "lr": peak_lr * lr_mult, "grad_norm": float(norm) if finite else None, "tokens": tokens,
@@ -672,6 +702,9 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             if bad_run >= cfg.max_bad_steps:
                 status = f"stopped: {bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
                 log(f"stage {stage_num}: {status}")
+                break
+            if stopping and step < total:
+                status = "interrupted"
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                 ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist)
@@ -706,14 +739,12 @@ def stage3_runs(cfg):
 def run(cfg, overrides, log=print):
     """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict."""
     device_type = detect_device() if cfg.device == "auto" else cfg.device
-    if cfg.fsdp or cfg.ep > 1:
-        dist = parallel.init_distributed(device_type)
-    else:
-        dist = types.SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device(device_type))
+    # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
+    dist = parallel.init_distributed(device_type)
     if cfg.ep > 1 and (cfg.fsdp or dist.world_size != cfg.ep):
         raise SystemExit(f"--ep {cfg.ep}: run under torchrun with {cfg.ep} processes (world size now "
                          f"{dist.world_size}) and without --fsdp (expert sub-groups and EP + FSDP are not supported)")
-    device = dist.device if cfg.fsdp or cfg.ep > 1 else torch.device(device_type)
+    device = dist.device
     if dist.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         evaluate.write_json({"train_config": asdict(cfg), "model_overrides": overrides},
@@ -796,10 +827,12 @@ def evaluate_run(cfg, tokenizer, device, log=print):
 def main(argv=None):
     cfg, overrides = parse_args(argv)
     summary = run(cfg, overrides)
-    failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status != "done"]
+    parallel.close_distributed()
+    # a run stopped by SIGINT / SIGTERM exits 0: its checkpoint is complete and --resume continues it
+    failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status not in ("done", "interrupted")]
     if failed:
         print("; ".join(failed), file=sys.stderr)
-        sys.exit(130 if any("interrupted" in f for f in failed) else 1)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,211 @@
+"""train.py itself on several gloo ranks (spawned with torchrun through its own entry point) against one process
+on the same global batch: plain data parallelism and both FSDPs on a JSONL mix where a rank's micro-batch may
+hold no image, stage 1 included; rank 0 alone writes; SIGTERM / SIGINT on one rank stops every rank after the
+same step with one checkpoint and --resume equals the uninterrupted run; a 2-rank run resumes on one process."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
+STEPS, PACKING = 12, 64
+RTOL = ATOL = 1e-5  # as tests/test_parallel.py: fp32 sums in another order; Adam's first step amplifies roundoff
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+       "OMP_NUM_THREADS": "1"}
+
+
+def mixed_jsonl(tmp_path, n=24):
+    """Captions of a 56x56 square (every third record) among text-only records, all encoding to the same
+    number of tokens: each packed micro-batch then holds one sample, taken in read order, so rank r's
+    micro-batch of step k is sample 2k + r, and one process with --grad-accum 2 sees the same global batch."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 56), (40, 80, 220)).save(tmp_path / "img" / "sq.png")
+    image_tokens = 2 + 56 * 56 // 28 ** 2  # <|vision_start|>, a pad per 2x2 patches, <|vision_end|>
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        for i in range(n):
+            text = f"{i:02d} the quick brown fox jumps over the lazy dog"
+            f.write(json.dumps({"image": "sq.png", "text": text} if i % 3 == 0 else
+                               {"text": text + "." * image_tokens}) + "\n")
+    return ["--data", f"mixed={tmp_path / 'mixed.jsonl'}:1", "--image-root", str(tmp_path / "img")]
+
+
+def flags(out, data_flags, stage="2", *extra):
+    return ["--device", "cpu", "--stage", stage, "--max-steps", str(STEPS), "--packing-length", str(PACKING),
+            "--out", str(out), "--log-every", "1", "--peak-tflops", "1", "--lr", "1e-3", "--warmup", "2",
+            "--no-eval", *data_flags, *SMALL, *extra]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(nproc, argv):
+    """train.py under torchrun with nproc gloo ranks (nproc=0: plain `python train.py`); output captured."""
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return subprocess.Popen([sys.executable, *(launcher if nproc else []), "train.py", *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def result(out, stage="2"):
+    """(metrics rows, final weights) of a run directory's stage."""
+    stage_dir = os.path.join(out, f"stage{stage}")
+    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return rows, load_file(os.path.join(train.checkpoint_dir(stage_dir), "model.safetensors"))
+
+
+def assert_same_run(got, want, what, rtol=RTOL, atol=ATOL):
+    (rows, state), (rows_ref, state_ref) = got, want
+    assert [r["step"] for r in rows] == [r["step"] for r in rows_ref], what
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows]), torch.tensor([r[key] for r in rows_ref]),
+                                   rtol=rtol, atol=0, msg=lambda m: f"{what} {key}: {m}")
+    assert state.keys() == state_ref.keys(), what
+    for name in state_ref:
+        torch.testing.assert_close(state[name], state_ref[name], rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """The data flags, after checking the premise: equal-length samples, and steps where one rank's
+    micro-batch has an image and the other's none (and steps where neither has one)."""
+    tmp = tmp_path_factory.mktemp("mix")
+    data_flags = mixed_jsonl(tmp)
+    cfg, _ = train.parse_args(flags(tmp / "x", data_flags))
+    source = train.build_source(cfg, 2, train.STAGES[2])
+    records = [source[p] for p in range(2 * STEPS)]
+    assert len({len(data.encode(r, data.Tokenizer()).tokens) for r in records}) == 1
+    imaged = [(bool(records[2 * k]["images"]), bool(records[2 * k + 1]["images"])) for k in range(STEPS)]
+    assert {(True, False), (False, True), (False, False)} <= set(imaged), imaged
+    return data_flags
+
+
+@pytest.fixture(scope="module")
+def one_process(mix, tmp_path_factory):
+    """stage -> the run of that stage on one process (in this one), two micro-batches per step."""
+    runs = {}
+
+    def run(stage):
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"one{stage}")
+            train.main(flags(out, mix, stage, "--grad-accum", "2"))
+            runs[stage] = result(out, stage)
+        return runs[stage]
+    return run
+
+
+def test_image_free_micro_batch_adds_nothing_and_trains_stage_1(one_process):
+    """The blank image MLLM.forward runs for an image-free micro-batch leaves the loss as it is and gives the
+    ViT and connector zero gradients; stage 1 (connector only) then still steps (it raised before)."""
+    model = train.build_model("tiny", None, {}, 0)
+    batch = data.collate([data.encode({"format": "text", "text": "no image here"}, data.Tokenizer())])
+    model.eval()
+    loss_eval, _ = model(batch)
+    model.train()
+    loss, _ = model(batch)
+    loss.backward()
+    assert torch.equal(loss, loss_eval)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and (p.grad.abs().sum() > 0) == name.startswith("decoder."), name
+    rows, _ = one_process("1")
+    assert len(rows) == STEPS and all(r["loss"] is not None for r in rows)
+
+
+@pytest.fixture(scope="module")
+def data_parallel(mix, tmp_path_factory):
+    """Plain torchrun on 2 ranks, uninterrupted: (run directory, its output)."""
+    out = tmp_path_factory.mktemp("dp")
+    return out, finish(start(2, flags(out, mix)))
+
+
+def test_data_parallel_equals_one_process_and_rank_0_writes(data_parallel, one_process):
+    out, log = data_parallel
+    assert_same_run(result(out), one_process("2"), "2 ranks, data parallel")
+    ckpt = train.checkpoint_dir(str(out / "stage2"))
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "train_state.pt"]  # no per-rank shards
+    assert set(os.listdir(out)) == {"args.json", "stage2"}
+    assert set(os.listdir(out / "stage2")) - {"loss.png"} == {"latest", "metrics.jsonl", os.path.basename(ckpt)}
+    for step in range(1, STEPS + 1):  # one progress line per step: the other rank prints nothing
+        assert log.count(f"stage 2 step {step:5d}/{STEPS}") == 1, log
+    assert train.load_train_state(ckpt)["loader"][1]["batches"] == STEPS  # both ranks' data positions kept
+
+
+@pytest.mark.parametrize("mode,stage", [("ours", "2"), pytest.param("ours", "1", marks=pytest.mark.slow),
+                                        pytest.param("torch", "2", marks=pytest.mark.slow)])
+def test_fsdp_with_image_free_micro_batches_equals_one_process(mix, one_process, tmp_path, mode, stage):
+    finish(start(2, flags(tmp_path, mix, stage, "--fsdp", mode)))
+    assert_same_run(result(tmp_path, stage), one_process(stage), f"{mode} FSDP stage {stage}")
+
+
+def workers(agent):
+    """{rank: pid} of torchrun's worker processes."""
+    with open(f"/proc/{agent.pid}/task/{agent.pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    ranks = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def stop_mid_run(nproc, argv, out, sig, rank):
+    """Start a run, send `sig` to one rank (nproc=0: the single process) once step 1 is logged; returns the
+    seconds from the signal to a clean exit of every process."""
+    proc = start(nproc, argv)
+    metrics, deadline = out / "stage2" / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    os.kill(workers(proc)[rank] if nproc else proc.pid, sig)
+    t0 = time.time()
+    log = finish(proc, timeout=120)
+    assert "interrupted at step" in log, log
+    return time.time() - t0
+
+
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 2), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
+                                       (signal.SIGTERM, 0)])
+def test_signal_stops_every_rank_at_one_step_and_resume_equals_uninterrupted(
+        mix, data_parallel, one_process, tmp_path, sig, nproc):
+    seconds = stop_mid_run(nproc, flags(tmp_path, mix, "2", *([] if nproc else ["--grad-accum", "2"])),
+                           tmp_path, sig, rank=1)
+    assert seconds < 30
+    stage_dir = tmp_path / "stage2"
+    step = train.load_train_state(train.checkpoint_dir(str(stage_dir)))["step"]
+    assert 1 <= step < STEPS and len(result(tmp_path)[0]) == step
+    assert [d for d in os.listdir(stage_dir) if d.startswith(("step-", ".tmp"))] == [f"step-{step:06d}"]
+    if nproc:
+        shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-one")  # for the 1-process resume below
+    if nproc:  # resumed on the same world size on the same machine: bit for bit
+        finish(start(nproc, flags(tmp_path, mix, "2", "--resume")))
+        assert_same_run(result(tmp_path), result(data_parallel[0]), "resumed on 2 ranks", rtol=0, atol=0)
+        # resumed on one process (the ranks' data positions merged): the one-process run, to roundoff
+        one = tmp_path.parent / f"{tmp_path.name}-one"
+        train.main(flags(one, mix, "2", "--resume", "--grad-accum", "2"))
+        assert_same_run(result(one), one_process("2"), "2 ranks resumed on 1")
+    else:  # resumed in this process (other thread count): the one-process run, to roundoff
+        train.main(flags(tmp_path, mix, "2", "--resume", "--grad-accum", "2"))
+        assert_same_run(result(tmp_path), one_process("2"), "one process resumed")
