@@ -128,7 +128,7 @@ class TrainConfig:
     fsdp: str = field(default="", metadata={"help": "shard the model under torchrun: 'ours' (parallel.py's FSDP; "
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
-    ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: routed experts split over this many ranks (= world size; without --fsdp)"})
+    ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: each group of this many ranks splits the routed experts (world size a multiple; with or without --fsdp)"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -590,12 +590,15 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     model = build_model(cfg.preset, resume_ckpt or init, overrides or {}, cfg.seed).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
-    if cfg.fsdp:
+    if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all
+        if model.config.text.n_routed_experts % cfg.ep:
+            raise SystemExit(f"--ep {cfg.ep}: the model's {model.config.text.n_routed_experts} routed experts do "
+                             f"not split over {cfg.ep} ranks")
+        model = parallel.shard_experts(model, dist, cfg.ep)
+    if cfg.fsdp:  # after EP: expert slices are sharded over their replicas, the rest over all ranks
         model = parallel.shard_model(model, dist, mode=cfg.fsdp,
                                      compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
                                      group_of=lambda n, p: (module_group(n), p.dim() >= 2))
-    if cfg.ep > 1:  # each rank keeps 1/ep of every MoE layer's routed experts; tokens reach them by all_to_all
-        model = parallel.shard_experts(model, dist)
     model.train()
     optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -741,9 +744,11 @@ def run(cfg, overrides, log=print):
     device_type = detect_device() if cfg.device == "auto" else cfg.device
     # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
     dist = parallel.init_distributed(device_type)
-    if cfg.ep > 1 and (cfg.fsdp or dist.world_size != cfg.ep):
-        raise SystemExit(f"--ep {cfg.ep}: run under torchrun with {cfg.ep} processes (world size now "
-                         f"{dist.world_size}) and without --fsdp (expert sub-groups and EP + FSDP are not supported)")
+    if cfg.ep > 1 and dist.world_size % cfg.ep:
+        raise SystemExit(f"--ep {cfg.ep}: run under torchrun with a multiple of {cfg.ep} processes (world size "
+                         f"now {dist.world_size}): each group of {cfg.ep} ranks splits the routed experts")
+    if cfg.ep > 1 and cfg.fsdp == "torch":
+        raise SystemExit(f"--ep {cfg.ep} composes with our FSDP (--fsdp / --fsdp ours), not --fsdp torch")
     device = dist.device
     if dist.is_main:
         os.makedirs(cfg.out, exist_ok=True)

@@ -18,16 +18,26 @@ from safetensors.torch import load_file
 
 import data
 import train
+from model import MLLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
-STEPS, PACKING = 12, 64
+STEPS, PACKING = 8, 64
 RTOL = ATOL = 1e-5  # as tests/test_parallel.py: fp32 sums in another order; Adam's first step amplifies roundoff
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
        "OMP_NUM_THREADS": "1"}
 
 
-def mixed_jsonl(tmp_path, n=24):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The in-process runs on one thread too: tiny models gain nothing from two, and spawned ranks share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mixed_jsonl(tmp_path, n=30):
     """Captions of a 56x56 square (every third record) among text-only records, all encoding to the same
     number of tokens: each packed micro-batch then holds one sample, taken in read order, so rank r's
     micro-batch of step k is sample 2k + r, and one process with --grad-accum 2 sees the same global batch."""
@@ -43,6 +53,7 @@ def mixed_jsonl(tmp_path, n=24):
 
 
 def flags(out, data_flags, stage="2", *extra):
+    """train.py flags of a short run of `tiny` (fewer layers) on the JSONL mix, or of tiny-moe with --preset."""
     return ["--device", "cpu", "--stage", stage, "--max-steps", str(STEPS), "--packing-length", str(PACKING),
             "--out", str(out), "--log-every", "1", "--peak-tflops", "1", "--lr", "1e-3", "--warmup", "2",
             "--no-eval", *data_flags, *SMALL, *extra]
@@ -99,20 +110,22 @@ def mix(tmp_path_factory):
     assert len({len(data.encode(r, data.Tokenizer()).tokens) for r in records}) == 1
     imaged = [(bool(records[2 * k]["images"]), bool(records[2 * k + 1]["images"])) for k in range(STEPS)]
     assert {(True, False), (False, True), (False, False)} <= set(imaged), imaged
+    imaged_4 = {tuple(bool(source[4 * k + r]["images"]) for r in range(4)) for k in range(STEPS)}
+    assert len(imaged_4 - {(False,) * 4, (True,) * 4}) >= STEPS // 2, imaged_4  # 4 ranks: some hold images
     return data_flags
 
 
 @pytest.fixture(scope="module")
 def one_process(mix, tmp_path_factory):
-    """stage -> the run of that stage on one process (in this one), two micro-batches per step."""
+    """(stage, preset, micro-batches per step) -> that run on one process (in this one), run once."""
     runs = {}
 
-    def run(stage):
-        if stage not in runs:
+    def run(stage, preset="tiny", accum=2):
+        if (stage, preset, accum) not in runs:
             out = tmp_path_factory.mktemp(f"one{stage}")
-            train.main(flags(out, mix, stage, "--grad-accum", "2"))
-            runs[stage] = result(out, stage)
-        return runs[stage]
+            train.main(flags(out, mix, stage, "--grad-accum", str(accum), "--preset", preset))
+            runs[stage, preset, accum] = result(out, stage)
+        return runs[stage, preset, accum]
     return run
 
 
@@ -159,6 +172,39 @@ def test_fsdp_with_image_free_micro_batches_equals_one_process(mix, one_process,
     assert_same_run(result(tmp_path, stage), one_process(stage), f"{mode} FSDP stage {stage}")
 
 
+def test_ep_times_fsdp_on_2_ranks_equals_one_process_and_resumes(mix, one_process, tmp_path):
+    """tiny-moe, --ep 2 --fsdp: both ranks one expert-parallel group, the rest sharded over both; SIGTERM after
+    a step, then --resume (per-rank shards): losses, grad norms, weights and expert_bias as one process."""
+    argv = flags(tmp_path, mix, "2", "--preset", "tiny-moe", "--ep", "2", "--fsdp")
+    stop_mid_run(2, argv, tmp_path, signal.SIGTERM, rank=0)
+    ckpt = train.checkpoint_dir(str(tmp_path / "stage2"))
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "shard_rank00000_of00002.pt",
+                                        "shard_rank00001_of00002.pt", "train_state.pt"]
+    finish(start(2, [*argv, "--resume"]))
+    assert_same_run(result(tmp_path), one_process("2", "tiny-moe", 2), "EP 2 x FSDP on 2 ranks, resumed")
+    with pytest.raises(SystemExit, match="per-rank optimizer shards"):  # on one process: the error README gives
+        train.main(flags(tmp_path, mix, "2", "--preset", "tiny-moe", "--resume"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [["--fsdp"], []])
+def test_ep_groups_on_4_ranks_equal_one_process(mix, one_process, tmp_path, fsdp):
+    """tiny-moe on 4 ranks, --ep 2: two expert-parallel groups of 2; each expert slice has 2 replicas (with
+    --fsdp sharded over them, the rest over all 4; without, replicated)."""
+    finish(start(4, flags(tmp_path, mix, "2", "--preset", "tiny-moe", "--ep", "2", *fsdp)))
+    assert_same_run(result(tmp_path), one_process("2", "tiny-moe", 4), f"EP 2 {fsdp} on 4 ranks")
+
+
+@pytest.mark.parametrize("argv,world,error", [
+    (["--ep", "2"], 3, "multiple of 2 processes"),
+    (["--ep", "3"], 3, "8 routed experts do not split over 3 ranks"),
+    (["--ep", "2", "--fsdp", "torch"], 2, "not --fsdp torch")])
+def test_impossible_expert_layouts_are_refused(mix, tmp_path, monkeypatch, argv, world, error):
+    monkeypatch.setattr(train.parallel, "init_distributed", lambda device: train.parallel.Dist(0, world))
+    with pytest.raises(SystemExit, match=error):
+        train.main(flags(tmp_path, mix, "2", "--preset", "tiny-moe", *argv))
+
+
 def workers(agent):
     """{rank: pid} of torchrun's worker processes."""
     with open(f"/proc/{agent.pid}/task/{agent.pid}/children") as f:
@@ -187,7 +233,7 @@ def stop_mid_run(nproc, argv, out, sig, rank):
 
 
 @pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 2), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
-                                       (signal.SIGTERM, 0)])
+                                       pytest.param(signal.SIGTERM, 0, marks=pytest.mark.slow)])
 def test_signal_stops_every_rank_at_one_step_and_resume_equals_uninterrupted(
         mix, data_parallel, one_process, tmp_path, sig, nproc):
     seconds = stop_mid_run(nproc, flags(tmp_path, mix, "2", *([] if nproc else ["--grad-accum", "2"])),
@@ -209,3 +255,23 @@ def test_signal_stops_every_rank_at_one_step_and_resume_equals_uninterrupted(
     else:  # resumed in this process (other thread count): the one-process run, to roundoff
         train.main(flags(tmp_path, mix, "2", "--resume", "--grad-accum", "2"))
         assert_same_run(result(tmp_path), one_process("2"), "one process resumed")
+
+
+def test_sigterm_on_one_process_checkpoints_exits_0_and_resumes(mix, one_process, tmp_path, monkeypatch):
+    """The same in this process (the spawned variant above is slow): SIGTERM during step 2 ends the run after
+    step 2 with its checkpoint, main() returns (exit status 0), --resume equals the uninterrupted run."""
+    real_forward, calls = MLLM.forward, []
+
+    def forward_with_sigterm(self, batch, loss_divisor=None):
+        calls.append(1)
+        if len(calls) == 3:  # step 2's first micro-batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, batch, loss_divisor)
+
+    monkeypatch.setattr(MLLM, "forward", forward_with_sigterm)
+    train.main(flags(tmp_path, mix, "2", "--grad-accum", "2"))
+    monkeypatch.setattr(MLLM, "forward", real_forward)
+    assert os.listdir(tmp_path / "stage2").count("step-000002") == 1 and len(result(tmp_path)[0]) == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is only there while training
+    train.main(flags(tmp_path, mix, "2", "--grad-accum", "2", "--resume"))
+    assert_same_run(result(tmp_path), one_process("2"), "one process resumed after SIGTERM", rtol=0, atol=0)
