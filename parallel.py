@@ -486,6 +486,22 @@ def is_sharded(model):
                                          for p in model.parameters())
 
 
+def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
+    """Bytes one rank holds in a layout, from a model built on the meta device (nothing is allocated): fp32
+    parameters, fp32 gradients and AdamW's two fp32 moments, every parameter trained (stages 2 and 3); under
+    FSDP also the gathered compute-dtype copies at the forward's peak (the root unit and the two largest
+    blocks: the running one and the prefetched one)."""
+    experts = {id(p) for m in model.modules() if hasattr(m, "expert_dispatch") for p in (m.gate_up_proj, m.down_proj)}
+    unsharded = lambda params: sum(p.numel() / (ep if id(p) in experts else 1) for p in params)  # noqa: E731
+    n_experts = sum(p.numel() for p in model.parameters() if id(p) in experts)
+    n_rest = sum(p.numel() for p in model.parameters()) - n_experts
+    held = (n_rest + n_experts) / world_size if fsdp else n_rest + n_experts / ep
+    blocks = [unsharded(u.parameters()) for u in fsdp_units(model)[:-1]]
+    root = unsharded(model.parameters()) - sum(blocks)
+    return {"parameters": 4 * held, "gradients": 4 * held, "optimizer": 8 * held,
+            "gathered": compute_bytes * (root + 2 * max(blocks)) if fsdp else 0}
+
+
 # ----------------------------------------------------------------------------- clipping and checkpoints
 
 

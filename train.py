@@ -7,7 +7,9 @@ evaluation with test-time resolution search.
     python train.py                                   # the whole tiny recipe on CPU, then a results table
     python train.py --stage 2 --init-from runs/tiny/stage1 --max-steps 200 --packing-length 2048
     python train.py --stage 3 --data mine=train.jsonl:1 --image-root imgs/ --init-from runs/tiny/stage2
+    torchrun --nproc-per-node 2 train.py --stage 2 --init-from runs/tiny/stage1   # data parallel, rank 0 writes
     torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
+    python train.py --preset qwen2.5-vit-675m+deepseek-v3 --dry-run 256,512 --ep 64 --fsdp   # GiB per rank
 
 Run directory (--out):
     args.json                  the flags of the run
@@ -129,6 +131,7 @@ class TrainConfig:
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
     ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: each group of this many ranks splits the routed experts (world size a multiple; with or without --fsdp)"})
+    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --fsdp, --dtype, --packing-length; train nothing"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -409,6 +412,49 @@ def peak_memory_gb(device):
     if device.type in ("cuda", "npu"):
         return getattr(torch, device.type).max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB; the process's peak RSS
+
+
+def activation_bytes(config, tokens, compute_bytes):
+    """A rough size of the decoder activations one micro-batch of `tokens` packed tokens keeps for backward:
+    per layer and token the residual stream and norm inputs (4h), q, k, v and the attention output, the MLP's
+    input, gate, up and product (h + 3I; an MoE layer's I counts its k routed and shared experts, plus the
+    routed rows copied out and back), and fp32 logits with their gradient. With activation checkpointing each
+    layer keeps only its input (h), and one layer is recomputed at a time. The ViT is left out."""
+    t = config.text
+    if t.attention == "mla":
+        attn = t.num_heads * (2 * (t.qk_nope_head_dim + t.qk_rope_head_dim) + 2 * t.v_head_dim)
+    else:
+        attn = 2 * t.num_heads * t.head_dim + 2 * t.num_kv_heads * t.head_dim
+    per_layer = []
+    for i in range(t.num_layers):
+        moe = t.n_routed_experts and i >= t.first_k_dense
+        inner = (t.num_experts_per_tok + t.n_shared_experts) * t.moe_intermediate_size if moe else t.intermediate_size
+        per_layer.append(5 * t.hidden_size + attn + 3 * inner + (2 * t.num_experts_per_tok * t.hidden_size if moe else 0))
+    kept = t.num_layers * t.hidden_size + max(per_layer) if config.activation_checkpointing else sum(per_layer)
+    return tokens * (kept * compute_bytes + 2 * 4 * t.vocab_size)
+
+
+def print_memory_plan(cfg, overrides, log=print):
+    """--dry-run: per-rank GiB of each world size in cfg.dry_run for the preset, --ep and --fsdp."""
+    config = config_from_preset(cfg.preset, **overrides)
+    with torch.device("meta"):
+        model = MLLM(config)
+    compute_bytes = 2 if cfg.dtype == "bf16" else 4
+    tokens = cfg.packing_length or STAGES[2].packing_length
+    act = activation_bytes(config, tokens, compute_bytes)
+    gib = lambda b: f"{b / 2 ** 30:,.1f}"  # noqa: E731
+    layout = ("FSDP" if cfg.fsdp else "data parallel") + (f" x EP {cfg.ep}" if cfg.ep > 1 else "")
+    log(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters; {layout}; {cfg.dtype} compute; "
+        f"{tokens} tokens per micro-batch; activation checkpointing {config.activation_checkpointing}")
+    log("| ranks | parameters | gradients | AdamW | gathered | activations | total (GiB per rank) |")
+    log("|---|---|---|---|---|---|---|")
+    for world in (int(w) for w in cfg.dry_run.split(",")):
+        if world % cfg.ep or config.text.n_routed_experts % cfg.ep:
+            raise SystemExit(f"--dry-run {world}: --ep {cfg.ep} needs a world size and an expert count "
+                             f"({config.text.n_routed_experts}) that it divides")
+        plan = parallel.memory_plan(model, world, cfg.ep, bool(cfg.fsdp), compute_bytes)
+        log(f"| {world} | " + " | ".join(gib(plan[k]) for k in ("parameters", "gradients", "optimizer", "gathered"))
+            + f" | {gib(act)} | {gib(sum(plan.values()) + act)} |")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -831,6 +877,8 @@ def evaluate_run(cfg, tokenizer, device, log=print):
 
 def main(argv=None):
     cfg, overrides = parse_args(argv)
+    if cfg.dry_run:
+        return print_memory_plan(cfg, overrides)
     summary = run(cfg, overrides)
     parallel.close_distributed()
     # a run stopped by SIGINT / SIGTERM exits 0: its checkpoint is complete and --resume continues it

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import train
-from model import MLLM
+from model import MLLM, config_from_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
@@ -275,3 +275,23 @@ def test_sigterm_on_one_process_checkpoints_exits_0_and_resumes(mix, one_process
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is only there while training
     train.main(flags(tmp_path, mix, "2", "--grad-accum", "2", "--resume"))
     assert_same_run(result(tmp_path), one_process("2"), "one process resumed after SIGTERM", rtol=0, atol=0)
+
+
+def test_memory_plan_matches_the_parameter_counts(capsys):
+    """--dry-run's per-rank parameter bytes against the parameter count (test_model checks it against the
+    published sizes) and the routed experts' size from the config: FSDP (with or without EP) holds 1/W of
+    everything, EP alone the rest whole and 1/E of the experts."""
+    for preset, world, ep in (("qwen2.5-vit-675m+qwen3-8b", 8, 1), ("qwen2.5-vit-675m+deepseek-v3", 256, 64)):
+        config = config_from_preset(preset)
+        with torch.device("meta"):
+            model = MLLM(config)
+        t, total = config.text, sum(p.numel() for p in model.parameters())
+        routed = (t.num_layers - t.first_k_dense) * t.n_routed_experts * 3 * t.hidden_size * t.moe_intermediate_size
+        sharded, replicated = (train.parallel.memory_plan(model, world, ep, fsdp) for fsdp in (True, False))
+        assert sharded["parameters"] == pytest.approx(4 * total / world, rel=1e-12)
+        assert replicated["parameters"] == pytest.approx(4 * (total - routed + routed / ep), rel=1e-12)
+        assert sharded["optimizer"] == 2 * sharded["parameters"] and replicated["gathered"] == 0
+        assert 0 < sharded["gathered"] < 2 * 4 * total / 10  # the root unit and two blocks, far from the model
+    train.main(["--preset", "tiny-moe", "--dry-run", "2,4", "--ep", "2", "--fsdp"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and table[1].startswith("| 2 |") and table[2].startswith("| 4 |")
