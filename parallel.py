@@ -573,7 +573,8 @@ def _own_experts(t, layout):
 def load_full_state_dict(model, state_dict, dist):
     """Load full weights (e.g. a model.safetensors written with any world size) into a sharded model: each
     rank keeps its slice. Missing or unexpected keys and wrong shapes raise."""
-    all_experts = lambda shape, layout: torch.Size([shape[0] * layout.ep.size, *shape[1:]]) if layout else shape  # noqa: E731
+    all_experts = lambda shape, layout: (  # noqa: E731
+        torch.Size([shape[0] * layout.ep.size, *shape[1:]]) if layout else shape)
     if hasattr(model, "fsdp"):
         expected = {**{n: all_experts(s, f.experts) for f in model.fsdp.flats() for n, s in zip(f.names, f.shapes)},
                     **{n: model.get_buffer(n).shape for n in model.fsdp.buffer_names}}
@@ -628,3 +629,32 @@ def load_sharded(model, optimizer, dist, directory):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state["extra"]
+
+
+def reshardable(model):
+    """Whether load_resharded can restore this model's optimizer from another world size's shards."""
+    return hasattr(model, "fsdp") and not any(f.experts for f in model.fsdp.flats())
+
+
+def load_resharded(model, optimizer, dist, directory, saved_world_size):
+    """Restore the optimizer state save_sharded wrote on `saved_world_size` ranks into our FSDP (without expert
+    parallelism) on this world size: a flat shard's state is the same flat tensor cut at other places, so
+    each rank joins the old slices and cuts its own. The weights come from the full model.safetensors."""
+    if not reshardable(model):
+        raise ValueError("load_resharded: only our FSDP without expert parallelism re-shards its optimizer state")
+    old = [torch.load(os.path.join(directory, f"shard_rank{r:05d}_of{saved_world_size:05d}.pt"), map_location="cpu",
+                      mmap=True, weights_only=False)["optimizer"] for r in range(saved_world_size)]  # our own files
+    flat_of = {id(f.shard): f for f in model.fsdp.flats()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # the index order of optimizer state
+    state = {}
+    for i, saved in old[0]["state"].items():
+        f = flat_of[id(params[i])]
+        state[i] = {}
+        for key, value in saved.items():
+            if value.dim() == 0:  # AdamW's step count, the same on every rank
+                state[i][key] = value
+                continue
+            full = torch.cat([o["state"][i][key] for o in old])[:sum(f.numels)]
+            full = torch.cat([full, full.new_zeros(f.padding)])
+            state[i][key] = full[f.shards.rank * f.shard_numel:(f.shards.rank + 1) * f.shard_numel].clone()
+    optimizer.load_state_dict({"state": state, "param_groups": old[0]["param_groups"]})

@@ -429,7 +429,8 @@ def activation_bytes(config, tokens, compute_bytes):
     for i in range(t.num_layers):
         moe = t.n_routed_experts and i >= t.first_k_dense
         inner = (t.num_experts_per_tok + t.n_shared_experts) * t.moe_intermediate_size if moe else t.intermediate_size
-        per_layer.append(5 * t.hidden_size + attn + 3 * inner + (2 * t.num_experts_per_tok * t.hidden_size if moe else 0))
+        routed_copies = 2 * t.num_experts_per_tok * t.hidden_size if moe else 0
+        per_layer.append(5 * t.hidden_size + attn + 3 * inner + routed_copies)
     kept = t.num_layers * t.hidden_size + max(per_layer) if config.activation_checkpointing else sum(per_layer)
     return tokens * (kept * compute_bytes + 2 * 4 * t.vocab_size)
 
@@ -522,17 +523,22 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist):
 
 def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=print):
     """Restore the optimizer and this rank's data position from a checkpoint (the weights come from its
-    model.safetensors). A replicated optimizer (one process, plain data parallel) resumes on any world size,
-    the ranks' read positions re-dealt over the new ranks; per-rank shards (--fsdp, --ep) need the same one."""
+    model.safetensors). On another world size a replicated optimizer (one process, plain data parallel) loads
+    as it is and our FSDP's shards are re-cut (--ep and --fsdp torch shards need the same world size); the
+    ranks' read positions are re-dealt over the new ranks."""
     loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # one per rank
     sharded, saved_sharded = parallel.is_sharded(model), state["optimizer"] is None
-    if sharded != saved_sharded or (sharded and len(loaders) != dist.world_size):
+    resharding = sharded and len(loaders) != dist.world_size
+    if sharded != saved_sharded or (resharding and not parallel.reshardable(model)):
         how = lambda shards, n: f"{n} rank(s) with " + (  # noqa: E731
             "per-rank optimizer shards (--fsdp/--ep)" if shards else "a replicated optimizer")
         raise SystemExit(f"--resume: {ckpt} was written by {how(saved_sharded, len(loaders))}, this run has "
-                         f"{how(sharded, dist.world_size)}: resume with the world size and flags it was written "
-                         f"with, or start from its weights with --init-from {ckpt} (new optimizer and schedule)")
-    if sharded:
+                         f"{how(sharded, dist.world_size)}: resume with the flags it was written with (and, for "
+                         f"--ep or --fsdp torch, its world size), or start from its weights with --init-from "
+                         f"{ckpt} (new optimizer and schedule)")
+    if resharding:
+        parallel.load_resharded(model, optimizer, dist, ckpt, len(loaders))
+    elif sharded:
         parallel.load_sharded(model, optimizer, dist, ckpt)
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -704,7 +710,7 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                                    "which labels are targets")
             if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
                 parallel.all_reduce_grads(model, dist)
-            if dist.world_size > 1:
+            if dist.world_size > 1 or cfg.fsdp:  # (torch's own norm of a flat shard is off by 1e-5 on CPU: measured)
                 norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
                                                 replicated=not cfg.fsdp)
             else:
