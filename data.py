@@ -1044,3 +1044,19 @@ class PackedLoader:
         self.skips, self.last_error = {(src, r): k for src, r, k in state["skips"]}, None
         self.source_reads, self.since_good = dict(state["source_reads"]), state.get("since_good", 0)
         self.buffer = [(j, self._sample(j)) for j in state["buffer"]]
+
+
+def reshard_loader_states(states, world_size):
+    """PackedLoader states of len(states) ranks -> states for `world_size` ranks that continue the same
+    stream: every source position some rank read but did not emit (its buffer, and positions below the
+    furthest read that their rank had not reached yet) goes to new rank position % world_size, so no sample
+    is trained on twice or skipped; the ranks' counters are pooled."""
+    old = len(states)
+    frontier = max(r + s["reads"] * old for r, s in enumerate(states))  # no rank has read from here on
+    pending = sorted({r + j * old for r, s in enumerate(states) for j in s["buffer"]}
+                     | {p for r, s in enumerate(states) for p in range(r + s["reads"] * old, frontier, old)})
+    total = lambda key: sum(s[key] for s in states)  # noqa: E731
+    return [{"reads": max(0, -(-(frontier - r) // world_size)),
+             "buffer": [p // world_size for p in pending if p % world_size == r],
+             "batches": total("batches") // world_size, "tokens": total("tokens") // world_size,
+             "skipped": total("skipped") if r == 0 else 0} for r in range(world_size)]

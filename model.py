@@ -704,7 +704,16 @@ class MLLM(nn.Module):
                              f"{n_images} images (image_grid {batch.image_grid.tolist()}) give "
                              f"{n_features} features")
         if n_images == 0:
-            return x
+            if not self.training:
+                return x
+            # an image-free micro-batch still runs ViT + connector on one blank merge group, added times zero:
+            # every rank then issues the same collectives (FSDP gathers, gradient reduction) and a stage that
+            # trains only the connector gets a zero gradient instead of a loss with no graph
+            c = self.config.vision
+            m = c.spatial_merge_size
+            blank = x.new_zeros(m * m, 3 * c.patch_size ** 2, dtype=batch.pixel_patches.dtype)
+            grid = torch.tensor([[1, m, m]], device=batch.image_grid.device)
+            return x + 0.0 * self.connector(self.vision(blank, grid)).sum().to(x.dtype)
         features = self.connector(self.vision(batch.pixel_patches, batch.image_grid))
         return x.masked_scatter(is_pad[:, None], features.to(x.dtype))
 

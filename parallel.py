@@ -17,11 +17,15 @@ Usage (train.py):
     loss, stats = model(batch, loss_divisor=global_loss_tokens / dist.world_size); loss.backward()
     clip_grad_norm_(model.parameters(), 1.0, dist); optimizer.step()
     save_sharded(model, optimizer, dist, dir); state = gather_full_state_dict(model, dist)  # rank 0
-Every rank must run the same units in the same order (collectives pair up by order): a micro-batch without
-images on one rank skips the ViT blocks there and breaks the step. A sharded model runs `forward` only (not
-`generate`); evaluation loads the full checkpoint in one process. Expert parallelism (all_to_all dispatch and
-combine of routed experts: `shard_experts`) runs without FSDP for now: the rest of the model stays replicated,
-`all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`.
+Every rank must run the same units in the same order (collectives pair up by order): MLLM.forward runs the
+ViT and connector on a blank image when a training micro-batch has none, so the data cannot break this. A
+sharded model runs `forward` only (not `generate`); evaluation loads the full checkpoint in one process.
+
+Expert parallelism (`shard_experts`, before `shard_model`): W ranks form groups of E neighbours; each group
+splits every MoE layer's routed experts and exchanges token rows with all_to_all. Without FSDP the rest stays
+replicated (`all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`); with our FSDP (as
+torchtitan and MindSpeed-MM compose them) the rest is sharded over all W ranks and each expert slice over its
+W/E replicas, one per group.
 """
 import os
 from dataclasses import dataclass
@@ -75,12 +79,29 @@ def init_distributed(device_type):
     return Dist(rank, world_size, local_rank, device)
 
 
+@dataclass(eq=False)
+class Group:
+    """Ranks that shard or exchange something together: the torch.distributed group (None = all ranks), this
+    rank's index in it and its size."""
+    handle: object
+    rank: int
+    size: int
+
+
+@dataclass(eq=False)  # hashed by identity: FSDP groups parameters by their layout
+class ExpertLayout:
+    """Expert parallelism over W ranks in groups of E (ranks gE .. gE+E-1): `ep` is this rank's group, whose
+    members split the routed experts; `replicas` the W/E ranks holding the same expert slice, one per group."""
+    ep: Group
+    replicas: Group
+
+
 def barrier(dist):
     if dist.world_size > 1:
         tdist.barrier()
 
 
-def close_distributed(dist):
+def close_distributed(dist=None):
     """Leave the process group (after a barrier, so no rank exits while another still talks to it)."""
     if tdist.is_initialized():
         tdist.barrier()
@@ -119,19 +140,21 @@ class FlatParam:
     runs, and the module attributes of the original parameters are views into it then (meta placeholders
     otherwise, so a stray use fails loudly instead of reading freed memory)."""
 
-    def __init__(self, entries, dist, compute_dtype, requires_grad, group):
-        # entries: (name, parameter, [(module, attribute), ...]) - a tied parameter has several places
-        self.dist, self.compute_dtype = dist, compute_dtype
+    def __init__(self, entries, dist, compute_dtype, requires_grad, group, experts=None):
+        # entries: (name, parameter, [(module, attribute), ...]) - a tied parameter has several places;
+        # experts: the ExpertLayout when these are an expert slice, sharded over its replicas instead of all ranks
+        self.dist, self.compute_dtype, self.experts = dist, compute_dtype, experts
+        self.shards = experts.replicas if experts else Group(None, dist.rank, dist.world_size)
         self.names = [name for name, _, _ in entries]
         self.shapes = [p.shape for _, p, _ in entries]
         self.places = [places for _, _, places in entries]
         self.numels = [p.numel() for _, p, _ in entries]
         total = sum(self.numels)
-        self.shard_numel = -(-total // dist.world_size)
-        self.padding = self.shard_numel * dist.world_size - total
+        self.shard_numel = -(-total // self.shards.size)
+        self.padding = self.shard_numel * self.shards.size - total
         flat = torch.cat([p.detach().reshape(-1).float() for _, p, _ in entries])
         flat = torch.cat([flat, flat.new_zeros(self.padding)]).to(dist.device)
-        own = flat[dist.rank * self.shard_numel:(dist.rank + 1) * self.shard_numel]
+        own = flat[self.shards.rank * self.shard_numel:(self.shards.rank + 1) * self.shard_numel]
         self.shard = nn.Parameter(own.clone(), requires_grad=requires_grad)
         self.shard.fsdp_group = group
         self.full = torch.empty(flat.numel(), dtype=compute_dtype, device=dist.device, requires_grad=requires_grad)
@@ -152,7 +175,7 @@ class FlatParam:
             # tensors autograd saved in forward alias `full`, so the refill must not bump its version counter;
             # gloo writes the output from its worker thread, later than a version-preserving context could
             # cover, so gather into `.data`: the same storage under a version counter of its own
-            self.gathering = (_all_gather(self.full.data, send, async_op=True), send)
+            self.gathering = (_all_gather(self.full.data, send, group=self.shards.handle, async_op=True), send)
         if not async_op:
             self.wait()
 
@@ -180,10 +203,11 @@ class FlatParam:
         grad = self.full.grad.float()
         self.full.grad = None
         out = grad.new_empty(self.shard_numel)
-        return _reduce_scatter(out, grad, op=tdist.ReduceOp.SUM, async_op=True), out, grad
+        return _reduce_scatter(out, grad, op=tdist.ReduceOp.SUM, group=self.shards.handle, async_op=True), out, grad
 
     def add_grad(self, reduced):
-        reduced.div_(self.dist.world_size)  # mean over ranks, as DDP and FSDP2 do
+        # mean over all ranks, as DDP and FSDP2 do (an expert slice's replicas summed the tokens of all groups)
+        reduced.div_(self.dist.world_size)
         if self.shard.grad is None:
             self.shard.grad = reduced
         else:
@@ -295,10 +319,11 @@ class FSDP:
         per_unit.append([p for p in model.parameters() if id(p) not in in_blocks])
         self.units = []
         for module, params in zip([*blocks, model], per_unit):
-            kinds = {}  # (requires_grad, optimizer group) -> entries, in parameter order
+            kinds = {}  # (requires_grad, optimizer group, expert layout) -> entries, in parameter order
             for p in params:
                 group = group_of(names[id(p)], p) if group_of else None
-                kinds.setdefault((p.requires_grad, group), []).append((names[id(p)], p, places[id(p)]))
+                kind = (p.requires_grad, group, getattr(p, "expert_parallel", None))
+                kinds.setdefault(kind, []).append((names[id(p)], p, places[id(p)]))
             flats = [FlatParam(entries, dist, compute_dtype, *kind) for kind, entries in kinds.items()]
             for i, f in enumerate(flats):
                 module.register_parameter(f"fsdp_flat_{i}", f.shard)
@@ -358,6 +383,8 @@ def shard_model(model, dist, mode="ours", compute_dtype=torch.float32, group_of=
         model.fsdp = FSDP(model, dist, compute_dtype, group_of)
         return model.to(dist.device)  # buffers; the shards are there already
     if mode == "torch":
+        if any(getattr(p, "expert_parallel", None) for p in model.parameters()):
+            raise ValueError("shard_model: expert parallelism composes with mode 'ours' only")
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for unit in fsdp_units(model):
@@ -374,70 +401,105 @@ class _AllToAll(torch.autograd.Function):
     gradient is the same exchange reversed."""
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits):
-        ctx.splits = send_splits, recv_splits
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
         out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        tdist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits)
+        tdist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
         out = grad.new_empty(sum(send_splits), *grad.shape[1:])
-        tdist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits)
-        return out, None, None
+        tdist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
 
 
-def expert_dispatch(x, counts, experts, dist):
-    """Rows `x` sorted by (global) expert, `counts` [E] rows per expert: send each row to the rank owning its
-    expert, run `experts` (this rank's E/N experts, grouped matmul) on what arrives, send the results back.
-    Returns the result rows in x's order."""
-    n = dist.world_size
+def expert_dispatch(x, counts, experts, group):
+    """Rows `x` sorted by (global) expert, `counts` [E] rows per expert: send each row to the rank of `group`
+    (the expert-parallel Group) owning its expert, run `experts` (this rank's E/N experts, grouped matmul) on
+    what arrives, send the results back. Returns the result rows in x's order."""
+    n = group.size
     counts = counts.view(n, -1)  # [destination rank, its local expert]
     received = torch.empty_like(counts)
-    tdist.all_to_all_single(received, counts)  # received[s, e]: rows rank s sends to our local expert e
+    tdist.all_to_all_single(received, counts, group=group.handle)  # received[s, e]: rows s sends our expert e
     send, recv = counts.sum(1).tolist(), received.sum(1).tolist()
-    rows = _AllToAll.apply(x, send, recv)  # sorted by (source rank, local expert)
+    rows = _AllToAll.apply(x, send, recv, group.handle)  # sorted by (source rank, local expert)
     segment = torch.repeat_interleave(torch.arange(received.numel(), device=x.device), received.flatten())
     by_expert = (segment % received.shape[1] * n + segment // received.shape[1]).argsort(stable=True)
     y = experts(rows[by_expert], received.sum(0))  # grouped matmul wants rows sorted by local expert
-    return _AllToAll.apply(y[by_expert.argsort()], recv, send)
+    return _AllToAll.apply(y[by_expert.argsort()], recv, send, group.handle)
 
 
-def shard_experts(model, dist):
-    """Expert parallelism over the ranks of the default process group, in place; returns the model. Rank r
-    keeps routed experts [r E/N, (r+1) E/N) of every MoE layer (parameters tagged `expert_parallel`); the
-    tokens reach them through all_to_all (MoE.expert_dispatch). Everything else stays replicated: average its
-    gradients with all_reduce_grads, which also divides the expert gradients by N (each expert sees the tokens
-    of all N ranks, whose losses are each divided by global tokens / N)."""
+def shard_experts(model, dist, ep=None):
+    """Expert parallelism in groups of `ep` ranks (default: all), in place; returns the model. Rank r keeps
+    routed experts [e E/ep, (e+1) E/ep) of every MoE layer, e = r mod ep (parameters tagged `expert_parallel`
+    with the ExpertLayout); the tokens reach them through all_to_all in their group (MoE.expert_dispatch).
+    Everything else stays replicated (all_reduce_grads) or is sharded by shard_model afterwards. Expert
+    gradients are summed over the slice's replicas and divided by the world size N like the rest (each expert
+    sees the tokens of its group's ranks, whose losses are each divided by global tokens / N)."""
     if not tdist.is_initialized():
         raise RuntimeError("shard_experts needs a process group: run under torchrun (see init_distributed)")
+    ep = ep or dist.world_size
     moes = [m for m in model.modules() if hasattr(m, "expert_dispatch")]
     if not moes:
         raise ValueError("shard_experts: the model has no MoE layers (n_routed_experts = 0)")
+    if dist.world_size % ep:
+        raise ValueError(f"shard_experts: {dist.world_size} ranks do not form groups of {ep}")
+    mesh = init_device_mesh(dist.device.type, (dist.world_size // ep, ep), mesh_dim_names=("replicas", "ep"))
+    layout = ExpertLayout(Group(mesh.get_group("ep"), dist.rank % ep, ep),
+                          Group(mesh.get_group("replicas"), dist.rank // ep, dist.world_size // ep))
     for m in moes:
         n_experts = m.gate_up_proj.shape[0]
-        if n_experts % dist.world_size:
-            raise ValueError(f"shard_experts: {n_experts} routed experts do not split over {dist.world_size} ranks")
-        per_rank = n_experts // dist.world_size
+        if n_experts % ep:
+            raise ValueError(f"shard_experts: {n_experts} routed experts do not split over {ep} ranks")
+        per_rank, e = n_experts // ep, layout.ep.rank
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(m, name)
-            own = nn.Parameter(full.detach()[dist.rank * per_rank:(dist.rank + 1) * per_rank].clone(),
-                               requires_grad=full.requires_grad)
-            own.expert_parallel = True
+            own = nn.Parameter(full.detach()[e * per_rank:(e + 1) * per_rank].clone(), requires_grad=full.requires_grad)
+            own.expert_parallel = layout
             setattr(m, name, own)
-        m.expert_dispatch = partial(expert_dispatch, dist=dist)
+        m.expert_dispatch = partial(expert_dispatch, group=layout.ep)
     return model
 
 
 def all_reduce_grads(model, dist):
-    """After backward on a data-parallel (not FSDP) model: replicated parameters' gradients become the mean
-    over ranks (SUM / N); expert-parallel ones are only divided by N (see shard_experts)."""
+    """After backward on a data-parallel (not FSDP) model: gradients become the mean over ranks (SUM / N),
+    an expert slice's summed over its replicas only (see shard_experts). A trainable parameter without a
+    gradient on this rank counts as zero, so every rank issues the same all-reduces."""
     for p in model.parameters():
-        if p.grad is not None:
-            if not getattr(p, "expert_parallel", False):
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            layout = getattr(p, "expert_parallel", None)
+            if layout is None:
                 all_reduce_sum(p.grad, dist)
+            elif layout.replicas.size > 1:
+                tdist.all_reduce(p.grad, group=layout.replicas.handle)
             p.grad.div_(dist.world_size)
+
+
+def is_sharded(model):
+    """Whether this rank holds only part of the model (FSDP or expert parallelism), i.e. its optimizer state
+    is per rank; otherwise every rank holds the same replica (plain data parallelism)."""
+    return hasattr(model, "fsdp") or any(isinstance(p, DTensor) or getattr(p, "expert_parallel", False)
+                                         for p in model.parameters())
+
+
+def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
+    """Bytes one rank holds in a layout, from a model built on the meta device (nothing is allocated): fp32
+    parameters, fp32 gradients and AdamW's two fp32 moments, every parameter trained (stages 2 and 3); under
+    FSDP also the gathered compute-dtype copies at the forward's peak (the root unit and the two largest
+    blocks: the running one and the prefetched one)."""
+    experts = {id(p) for m in model.modules() if hasattr(m, "expert_dispatch") for p in (m.gate_up_proj, m.down_proj)}
+    unsharded = lambda params: sum(p.numel() / (ep if id(p) in experts else 1) for p in params)  # noqa: E731
+    n_experts = sum(p.numel() for p in model.parameters() if id(p) in experts)
+    n_rest = sum(p.numel() for p in model.parameters()) - n_experts
+    held = (n_rest + n_experts) / world_size if fsdp else n_rest + n_experts / ep
+    blocks = [unsharded(u.parameters()) for u in fsdp_units(model)[:-1]]
+    root = unsharded(model.parameters()) - sum(blocks)
+    return {"parameters": 4 * held, "gradients": 4 * held, "optimizer": 8 * held,
+            "gathered": compute_bytes * (root + 2 * max(blocks)) if fsdp else 0}
 
 
 # ----------------------------------------------------------------------------- clipping and checkpoints
@@ -450,17 +512,18 @@ def _local(t):
 def clip_grad_norm_(params, max_norm, dist, replicated=False):
     """Scale the gradients so their global L2 norm (over all ranks' shards) is at most max_norm, as
     torch.nn.utils.clip_grad_norm_ does for one process. Returns the norm before clipping.
-    replicated=True (data parallel without FSDP): only expert-parallel parameters are shards, the others are
-    the same on every rank and count once."""
+    replicated=True (data parallel without FSDP): only expert-parallel parameters are shards (each held by
+    its replicas), the others are the same on every rank and count once."""
     params = [p for p in params if p.grad is not None]
     grads = [_local(p.grad) for p in params]
     squares = torch.zeros((), dtype=torch.float32, device=dist.device)
     same_squares = torch.zeros((), dtype=torch.float32, device=dist.device)
     for p, g in zip(params, grads):
-        if replicated and not getattr(p, "expert_parallel", False):
+        layout = getattr(p, "expert_parallel", None)
+        if replicated and layout is None:
             same_squares += g.float().pow(2).sum()
         else:
-            squares += g.float().pow(2).sum()
+            squares += g.float().pow(2).sum() / (layout.replicas.size if replicated else 1)
     total_norm = (all_reduce_sum(squares, dist) + same_squares).sqrt()
     scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g in grads:
@@ -475,34 +538,48 @@ def gather_full_state_dict(model, dist):
         out = {}
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             full = t.full_tensor() if isinstance(t, DTensor) else t  # DTensor: gathers, so every rank runs it
-            if getattr(t, "expert_parallel", False):  # every rank's experts, in rank order
-                full = t.new_empty(t.shape[0] * dist.world_size, *t.shape[1:])
-                _all_gather(full, t.detach().contiguous())
+            if getattr(t, "expert_parallel", None):
+                full = _all_experts(t.detach(), t.expert_parallel)
             if dist.is_main:
                 out[name] = full.detach().cpu().clone()
         return out
     out = {}
     for flat in model.fsdp.flats():
-        full = flat.shard.new_empty(flat.shard_numel * dist.world_size)
-        _all_gather(full, flat.shard.detach())
-        if dist.is_main:
-            for name, shape, piece in zip(flat.names, flat.shapes, full.split([*flat.numels, flat.padding])):
-                out[name] = piece.view(shape).cpu().clone()
+        full = flat.shard.new_empty(flat.shard_numel * flat.shards.size)
+        _all_gather(full, flat.shard.detach(), group=flat.shards.handle)
+        for name, shape, piece in zip(flat.names, flat.shapes, full.split([*flat.numels, flat.padding])):
+            piece = _all_experts(piece.view(shape), flat.experts) if flat.experts else piece.view(shape)
+            if dist.is_main:
+                out[name] = piece.cpu().clone()
     if dist.is_main:
         out = {name: out[name] for name in model.fsdp.param_names}  # the unsharded model's order
         out.update({name: model.get_buffer(name).cpu().clone() for name in model.fsdp.buffer_names})
     return out
 
 
+def _all_experts(t, layout):
+    """An expert slice [E/ep, ...] -> all routed experts [E, ...], gathered over its expert-parallel group."""
+    full = t.new_empty(t.shape[0] * layout.ep.size, *t.shape[1:])
+    _all_gather(full, t.contiguous(), group=layout.ep.handle)
+    return full
+
+
+def _own_experts(t, layout):
+    """All routed experts [E, ...] -> this rank's slice."""
+    per_rank = t.shape[0] // layout.ep.size
+    return t[layout.ep.rank * per_rank:(layout.ep.rank + 1) * per_rank]
+
+
 def load_full_state_dict(model, state_dict, dist):
     """Load full weights (e.g. a model.safetensors written with any world size) into a sharded model: each
     rank keeps its slice. Missing or unexpected keys and wrong shapes raise."""
+    all_experts = lambda shape, layout: (  # noqa: E731
+        torch.Size([shape[0] * layout.ep.size, *shape[1:]]) if layout else shape)
     if hasattr(model, "fsdp"):
-        expected = {**{n: s for f in model.fsdp.flats() for n, s in zip(f.names, f.shapes)},
+        expected = {**{n: all_experts(s, f.experts) for f in model.fsdp.flats() for n, s in zip(f.names, f.shapes)},
                     **{n: model.get_buffer(n).shape for n in model.fsdp.buffer_names}}
     else:
-        expected = {n: t.shape if not getattr(t, "expert_parallel", False)
-                    else torch.Size([t.shape[0] * dist.world_size, *t.shape[1:]])
+        expected = {n: all_experts(t.shape, getattr(t, "expert_parallel", None))
                     for n, t in [*model.named_parameters(), *model.named_buffers()]}
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
@@ -514,15 +591,16 @@ def load_full_state_dict(model, state_dict, dist):
     with torch.no_grad():
         if hasattr(model, "fsdp"):
             for f in model.fsdp.flats():
-                full = torch.cat([state_dict[n].reshape(-1).float() for n in f.names] + [torch.zeros(f.padding)])
-                f.shard.copy_(full[dist.rank * f.shard_numel:(dist.rank + 1) * f.shard_numel])
+                own = lambda t: _own_experts(t, f.experts) if f.experts else t  # noqa: E731
+                full = torch.cat([own(state_dict[n]).reshape(-1).float() for n in f.names] + [torch.zeros(f.padding)])
+                f.shard.copy_(full[f.shards.rank * f.shard_numel:(f.shards.rank + 1) * f.shard_numel])
             for name in model.fsdp.buffer_names:
                 model.get_buffer(name).copy_(state_dict[name])
         else:
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 src = state_dict[name].to(device=dist.device, dtype=t.dtype)
-                if getattr(t, "expert_parallel", False):
-                    src = src[dist.rank * t.shape[0]:(dist.rank + 1) * t.shape[0]]
+                if getattr(t, "expert_parallel", None):
+                    src = _own_experts(src, t.expert_parallel)
                 t.copy_(distribute_tensor(src, t.device_mesh, t.placements) if isinstance(t, DTensor) else src)
 
 
@@ -545,9 +623,38 @@ def load_sharded(model, optimizer, dist, directory):
     """Restore what save_sharded wrote (same world size); returns its `extra`."""
     path = _shard_path(directory, dist)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no shard {path} for rank {dist.rank} of {dist.world_size}; a run with another "
-                                "world size resumes from the full model.safetensors instead")
+        raise FileNotFoundError(f"no shard {path} for rank {dist.rank} of {dist.world_size}; on another world "
+                                "size load the full model.safetensors (load_full_state_dict) instead")
     state = torch.load(path, map_location=dist.device, weights_only=False)  # our own file (DTensors in it)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state["extra"]
+
+
+def reshardable(model):
+    """Whether load_resharded can restore this model's optimizer from another world size's shards."""
+    return hasattr(model, "fsdp") and not any(f.experts for f in model.fsdp.flats())
+
+
+def load_resharded(model, optimizer, dist, directory, saved_world_size):
+    """Restore the optimizer state save_sharded wrote on `saved_world_size` ranks into our FSDP (without expert
+    parallelism) on this world size: a flat shard's state is the same flat tensor cut at other places, so
+    each rank joins the old slices and cuts its own. The weights come from the full model.safetensors."""
+    if not reshardable(model):
+        raise ValueError("load_resharded: only our FSDP without expert parallelism re-shards its optimizer state")
+    old = [torch.load(os.path.join(directory, f"shard_rank{r:05d}_of{saved_world_size:05d}.pt"), map_location="cpu",
+                      mmap=True, weights_only=False)["optimizer"] for r in range(saved_world_size)]  # our own files
+    flat_of = {id(f.shard): f for f in model.fsdp.flats()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # the index order of optimizer state
+    state = {}
+    for i, saved in old[0]["state"].items():
+        f = flat_of[id(params[i])]
+        state[i] = {}
+        for key, value in saved.items():
+            if value.dim() == 0:  # AdamW's step count, the same on every rank
+                state[i][key] = value
+                continue
+            full = torch.cat([o["state"][i][key] for o in old])[:sum(f.numels)]
+            full = torch.cat([full, full.new_zeros(f.padding)])
+            state[i][key] = full[f.shards.rank * f.shard_numel:(f.shards.rank + 1) * f.shard_numel].clone()
+    optimizer.load_state_dict({"state": state, "param_groups": old[0]["param_groups"]})

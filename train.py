@@ -7,7 +7,9 @@ evaluation with test-time resolution search.
     python train.py                                   # the whole tiny recipe on CPU, then a results table
     python train.py --stage 2 --init-from runs/tiny/stage1 --max-steps 200 --packing-length 2048
     python train.py --stage 3 --data mine=train.jsonl:1 --image-root imgs/ --init-from runs/tiny/stage2
+    torchrun --nproc-per-node 2 train.py --stage 2 --init-from runs/tiny/stage1   # data parallel, rank 0 writes
     torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
+    python train.py --preset qwen2.5-vit-675m+deepseek-v3 --dry-run 256,512 --ep 64 --fsdp   # GiB per rank
 
 Run directory (--out; locked by .lock while a run uses it):
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
@@ -136,7 +138,8 @@ class TrainConfig:
     fsdp: str = field(default="", metadata={"help": "shard the model under torchrun: 'ours' (parallel.py's FSDP; "
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
-    ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: routed experts split over this many ranks (= world size; without --fsdp)"})
+    ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: each group of this many ranks splits the routed experts (world size a multiple; with or without --fsdp)"})
+    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --fsdp, --dtype, --packing-length; train nothing"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -445,6 +448,50 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB; the process's peak RSS
 
 
+def activation_bytes(config, tokens, compute_bytes):
+    """A rough size of the decoder activations one micro-batch of `tokens` packed tokens keeps for backward:
+    per layer and token the residual stream and norm inputs (4h), q, k, v and the attention output, the MLP's
+    input, gate, up and product (h + 3I; an MoE layer's I counts its k routed and shared experts, plus the
+    routed rows copied out and back), and fp32 logits with their gradient. With activation checkpointing each
+    layer keeps only its input (h), and one layer is recomputed at a time. The ViT is left out."""
+    t = config.text
+    if t.attention == "mla":
+        attn = t.num_heads * (2 * (t.qk_nope_head_dim + t.qk_rope_head_dim) + 2 * t.v_head_dim)
+    else:
+        attn = 2 * t.num_heads * t.head_dim + 2 * t.num_kv_heads * t.head_dim
+    per_layer = []
+    for i in range(t.num_layers):
+        moe = t.n_routed_experts and i >= t.first_k_dense
+        inner = (t.num_experts_per_tok + t.n_shared_experts) * t.moe_intermediate_size if moe else t.intermediate_size
+        routed_copies = 2 * t.num_experts_per_tok * t.hidden_size if moe else 0
+        per_layer.append(5 * t.hidden_size + attn + 3 * inner + routed_copies)
+    kept = t.num_layers * t.hidden_size + max(per_layer) if config.activation_checkpointing else sum(per_layer)
+    return tokens * (kept * compute_bytes + 2 * 4 * t.vocab_size)
+
+
+def print_memory_plan(cfg, overrides, log=print):
+    """--dry-run: per-rank GiB of each world size in cfg.dry_run for the preset, --ep and --fsdp."""
+    config = config_from_preset(cfg.preset, **overrides)
+    with torch.device("meta"):
+        model = MLLM(config)
+    compute_bytes = 2 if cfg.dtype == "bf16" else 4
+    tokens = cfg.packing_length or STAGES[2].packing_length
+    act = activation_bytes(config, tokens, compute_bytes)
+    gib = lambda b: f"{b / 2 ** 30:,.1f}"  # noqa: E731
+    layout = ("FSDP" if cfg.fsdp else "data parallel") + (f" x EP {cfg.ep}" if cfg.ep > 1 else "")
+    log(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters; {layout}; {cfg.dtype} compute; "
+        f"{tokens} tokens per micro-batch; activation checkpointing {config.activation_checkpointing}")
+    log("| ranks | parameters | gradients | AdamW | gathered | activations | total (GiB per rank) |")
+    log("|---|---|---|---|---|---|---|")
+    for world in (int(w) for w in cfg.dry_run.split(",")):
+        if world % cfg.ep or config.text.n_routed_experts % cfg.ep:
+            raise SystemExit(f"--dry-run {world}: --ep {cfg.ep} needs a world size and an expert count "
+                             f"({config.text.n_routed_experts}) that it divides")
+        plan = parallel.memory_plan(model, world, cfg.ep, bool(cfg.fsdp), compute_bytes)
+        log(f"| {world} | " + " | ".join(gib(plan[k]) for k in ("parameters", "gradients", "optimizer", "gathered"))
+            + f" | {gib(act)} | {gib(sum(plan.values()) + act)} |")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -480,8 +527,9 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist, keep_last=1)
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if dist.world_size > 1:
-        parallel.barrier(dist)
+    sharded = parallel.is_sharded(model)  # else every rank holds the same weights and optimizer: rank 0 writes
+    parallel.barrier(dist)
+    if sharded:
         full = parallel.gather_full_state_dict(model, dist)
         parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
         if dist.is_main:
@@ -490,10 +538,10 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist, keep_last=1)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(model.config.to_dict(), f, indent=2)
         parallel.barrier(dist)
-    else:
+    elif dist.is_main:
         model.save_pretrained(tmp)
     if dist.is_main:
-        torch.save({**state, "optimizer": optimizer.state_dict() if dist.world_size == 1 else None},
+        torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
                    os.path.join(tmp, "train_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -503,9 +551,36 @@ def save_checkpoint(stage_dir, step, model, optimizer, state, dist, keep_last=1)
         for old in sorted(d for d in os.listdir(stage_dir) if d.startswith("step-"))[:-keep_last]:
             if old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
-    if dist.world_size > 1:
-        parallel.barrier(dist)
+    parallel.barrier(dist)
     return final
+
+
+def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=print):
+    """Restore the optimizer and this rank's data position from a checkpoint (the weights come from its
+    model.safetensors). On another world size a replicated optimizer (one process, plain data parallel) loads
+    as it is and our FSDP's shards are re-cut (--ep and --fsdp torch shards need the same world size); the
+    ranks' read positions are re-dealt over the new ranks."""
+    loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # one per rank
+    sharded, saved_sharded = parallel.is_sharded(model), state["optimizer"] is None
+    resharding = sharded and len(loaders) != dist.world_size
+    if sharded != saved_sharded or (resharding and not parallel.reshardable(model)):
+        how = lambda shards, n: f"{n} rank(s) with " + (  # noqa: E731
+            "per-rank optimizer shards (--fsdp/--ep)" if shards else "a replicated optimizer")
+        raise SystemExit(f"--resume: {ckpt} was written by {how(saved_sharded, len(loaders))}, this run has "
+                         f"{how(sharded, dist.world_size)}: resume with the flags it was written with (and, for "
+                         f"--ep or --fsdp torch, its world size), or start from its weights with --init-from "
+                         f"{ckpt} (new optimizer and schedule)")
+    if resharding:
+        parallel.load_resharded(model, optimizer, dist, ckpt, len(loaders))
+    elif sharded:
+        parallel.load_sharded(model, optimizer, dist, ckpt)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if len(loaders) != dist.world_size:
+        log(f"--resume: {ckpt} was written by {len(loaders)} rank(s), this run has {dist.world_size}: the "
+            "samples they had not trained on are dealt to the new ranks")
+        loaders = data.reshard_loader_states(loaders, dist.world_size)
+    loader.load_state_dict(loaders[dist.rank])
 
 
 def load_train_state(ckpt):
@@ -557,23 +632,33 @@ def plot_loss(metrics_path, out_png):
 
 
 class StopRequested:
-    """Ctrl-C (SIGINT) asks the loop to stop after the current step and checkpoint; a second one kills."""
+    """SIGINT (Ctrl-C) or SIGTERM (what Slurm and Kubernetes send before killing a job) on any rank asks the
+    loop to stop: train_stage sums the flag over ranks once per step, so every rank stops after the same step
+    and they write one checkpoint together. A second Ctrl-C at least AGAIN_S after the first aborts at once;
+    copies arriving together (the terminal's and the one torchrun forwards) count once, and SIGTERM never
+    aborts (the scheduler's SIGKILL follows its grace period)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    AGAIN_S = 2.0
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.since = False, None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step and writing a checkpoint (press again to abort)", flush=True)
+            if signum == signal.SIGINT and time.monotonic() - self.since >= self.AGAIN_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.since = True, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing this step on every rank and writing a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -602,11 +687,7 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         if st["stage"] != stage_num or st["total_steps"] != total:
             raise SystemExit(f"--resume: {resume_ckpt} is stage {st['stage']} of {st['total_steps']} steps, "
                              f"this run is stage {stage_num} of {total}")
-        if dist.world_size > 1:
-            parallel.load_sharded(model, optimizer, dist, resume_ckpt)
-        else:
-            optimizer.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"][dist.rank] if dist.world_size > 1 else st["loader"])
+        resume_optimizer_and_data(model, optimizer, loader, st, resume_ckpt, dist, log)
         set_rng_state(st["rng"])
         step, bad_total, bad_run = st["step"], st["bad_steps"], st["bad_run"]
         log(f"stage {stage_num}: resumed from {resume_ckpt} at step {step}")
@@ -635,15 +716,11 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     t_start, status, ckpt, dt_avg = time.time(), "done", resume_ckpt, None
     with StopRequested() as stop:
         while step < total:
-            if stop.requested:
-                status = "interrupted"
-                break
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            counts = torch.tensor([float(sum(loss_tokens(b) for b in batches)), float(loader.skipped)], device=device)
+            n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
             if dist.world_size > 1:
-                parallel.all_reduce_sum(counts, dist)
-            n_loss, skipped = counts[0], int(counts[1])
+                parallel.all_reduce_sum(n_loss, dist)
             # the loss is a sum over loss tokens divided by their global count: every token weighs the same
             # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
             divisor = float(n_loss) / dist.world_size
@@ -660,14 +737,19 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                                    "which labels are targets")
             if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
                 parallel.all_reduce_grads(model, dist)
-            if dist.world_size > 1:
+            if dist.world_size > 1 or cfg.fsdp:  # (torch's own norm of a flat shard is off by 1e-5 on CPU: measured)
                 norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
                                                 replicated=not cfg.fsdp)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
-            if dist.world_size > 1:  # skip or step on every rank alike, or the shards diverge
-                finite = bool(parallel.all_reduce_sum(torch.tensor(float(not finite), device=device), dist) == 0)
+            tokens, stopping, skipped = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested, loader.skipped
+            if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
+                # rank alike (a rank stepping alone diverges, one stopping alone leaves the others in a collective)
+                agreed = parallel.all_reduce_sum(
+                    torch.tensor([loss_sum, float(not finite), float(stopping), tokens, skipped], device=device), dist)
+                loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
+                tokens, skipped = int(agreed[3]), int(agreed[4])
             lr_mult = lr_factor(step, total, warmup)
             if finite:
                 for g in optimizer.param_groups:
@@ -683,7 +765,6 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             step += 1
             dt = time.perf_counter() - t0
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            tokens = sum(int(b.input_ids.shape[0]) for b in batches) * dist.world_size
             flops = sum(sum(model_flops(model.config, b, stage.trains).values()) for b in batches)
             mfu = flops * dist.world_size / dt / peak
             row = {"stage": stage_num, "step": step, "loss": loss_sum if finite else None,
@@ -703,6 +784,9 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             if bad_run >= cfg.max_bad_steps:
                 status = f"stopped: {bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
                 log(f"stage {stage_num}: {status}")
+                break
+            if stopping and step < total:
+                status = "interrupted"
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                 ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
@@ -735,12 +819,15 @@ def build_stage(cfg, stage_num, stage, init, tokenizer, length, peak_lr, device,
     model = build_model(cfg.preset, init, overrides or {}, cfg.seed).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
-    if cfg.fsdp:
+    if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all
+        if model.config.text.n_routed_experts % cfg.ep:
+            raise SystemExit(f"--ep {cfg.ep}: the model's {model.config.text.n_routed_experts} routed experts do "
+                             f"not split over {cfg.ep} ranks")
+        model = parallel.shard_experts(model, dist, cfg.ep)
+    if cfg.fsdp:  # after EP: expert slices are sharded over their replicas, the rest over all ranks
         model = parallel.shard_model(model, dist, mode=cfg.fsdp,
                                      compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
                                      group_of=lambda n, p: (module_group(n), p.dim() >= 2))
-    if cfg.ep > 1:  # each rank keeps 1/ep of every MoE layer's routed experts; tokens reach them by all_to_all
-        model = parallel.shard_experts(model, dist)
     model.train()
     optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
     loader = data.PackedLoader(build_source(cfg, stage_num, stage), tokenizer, length, seed=cfg.seed + stage_num,
@@ -773,16 +860,17 @@ def run(cfg, overrides, log=print):
     Flags and paths are checked first, then --out is locked for the run's duration."""
     check_config(cfg, overrides)
     device_type = detect_device() if cfg.device == "auto" else cfg.device
-    if cfg.fsdp or cfg.ep > 1:
-        dist = parallel.init_distributed(device_type)
-    else:
-        dist = types.SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device(device_type))
-    if cfg.ep > 1 and (cfg.fsdp or dist.world_size != cfg.ep):
-        raise SystemExit(f"--ep {cfg.ep}: run under torchrun with {cfg.ep} processes (world size now "
-                         f"{dist.world_size}) and without --fsdp (expert sub-groups and EP + FSDP are not supported)")
-    if cfg.fsdp and dist.world_size == 1:
-        raise SystemExit(f"--fsdp {cfg.fsdp} shards over processes: run under torchrun with 2 or more processes")
-    device = dist.device if cfg.fsdp or cfg.ep > 1 else torch.device(device_type)
+    # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
+    dist = parallel.init_distributed(device_type)
+    if (cfg.fsdp or cfg.ep > 1) and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(f"{f'--fsdp {cfg.fsdp}' if cfg.fsdp else f'--ep {cfg.ep}'} shards over processes: run under "
+                         "torchrun (torchrun --nproc-per-node N train.py ...)")
+    if cfg.ep > 1 and dist.world_size % cfg.ep:
+        raise SystemExit(f"--ep {cfg.ep}: run under torchrun with a multiple of {cfg.ep} processes (world size "
+                         f"now {dist.world_size}): each group of {cfg.ep} ranks splits the routed experts")
+    if cfg.ep > 1 and cfg.fsdp == "torch":
+        raise SystemExit(f"--ep {cfg.ep} composes with our FSDP (--fsdp / --fsdp ours), not --fsdp torch")
+    device = dist.device
     tokenizer = build_tokenizer(cfg)
     with run_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
         return train_recipe(cfg, overrides, tokenizer, device, dist, log if dist.is_main else (lambda *a, **k: None))
@@ -882,14 +970,18 @@ def evaluate_run(cfg, tokenizer, device, log=print):
 
 def main(argv=None):
     cfg, overrides = parse_args(argv)
+    if cfg.dry_run:
+        return print_memory_plan(cfg, overrides)
     try:
         summary = run(cfg, overrides)
     except data.DataError as e:  # bad data: the message names file and line; the last checkpoint is kept
         sys.exit(f"error: {e}")
-    failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status != "done"]
+    parallel.close_distributed()
+    # a run stopped by SIGINT / SIGTERM exits 0: its checkpoint is complete and --resume continues it
+    failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status not in ("done", "interrupted")]
     if failed:
         print("; ".join(failed), file=sys.stderr)
-        sys.exit(130 if any("interrupted" in f for f in failed) else 1)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ ATOL = 1e-5
 CASES = [(mode, stage, ckpt) for mode in ("ours", "torch") for stage in (1, 2) for ckpt in (False, True)]
 
 # each step's global batch: (text length, image grid) per sample; rank r takes samples r::N. Every sample has
-# an image because FSDP needs every rank to run the same units: a rank without images would skip the ViT.
+# an image (micro-batches without one: tests/test_distributed.py runs train.py on them).
 LAYOUT = [(5, (1, 4, 4)), (7, (1, 4, 8)), (4, (1, 4, 4)), (6, (1, 8, 4))]
 
 
