@@ -1056,7 +1056,14 @@ def reshard_loader_states(states, world_size):
     pending = sorted({r + j * old for r, s in enumerate(states) for j in s["buffer"]}
                      | {p for r, s in enumerate(states) for p in range(r + s["reads"] * old, frontier, old)})
     total = lambda key: sum(s[key] for s in states)  # noqa: E731
+    skips, reads = {}, {}  # the skip counts, pooled on the new rank 0
+    for s in states:
+        for src, reason, k in s["skips"]:
+            skips[src, reason] = skips.get((src, reason), 0) + k
+        for src, k in s["source_reads"].items():
+            reads[src] = reads.get(src, 0) + k
     return [{"reads": max(0, -(-(frontier - r) // world_size)),
              "buffer": [p // world_size for p in pending if p % world_size == r],
              "batches": total("batches") // world_size, "tokens": total("tokens") // world_size,
-             "skipped": total("skipped") if r == 0 else 0} for r in range(world_size)]
+             "skips": [[src, reason, k] for (src, reason), k in skips.items()] if r == 0 else [],
+             "source_reads": reads if r == 0 else {}} for r in range(world_size)]

@@ -862,7 +862,7 @@ def run(cfg, overrides, log=print):
     device_type = detect_device() if cfg.device == "auto" else cfg.device
     # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
     dist = parallel.init_distributed(device_type)
-    if (cfg.fsdp or cfg.ep > 1) and "WORLD_SIZE" not in os.environ:
+    if (cfg.fsdp or cfg.ep > 1) and dist.world_size == 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(f"{f'--fsdp {cfg.fsdp}' if cfg.fsdp else f'--ep {cfg.ep}'} shards over processes: run under "
                          "torchrun (torchrun --nproc-per-node N train.py ...)")
     if cfg.ep > 1 and dist.world_size % cfg.ep:
