@@ -1,9 +1,12 @@
 """Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
-(kernels.py's path vs plain torch vs torch.compile), a training step (tokens/s, MFU, peak memory),
-packing vs padding the same samples (useful tokens/s), and data files' start-up cost.
+(kernels.py's path vs plain torch vs torch.compile), the training loss's memory (chunked vs full logits), a
+training step per attention backend (tokens/s, MFU, peak memory), packing vs padding the same samples (useful
+tokens/s), and (only when asked) data files' start-up cost (--what data) and our step and generation against
+transformers' Qwen2.5-VL (--what peer).
 
-    python bench.py                                  # every part on the best device (npu > cuda > cpu)
+    python bench.py                                  # every part but peer on the best device (npu > cuda > cpu)
     python bench.py --device cuda --what attention   # one part
+    python bench.py --device cpu --what peer         # against transformers on the same weights and samples
     python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
     python bench.py --what data                      # time and memory to the first batch of 1M-record files
 

@@ -89,6 +89,19 @@ def test_matches_naive(backend, causal, dtype, heads, small_tiles):
         torch.testing.assert_close(g.float(), r.float(), atol=atol * 4, rtol=rtol)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_stacks_equal_length_samples(causal):
+    """sdpa runs samples of equal length (a ViT's windows) as one batch: values and gradients still per sample."""
+    lengths = [16, 8, 16, 0, 8, 16, 3]
+    q, k, v, cu, _ = random_qkv(lengths, (4, 2), 16, torch.float32, "cpu")
+    out = varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), 16, causal=causal, backend="sdpa")
+    ref = naive_attention(q, k, v, cu, cu, causal)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 def test_kv_longer_than_q_is_bottom_right_causal(backend):
     """KV-cache decoding: one new query per sample sees every cached key of its own sample."""
