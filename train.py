@@ -713,11 +713,18 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
         return {"stage": stage_num, "step": step, "total_steps": total, "bad_steps": bad_total,
                 "bad_run": bad_run, "rng": rng_state(), "loader": loader_state, "train_config": asdict(cfg)}
 
-    t_start, status, ckpt, dt_avg = time.time(), "done", resume_ckpt, None
+    t_start, status, ckpt, dt_avg, saved = time.time(), "done", resume_ckpt, None, step
     with StopRequested() as stop:
         while step < total:
             t0 = time.perf_counter()
-            batches = [next(loader) for _ in range(cfg.grad_accum)]
+            before = loader.state_dict()
+            try:
+                batches = [next(loader) for _ in range(cfg.grad_accum)]
+            except data.DataError:  # a bad record met mid-stage (--on-bad raise): keep the steps done so far
+                if dist.world_size == 1 and step > saved:  # (other ranks would wait in a collective: no checkpoint)
+                    ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(before), dist, cfg.keep_last)
+                    log(f"stage {stage_num}: bad data at step {step + 1}; wrote {ckpt} (--resume after fixing it)")
+                raise
             n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
             if dist.world_size > 1:
                 parallel.all_reduce_sum(n_loss, dist)
@@ -791,6 +798,7 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                 ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
                                        cfg.keep_last)
+                saved = step
         ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
                                cfg.keep_last)
     if loader.skipped:

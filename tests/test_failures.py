@@ -275,3 +275,20 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     ra = [json.loads(x)["loss"] for x in open(tmp_path / "full" / "stage1" / "metrics.jsonl")]
     rb = [json.loads(x)["loss"] for x in open(out + "/stage1/metrics.jsonl")]
     assert ra == rb
+
+
+def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
+    """Records are checked when read: a bad line far into a file is met after some steps; those are saved."""
+    lines = [json.dumps({"text": f"sample number {i} " * 4}) for i in range(2000)]
+    lines[1500] = "{not json"
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path, stage="1", max_steps=200, packing_length=1024, data=[f"t={tmp_path / 't.jsonl'}"])
+    logs = []
+    with pytest.raises(DataError, match=r"t.jsonl:1501: malformed JSON"):
+        train.run(cfg, SMALL, log=logs.append)
+    stage = str(tmp_path / "run" / "stage1")
+    state = train.load_train_state(train.checkpoint_dir(stage))
+    assert 0 < state["step"] < 200 and any("bad data at step" in line for line in logs)
+    # resuming with the record skipped continues from that checkpoint
+    out = train.run(replace(cfg, resume=True, on_bad="skip", max_skip_rate=0.5), SMALL, **QUIET)
+    assert out["stages"]["stage1"].steps == 200
