@@ -249,7 +249,7 @@ def test_loss_shifts_within_samples_and_divides():
 def test_chunked_loss_matches_full_logits():
     """MLLM.forward's chunked loss (kernels.linear_cross_entropy, 1024 tokens a chunk) against [tokens, vocab]
     fp32 logits and F.cross_entropy: same loss (CE + z-loss) and same gradients for every parameter."""
-    model = tiny_model(z_loss=1e-2).train()
+    model = tiny_model(z_loss=1e-2, **{"text.num_layers": 1}).train()
     batch = pack([sample(900, [(1, 4, 6)]), sample(700, []), sample(500, [(1, 8, 4)])])  # > 2 chunks
     params = [p for p in model.parameters()]
     loss, _ = model(batch, loss_divisor=3000.0)
