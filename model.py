@@ -2,8 +2,8 @@
 Qwen2/Qwen3 decoder, the MLLM that splices image features into the packed token stream (loss and KV-cache
 generation), our checkpoints (save_pretrained / from_pretrained) and Hugging Face weight loaders and export.
 
-Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample boundaries `cu_seqlens`);
-see DESIGN.md. Compute-heavy ops go through kernels.py so fused paths land in one place.
+Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample boundaries `cu_seqlens`,
+data.PackedBatch). Compute-heavy ops go through kernels.py so fused paths land in one place.
 """
 import json
 import math

@@ -1,5 +1,5 @@
 """A stand-in for `torch_npu`: each op kernels.py calls, written in plain torch from Ascend's
-documented semantics (torch_npu API reference; facts in shared NPU.md), strict about its arguments.
+documented semantics (the torch_npu API reference), strict about its arguments.
 
 This verifies OUR CALLS - layout, cumulative lengths, mask convention, scale, head counts, group
 lists, which half of a concatenation is the gate, which ops lack autograd - and not the hardware,
