@@ -725,38 +725,8 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
                     ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(before), dist, cfg.keep_last)
                     log(f"stage {stage_num}: bad data at step {step + 1}; wrote {ckpt} (--resume after fixing it)")
                 raise
-            n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
-            if dist.world_size > 1:
-                parallel.all_reduce_sum(n_loss, dist)
-            # the loss is a sum over loss tokens divided by their global count: every token weighs the same
-            # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
-            divisor = float(n_loss) / dist.world_size
-            loss_sum, n_model_tokens = 0.0, 0
-            for b in batches:
-                with autocast:
-                    loss, stats = model(b.to(device), loss_divisor=divisor)
-                loss.backward()
-                loss_sum += loss.item()
-                n_model_tokens += stats["n_loss_tokens"]
-            if n_model_tokens != sum(loss_tokens(b) for b in batches):
-                raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
-                                   f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
-                                   "which labels are targets")
-            if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
-                parallel.all_reduce_grads(model, dist)
-            if dist.world_size > 1 or cfg.fsdp:  # (torch's own norm of a flat shard is off by 1e-5 on CPU: measured)
-                norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
-                                                replicated=not cfg.fsdp)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-            finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
-            tokens, stopping, skipped = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested, loader.skipped
-            if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
-                # rank alike (a rank stepping alone diverges, one stopping alone leaves the others in a collective)
-                agreed = parallel.all_reduce_sum(
-                    torch.tensor([loss_sum, float(not finite), float(stopping), tokens, skipped], device=device), dist)
-                loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
-                tokens, skipped = int(agreed[3]), int(agreed[4])
+            s = train_step(model, params, batches, cfg, dist, device, autocast, stop, loader.skipped)
+            finite, stopping, skipped, tokens = s["finite"], s["stopping"], s["skipped"], s["tokens"]
             lr_mult = lr_factor(step, total, warmup)
             if finite:
                 for g in optimizer.param_groups:
@@ -774,18 +744,18 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             flops = sum(sum(model_flops(model.config, b, stage.trains).values()) for b in batches)
             mfu = flops * dist.world_size / dt / peak
-            row = {"stage": stage_num, "step": step, "loss": loss_sum if finite else None,
-                   "lr": peak_lr * lr_mult, "grad_norm": float(norm) if finite else None, "tokens": tokens,
-                   "loss_tokens": int(n_loss), "tokens_per_s": tokens / dt, "mfu": mfu,
+            row = {"stage": stage_num, "step": step, "loss": s["loss"] if finite else None,
+                   "lr": peak_lr * lr_mult, "grad_norm": s["norm"] if finite else None, "tokens": tokens,
+                   "loss_tokens": s["loss_tokens"], "tokens_per_s": tokens / dt, "mfu": mfu,
                    "mem_gb": peak_memory_gb(device), "skipped": not finite, "bad_steps": bad_total,
                    "skipped_samples": skipped, "packing_efficiency": loader.efficiency, "time_s": time.time() - t_start}
             if metrics is not None:
                 os.write(metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
             if not finite:
-                log(f"stage {stage_num} step {step}: non-finite loss ({loss_sum}) or grad norm ({float(norm)}); "
+                log(f"stage {stage_num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
                     f"update skipped ({bad_run} in a row, {bad_total} in all)")
             if step % cfg.log_every == 0 or step == total or step == 1:
-                log(f"stage {stage_num} step {step:5d}/{total} | loss {loss_sum:.4f} | lr {peak_lr * lr_mult:.2e} | "
+                log(f"stage {stage_num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {peak_lr * lr_mult:.2e} | "
                     f"{tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
                     f"ETA {dt_avg * (total - step):.0f}s" + (f" | skipped {skipped} samples" if skipped else ""))
             if bad_run >= cfg.max_bad_steps:
@@ -811,6 +781,47 @@ def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist,
     log(f"stage {stage_num}: {status} at step {step} in {time.time() - t_start:.0f}s "
         f"({bad_total} skipped steps); checkpoint {ckpt}")
     return StageResult(ckpt, step, bad_total, status, time.time() - t_start)
+
+
+def train_step(model, params, batches, cfg, dist, device, autocast, stop, skipped):
+    """Forward and backward over a step's micro-batches, gradient reduction and clipping, and the one all-reduce
+    that makes every rank agree on the loss, skipping and stopping. Returns {"loss", "norm", "finite", "tokens",
+    "loss_tokens", "skipped", "stopping"} (global over ranks); the optimizer step is the caller's. The stop
+    flag is read after the backward, so a signal during this step stops the run after it."""
+    n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
+    if dist.world_size > 1:
+        parallel.all_reduce_sum(n_loss, dist)
+    # the loss is a sum over loss tokens divided by their global count: every token weighs the same
+    # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
+    divisor = float(n_loss) / dist.world_size
+    loss_sum, n_model_tokens = 0.0, 0
+    for b in batches:
+        with autocast:
+            loss, stats = model(b.to(device), loss_divisor=divisor)
+        loss.backward()
+        loss_sum += loss.item()
+        n_model_tokens += stats["n_loss_tokens"]
+    if n_model_tokens != sum(loss_tokens(b) for b in batches):
+        raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
+                           f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
+                           "which labels are targets")
+    if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
+        parallel.all_reduce_grads(model, dist)
+    if dist.world_size > 1 or cfg.fsdp:  # (torch's own norm of a flat shard is off by 1e-5 on CPU: measured)
+        norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
+                                        replicated=not cfg.fsdp)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+    tokens, stopping = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested
+    if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
+        # rank alike (a rank stepping alone diverges, one stopping alone leaves the others in a collective)
+        agreed = parallel.all_reduce_sum(
+            torch.tensor([loss_sum, float(not finite), float(stopping), tokens, skipped], device=device), dist)
+        loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
+        tokens, skipped = int(agreed[3]), int(agreed[4])
+    return {"loss": loss_sum, "norm": float(norm), "finite": finite, "tokens": tokens, "loss_tokens": int(n_loss),
+            "skipped": skipped, "stopping": stopping}
 
 
 def prepare_stage_dir(stage_dir, fresh, args, log):
