@@ -144,29 +144,18 @@ def device_name(device):
     return getattr(torch, device).get_device_name()
 
 
-def cpu_matmul_flops(n=2048, reps=3):
-    """This machine's fp32 matmul rate (the best of `reps`, timed with host_clock like the step itself)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    clock, best = host_clock("cpu"), math.inf
-    for _ in range(reps):
-        t0 = clock()
-        a @ b
-        best = min(best, clock() - t0)
-    return 2 * n ** 3 / best
-
-
 def peak_flops(device, override_tflops):
     """(FLOP/s, where the figure comes from) for MFU."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if device == "cpu":
-        return cpu_matmul_flops(), f"measured: fp32 2048^3 matmul, {torch.get_num_threads()} thread(s), best of 3"
+        return (kernels.matmul_flops(torch.device("cpu"), torch.float32, host_clock("cpu")),
+                f"measured: fp32 1024^3 matmul, {torch.get_num_threads()} thread(s), best of 4")
     name = device_name(device)
     for key, tflops in PEAK_TFLOPS:
         if key in name:
             return tflops * 1e12, f"datasheet: {key} dense bf16 {tflops:g} TFLOP/s"
-    return (train.measured_peak_flops(torch.device(device), torch.bfloat16),
+    return (kernels.matmul_flops(torch.device(device), torch.bfloat16),
             f"measured: bf16 matmul ({name} not in bench.PEAK_TFLOPS)")
 
 

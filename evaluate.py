@@ -21,11 +21,9 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 import data
-from model import MLLM, hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, read_safetensors, save_hf, \
-    text_config_to_hf
+from model import MLLM, checkpoint_dir, hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, read_safetensors, \
+    replaced, save_hf, text_config_to_hf, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -280,16 +278,9 @@ def average_checkpoints(ckpts, weights=None, out=None):
             acc += (w / total) * s[name].double()
         avg[name] = acc.to(t0.dtype)
     if out is not None:
-        tmp = out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(avg, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(configs[0], f, indent=2)
-        with open(os.path.join(tmp, "averaged_from.json"), "w") as f:
-            json.dump({"checkpoints": list(ckpts), "weights": weights}, f, indent=2)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        with replaced(out) as tmp:
+            write_checkpoint(tmp, avg, configs[0])
+            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
     return avg
 
 
@@ -344,14 +335,11 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
         tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
     if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
         tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(tmp, config, tensors, max_shard_bytes)
     copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
-    for f in copied:
-        shutil.copy(os.path.join(source, f), tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with replaced(out) as tmp:
+        save_hf(tmp, config, tensors, max_shard_bytes)
+        for f in copied:
+            shutil.copy(os.path.join(source, f), tmp)
     return copied
 
 
@@ -483,22 +471,13 @@ def plot_results(rows, out_png, tasks=None):
     return True
 
 
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def resolve_checkpoints(path):
     """[(name, checkpoint dir)]: a checkpoint dir itself, a stage dir (its `latest` checkpoint), or a run
     dir (every stage in it, in training order)."""
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return [(os.path.basename(os.path.normpath(path)), path)]
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return [(os.path.basename(os.path.normpath(path)), os.path.join(path, f.read().strip()))]
+    if os.path.isfile(os.path.join(path, "latest")):
+        return [(os.path.basename(os.path.normpath(path)), checkpoint_dir(path))]
     if os.path.isdir(path):
         found = []
         for sub in sorted(os.listdir(path)):

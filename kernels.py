@@ -10,6 +10,7 @@ import functools
 import contextlib
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,23 @@ def _torch_npu():
         raise RuntimeError("the npu paths need torch_npu (pip install -r requirements-npu.txt on an "
                            "Ascend machine with CANN)") from e
     return torch_npu
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_flops(device, dtype, clock=time.perf_counter):
+    """A dense matmul's FLOP rate on this device and dtype: the MFU denominator when no peak is given (a
+    reachable peak, so MFU reads as a fraction of what this machine can do)."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
+    best = 0.0
+    for _ in range(4):  # the best of a few short trials: a busy machine only ever slows a trial down
+        sync()
+        t0 = clock()
+        a @ a
+        sync()
+        best = max(best, 2 * n ** 3 / (clock() - t0))
+    return best
 
 
 def _on_npu(x):

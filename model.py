@@ -5,9 +5,11 @@ generation), our checkpoints (save_pretrained / from_pretrained) and Hugging Fac
 Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample boundaries `cu_seqlens`,
 data.PackedBatch). Compute-heavy ops go through kernels.py so fused paths land in one place.
 """
+import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -795,12 +797,7 @@ class MLLM(nn.Module):
 
     def save_pretrained(self, path):
         """`model.safetensors` (our key names, tied weights once) + `config.json`."""
-        os.makedirs(path, exist_ok=True)
-        tmp = os.path.join(path, "model.safetensors.tmp")
-        save_file({n: p.detach().contiguous() for n, p in _named_state(self).items()}, tmp)
-        os.replace(tmp, os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
+        write_checkpoint(path, _named_state(self), self.config)
 
     @staticmethod
     def from_pretrained(path):
@@ -810,6 +807,42 @@ class MLLM(nn.Module):
         file = os.path.join(path, "model.safetensors")
         _assign_state(model, read_safetensors(file), file)
         return model
+
+
+@contextlib.contextmanager
+def replaced(path, tmp=None):
+    """Yields a temporary path (default: path + ".tmp") to write a file or a directory to; once that is done it
+    replaces `path` by a rename, so a reader, or a crash at any moment, meets the old or the new whole."""
+    tmp = tmp or path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover directory (a file is simply overwritten)
+    yield tmp
+    if os.path.isdir(path):  # a rename does not replace a non-empty directory
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    with replaced(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def write_checkpoint(path, tensors, config):
+    """Our checkpoint in directory `path`: `model.safetensors` ({our name: tensor}) + `config.json`."""
+    os.makedirs(path, exist_ok=True)
+    with replaced(os.path.join(path, "model.safetensors")) as tmp:
+        save_file({n: t.detach().contiguous() for n, t in tensors.items()}, tmp)
+    write_json(config.to_dict() if isinstance(config, ModelConfig) else config, os.path.join(path, "config.json"))
+
+
+def checkpoint_dir(path):
+    """A checkpoint directory: `path` itself, or the one its `latest` file names (a stage directory)."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no checkpoint (neither config.json nor a `latest` file)")
+    return path
 
 
 def read_safetensors(file, keep=lambda name: True):

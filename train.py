@@ -25,7 +25,6 @@ Run directory (--out; locked by .lock while a run uses it):
 import argparse
 import contextlib
 import fcntl
-import functools
 import json
 import math
 import os
@@ -45,9 +44,9 @@ import torch
 import data
 import evaluate
 import parallel
-from kernels import detect_device
-from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, config_from_preset, load_hf, \
-    load_hf_decoder, model_flops, update_expert_bias
+from kernels import detect_device, matmul_flops
+from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, load_hf, \
+    load_hf_decoder, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -324,7 +323,7 @@ def build_model(preset, init, overrides, seed):
     torch.manual_seed(seed)
     if init is None:
         return MLLM(config_from_preset(preset, **overrides))
-    path = checkpoint_dir(init) if os.path.isfile(os.path.join(init, "latest")) else init
+    path = checkpoint_dir(init)
     if is_our_checkpoint(path):
         model = MLLM.from_pretrained(path)
     else:
@@ -425,21 +424,8 @@ def lr_factor(step, total, warmup, min_ratio=MIN_LR_RATIO):
 # ----------------------------------------------------------------------------- FLOPs, MFU, memory
 
 
-@functools.lru_cache(maxsize=None)
-def measured_peak_flops(device, dtype):
-    """A dense matmul's FLOP rate on this device and dtype, the MFU denominator when --peak-tflops is not
-    given (a reachable peak, so MFU reads as a fraction of what this machine can do)."""
-    n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
-    best = 0.0
-    for _ in range(4):  # the best of a few short trials: a busy machine only ever slows a trial down
-        sync()
-        t0 = time.perf_counter()
-        a @ a
-        sync()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+def compute_dtype(cfg):
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
 def peak_memory_gb(device):
@@ -495,17 +481,6 @@ def print_memory_plan(cfg, overrides, log=print):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(path):
-    """A checkpoint directory: `path` itself, or the one its `latest` file names (a stage directory)."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no checkpoint (neither config.json nor a `latest` file)")
-    return path
-
-
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -518,36 +493,31 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(stage_dir, step, model, optimizer, state, dist, keep_last=1):
+def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state):
     """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt} written under a temp name and
     renamed, then `latest` is switched to it (also by rename) and all but the newest `keep_last`
     checkpoints are removed, so a crash at any moment leaves a complete checkpoint behind."""
-    name = f"step-{step:06d}"
+    name = f"step-{state['step']:06d}"
     final, tmp = os.path.join(stage_dir, name), os.path.join(stage_dir, f".tmp-{name}")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
     sharded = parallel.is_sharded(model)  # else every rank holds the same weights and optimizer: rank 0 writes
-    parallel.barrier(dist)
-    if sharded:
-        full = parallel.gather_full_state_dict(model, dist)
-        parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
+    with replaced(final, tmp) if dist.is_main else contextlib.nullcontext(tmp):
         if dist.is_main:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(model.config.to_dict(), f, indent=2)
+            os.makedirs(tmp)
         parallel.barrier(dist)
-    elif dist.is_main:
-        model.save_pretrained(tmp)
+        if sharded:
+            full = parallel.gather_full_state_dict(model, dist)
+            parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
+            if dist.is_main:
+                write_checkpoint(tmp, full, model.config)
+            parallel.barrier(dist)
+        elif dist.is_main:
+            model.save_pretrained(tmp)
+        if dist.is_main:
+            torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
+                       os.path.join(tmp, "train_state.pt"))
     if dist.is_main:
-        torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
-                   os.path.join(tmp, "train_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(stage_dir, "latest.tmp"), "w") as f:
+        with replaced(os.path.join(stage_dir, "latest")) as latest, open(latest, "w") as f:
             f.write(name)
-        os.replace(os.path.join(stage_dir, "latest.tmp"), os.path.join(stage_dir, "latest"))
         for old in sorted(d for d in os.listdir(stage_dir) if d.startswith("step-"))[:-keep_last]:
             if old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
@@ -606,9 +576,8 @@ def keep_metrics_until(path, step, log=print):
     if torn:
         log(f"warning: {path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
             "a write cut short by a kill)")
-    with open(path + ".tmp", "w") as f:
+    with replaced(path) as tmp, open(tmp, "w") as f:
         f.writelines(rows)
-    os.replace(path + ".tmp", path)
 
 
 def plot_loss(metrics_path, out_png):
@@ -670,133 +639,119 @@ class StageResult:
     wall_s: float
 
 
-def train_stage(cfg, stage_num, stage, stage_dir, init, tokenizer, device, dist, overrides=None, log=print):
+@dataclass
+class RunContext:
+    """What every stage of a run shares: the tokenizer, the process group (one process: world size 1) and
+    its device, the model flags given, and the log (a no-op on ranks other than 0)."""
+    tokenizer: data.Tokenizer
+    dist: parallel.Dist
+    overrides: dict
+    log: typing.Callable = print
+
+
+@dataclass
+class Plan:
+    """A stage's steps, packing length, warm-up and peak lr: the stage table's unless a flag overrides them."""
+    total: int
+    length: int
+    warmup: int
+    peak_lr: float
+
+    @staticmethod
+    def of(cfg, stage):
+        total = cfg.max_steps if cfg.max_steps is not None else stage.steps
+        return Plan(total, cfg.packing_length or stage.packing_length,
+                    min(cfg.warmup if cfg.warmup is not None else stage.warmup, total),
+                    cfg.lr if cfg.lr is not None else stage.lr)
+
+
+@dataclass
+class StageState:
+    """What a stage's loop changes and a checkpoint keeps: weights, optimizer, data position, counters."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: data.PackedLoader
+    step: int = 0
+    bad_total: int = 0   # non-finite-loss steps skipped in all
+    bad_run: int = 0     # ... in a row (--max-bad-steps)
+
+
+def train_stage(cfg, ctx, stage_num, stage_dir, init):
     """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
     weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
-    total = cfg.max_steps if cfg.max_steps is not None else stage.steps
-    length = cfg.packing_length or stage.packing_length
-    warmup = min(cfg.warmup if cfg.warmup is not None else stage.warmup, total)
-    peak_lr = cfg.lr if cfg.lr is not None else stage.lr
+    stage, plan, dist, log = STAGES[stage_num], Plan.of(cfg, STAGES[stage_num]), ctx.dist, ctx.log
     resume_ckpt = checkpoint_dir(stage_dir) if cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest")) else None
-    model, optimizer, loader = build_stage(cfg, stage_num, stage, resume_ckpt or init, tokenizer, length, peak_lr,
-                                           device, dist, overrides, log)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    step, bad_total, bad_run = 0, 0, 0
+    st = StageState(*build_stage(cfg, ctx, stage_num, plan, resume_ckpt or init))
     if resume_ckpt:
-        st = load_train_state(resume_ckpt)
-        if st["stage"] != stage_num or st["total_steps"] != total:
-            raise SystemExit(f"--resume: {resume_ckpt} is stage {st['stage']} of {st['total_steps']} steps, "
-                             f"this run is stage {stage_num} of {total}")
-        resume_optimizer_and_data(model, optimizer, loader, st, resume_ckpt, dist, log)
-        set_rng_state(st["rng"])
-        step, bad_total, bad_run = st["step"], st["bad_steps"], st["bad_run"]
-        log(f"stage {stage_num}: resumed from {resume_ckpt} at step {step}")
-        if step >= total:
-            return StageResult(resume_ckpt, step, bad_total, "done", 0.0)
+        resume_stage(st, resume_ckpt, stage_num, plan, ctx)
+        if st.step >= plan.total:
+            return StageResult(resume_ckpt, st.step, st.bad_total, "done", 0.0)
         if dist.is_main:
-            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), step, log)
-    loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
+            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), st.step, log)
+    st.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
     if dist.is_main:  # ... before anything on disk changes
         prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
-                                                                  "model_overrides": overrides or {}}, log=log)
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak_flops(
-        device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
-    metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
-        if dist.is_main else None
-    log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {total} steps x {cfg.grad_accum} "
-        f"x {length} tokens; peak lr {peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
-        f"trainable / {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    def state_now(loader_state):
-        return {"stage": stage_num, "step": step, "total_steps": total, "bad_steps": bad_total,
-                "bad_run": bad_run, "rng": rng_state(), "loader": loader_state, "train_config": asdict(cfg)}
-
-    t_start, status, ckpt, dt_avg, saved = time.time(), "done", resume_ckpt, None, step
+                                                                  "model_overrides": ctx.overrides}, log=log)
+    meter = StageLog(cfg, stage_num, plan, stage_dir, ctx)
+    params = [p for g in st.optimizer.param_groups for p in g["params"]]
+    log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {plan.total} steps x {cfg.grad_accum} "
+        f"x {plan.length} tokens; peak lr {plan.peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
+        f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters")
+    save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
+                                                train_state(cfg, stage_num, plan, st, loader_state))
+    status, ckpt, saved = "done", resume_ckpt, st.step
     with StopRequested() as stop:
-        while step < total:
-            t0 = time.perf_counter()
-            before = loader.state_dict()
+        while st.step < plan.total:
+            t0, before = time.perf_counter(), st.loader.state_dict()
             try:
-                batches = [next(loader) for _ in range(cfg.grad_accum)]
+                batches = [next(st.loader) for _ in range(cfg.grad_accum)]
             except data.DataError:  # a bad record met mid-stage (--on-bad raise): keep the steps done so far
-                if dist.world_size == 1 and step > saved:  # (other ranks would wait in a collective: no checkpoint)
-                    ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(before), dist, cfg.keep_last)
-                    log(f"stage {stage_num}: bad data at step {step + 1}; wrote {ckpt} (--resume after fixing it)")
+                if dist.world_size == 1 and st.step > saved:  # (other ranks would wait in a collective)
+                    log(f"stage {stage_num}: bad data at step {st.step + 1}; wrote {save(before)} (--resume after "
+                        "fixing it)")
                 raise
-            s = train_step(model, params, batches, cfg, dist, device, autocast, stop, loader.skipped)
-            finite, stopping, skipped, tokens = s["finite"], s["stopping"], s["skipped"], s["tokens"]
-            lr_mult = lr_factor(step, total, warmup)
-            if finite:
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * lr_mult
-                optimizer.step()
-                bad_run = 0
-            else:  # skip the update, keep the weights and optimizer state
-                bad_total, bad_run = bad_total + 1, bad_run + 1
-            # DeepSeek-V3 §2.1.2: MoE routing biases follow the step's expert loads (a frozen decoder keeps them)
-            update_expert_bias(model, model.config.text.bias_update_speed if finite and "decoder" in stage.trains
-                               else 0.0, (lambda t: parallel.all_reduce_sum(t, dist)) if dist.world_size > 1 else None)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            flops = sum(sum(model_flops(model.config, b, stage.trains).values()) for b in batches)
-            mfu = flops * dist.world_size / dt / peak
-            row = {"stage": stage_num, "step": step, "loss": s["loss"] if finite else None,
-                   "lr": peak_lr * lr_mult, "grad_norm": s["norm"] if finite else None, "tokens": tokens,
-                   "loss_tokens": s["loss_tokens"], "tokens_per_s": tokens / dt, "mfu": mfu,
-                   "mem_gb": peak_memory_gb(device), "skipped": not finite, "bad_steps": bad_total,
-                   "skipped_samples": skipped, "packing_efficiency": loader.efficiency, "time_s": time.time() - t_start}
-            if metrics is not None:
-                os.write(metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
-            if not finite:
-                log(f"stage {stage_num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
-                    f"update skipped ({bad_run} in a row, {bad_total} in all)")
-            if step % cfg.log_every == 0 or step == total or step == 1:
-                log(f"stage {stage_num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {peak_lr * lr_mult:.2e} | "
-                    f"{tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
-                    f"ETA {dt_avg * (total - step):.0f}s" + (f" | skipped {skipped} samples" if skipped else ""))
-            if bad_run >= cfg.max_bad_steps:
-                status = f"stopped: {bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
-                log(f"stage {stage_num}: {status}")
+            s = train_step(st.model, params, batches, cfg, dist, stop, st.loader.skipped)
+            lr_mult = optimizer_step(st, s["finite"], plan, stage, dist)
+            status = meter.record(st, s, batches, lr_mult, time.perf_counter() - t0)
+            if status != "done":
                 break
-            if stopping and step < total:
-                status = "interrupted"
-                break
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
-                ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
-                                       cfg.keep_last)
-                saved = step
-        ckpt = save_checkpoint(stage_dir, step, model, optimizer, state_now(gather_loader(loader, dist)), dist,
-                               cfg.keep_last)
-    if loader.skipped:
-        log(f"stage {stage_num}: skipped {loader.skipped} samples{' on rank 0' if dist.world_size > 1 else ''} "
-            f"({loader.skip_summary()}; last: {loader.last_error}); see metrics.jsonl 'skipped_samples'")
-    if metrics is not None:
-        os.close(metrics)
-        if plot_loss(os.path.join(stage_dir, "metrics.jsonl"), os.path.join(stage_dir, "loss.png")):
-            log(f"wrote {os.path.join(stage_dir, 'loss.png')}")
-    log(f"stage {stage_num}: {status} at step {step} in {time.time() - t_start:.0f}s "
-        f"({bad_total} skipped steps); checkpoint {ckpt}")
-    return StageResult(ckpt, step, bad_total, status, time.time() - t_start)
+            if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < plan.total:
+                ckpt, saved = save(gather_loader(st.loader, dist)), st.step
+        ckpt = save(gather_loader(st.loader, dist))
+    return meter.finish(st, status, ckpt)
 
 
-def train_step(model, params, batches, cfg, dist, device, autocast, stop, skipped):
+def train_state(cfg, stage_num, plan, st, loader_state):
+    """train_state.pt's contents besides the optimizer: counters, RNG state, data position(s) and the flags."""
+    return {"stage": stage_num, "step": st.step, "total_steps": plan.total, "bad_steps": st.bad_total,
+            "bad_run": st.bad_run, "rng": rng_state(), "loader": loader_state, "train_config": asdict(cfg)}
+
+
+def resume_stage(st, ckpt, stage_num, plan, ctx):
+    """Optimizer, data position, RNG and counters from the checkpoint the weights were loaded from."""
+    saved = load_train_state(ckpt)
+    if saved["stage"] != stage_num or saved["total_steps"] != plan.total:
+        raise SystemExit(f"--resume: {ckpt} is stage {saved['stage']} of {saved['total_steps']} steps, "
+                         f"this run is stage {stage_num} of {plan.total}")
+    resume_optimizer_and_data(st.model, st.optimizer, st.loader, saved, ckpt, ctx.dist, ctx.log)
+    set_rng_state(saved["rng"])
+    st.step, st.bad_total, st.bad_run = saved["step"], saved["bad_steps"], saved["bad_run"]
+    ctx.log(f"stage {stage_num}: resumed from {ckpt} at step {st.step}")
+
+
+def train_step(model, params, batches, cfg, dist, stop, skipped):
     """Forward and backward over a step's micro-batches, gradient reduction and clipping, and the one all-reduce
     that makes every rank agree on the loss, skipping and stopping. Returns {"loss", "norm", "finite", "tokens",
     "loss_tokens", "skipped", "stopping"} (global over ranks); the optimizer step is the caller's. The stop
     flag is read after the backward, so a signal during this step stops the run after it."""
-    n_loss = torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device)
-    if dist.world_size > 1:
-        parallel.all_reduce_sum(n_loss, dist)
+    device = dist.device
+    n_loss = parallel.all_reduce_sum(torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device), dist)
     # the loss is a sum over loss tokens divided by their global count: every token weighs the same
     # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
     divisor = float(n_loss) / dist.world_size
     loss_sum, n_model_tokens = 0.0, 0
     for b in batches:
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             loss, stats = model(b.to(device), loss_divisor=divisor)
         loss.backward()
         loss_sum += loss.item()
@@ -807,11 +762,7 @@ def train_step(model, params, batches, cfg, dist, device, autocast, stop, skippe
                            "which labels are targets")
     if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
         parallel.all_reduce_grads(model, dist)
-    if dist.world_size > 1 or cfg.fsdp:  # (torch's own norm of a flat shard is off by 1e-5 on CPU: measured)
-        norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist,
-                                        replicated=not cfg.fsdp)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist, replicated=not cfg.fsdp)
     finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
     tokens, stopping = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested
     if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
@@ -824,18 +775,95 @@ def train_step(model, params, batches, cfg, dist, device, autocast, stop, skippe
             "skipped": skipped, "stopping": stopping}
 
 
+def optimizer_step(st, finite, plan, stage, dist):
+    """The update at the schedule's lr, or (a non-finite loss or norm) none, weights and optimizer state kept;
+    then the MoE routing biases and the step count. Returns the lr multiplier of this step."""
+    lr_mult = lr_factor(st.step, plan.total, plan.warmup)
+    if finite:
+        for g in st.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+        st.optimizer.step()
+        st.bad_run = 0
+    else:
+        st.bad_total, st.bad_run = st.bad_total + 1, st.bad_run + 1
+    # DeepSeek-V3 §2.1.2: MoE routing biases follow the step's expert loads (a frozen decoder keeps them)
+    update_expert_bias(st.model, st.model.config.text.bias_update_speed if finite and "decoder" in stage.trains
+                       else 0.0, lambda t: parallel.all_reduce_sum(t, dist))
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    return lr_mult
+
+
+class StageLog:
+    """A stage's metrics.jsonl (one row per step, written by rank 0), progress lines, the stop conditions
+    (non-finite steps in a row, a stop signal) and the closing summary with loss.png."""
+
+    def __init__(self, cfg, stage_num, plan, stage_dir, ctx):
+        self.cfg, self.stage_num, self.plan, self.stage_dir, self.dist, self.log = \
+            cfg, stage_num, plan, stage_dir, ctx.dist, ctx.log
+        self.trains = STAGES[stage_num].trains
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_flops(self.dist.device, compute_dtype(cfg))
+        self.metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
+            if self.dist.is_main else None
+        self.t_start, self.dt_avg = time.time(), None
+
+    def record(self, st, s, batches, lr_mult, dt):
+        """Log the step just taken; returns "done" to go on, else why the stage stops."""
+        cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"]
+        self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
+        flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
+        mfu = flops * self.dist.world_size / dt / self.peak
+        lr = self.plan.peak_lr * lr_mult
+        row = {"stage": self.stage_num, "step": step, "loss": s["loss"] if finite else None, "lr": lr,
+               "grad_norm": s["norm"] if finite else None, "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
+               "tokens_per_s": s["tokens"] / dt, "mfu": mfu, "mem_gb": peak_memory_gb(self.dist.device),
+               "skipped": not finite, "bad_steps": st.bad_total, "skipped_samples": s["skipped"],
+               "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start}
+        if self.metrics is not None:
+            os.write(self.metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
+        if not finite:
+            self.log(f"stage {self.stage_num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
+                     f"update skipped ({st.bad_run} in a row, {st.bad_total} in all)")
+        if step % cfg.log_every == 0 or step == total or step == 1:
+            self.log(f"stage {self.stage_num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {lr:.2e} | "
+                     f"{s['tokens'] / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
+                     f"ETA {self.dt_avg * (total - step):.0f}s"
+                     + (f" | skipped {s['skipped']} samples" if s["skipped"] else ""))
+        if st.bad_run >= cfg.max_bad_steps:
+            status = f"stopped: {st.bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
+            self.log(f"stage {self.stage_num}: {status}")
+            return status
+        return "interrupted" if s["stopping"] and step < total else "done"
+
+    def finish(self, st, status, ckpt):
+        loader, wall = st.loader, time.time() - self.t_start
+        if loader.skipped:
+            self.log(f"stage {self.stage_num}: skipped {loader.skipped} samples"
+                     f"{' on rank 0' if self.dist.world_size > 1 else ''} ({loader.skip_summary()}; last: "
+                     f"{loader.last_error}); see metrics.jsonl 'skipped_samples'")
+        if self.metrics is not None:
+            os.close(self.metrics)
+            png = os.path.join(self.stage_dir, "loss.png")
+            if plot_loss(os.path.join(self.stage_dir, "metrics.jsonl"), png):
+                self.log(f"wrote {png}")
+        self.log(f"stage {self.stage_num}: {status} at step {st.step} in {wall:.0f}s ({st.bad_total} skipped "
+                 f"steps); checkpoint {ckpt}")
+        return StageResult(ckpt, st.step, st.bad_total, status, time.time() - self.t_start)
+
+
 def prepare_stage_dir(stage_dir, fresh, args, log):
     """The stage directory with this run's args.json; a fresh start replaces an earlier run's directory."""
     if fresh and os.path.isdir(stage_dir):
         log(f"starting over in {stage_dir} (without --resume its old contents are removed)")
         shutil.rmtree(stage_dir)
     os.makedirs(stage_dir, exist_ok=True)
-    evaluate.write_json(args, os.path.join(stage_dir, "args.json"))
+    write_json(args, os.path.join(stage_dir, "args.json"))
 
 
-def build_stage(cfg, stage_num, stage, init, tokenizer, length, peak_lr, device, dist, overrides, log):
+def build_stage(cfg, ctx, stage_num, plan, init):
     """(model, optimizer, loader) of a stage: weights from `init`, frozen groups set, sharded as the flags say."""
-    model = build_model(cfg.preset, init, overrides or {}, cfg.seed).to(device)
+    stage, dist, device = STAGES[stage_num], ctx.dist, ctx.dist.device
+    model = build_model(cfg.preset, init, ctx.overrides, cfg.seed).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
     if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all
@@ -844,15 +872,15 @@ def build_stage(cfg, stage_num, stage, init, tokenizer, length, peak_lr, device,
                              f"not split over {cfg.ep} ranks")
         model = parallel.shard_experts(model, dist, cfg.ep)
     if cfg.fsdp:  # after EP: expert slices are sharded over their replicas, the rest over all ranks
-        model = parallel.shard_model(model, dist, mode=cfg.fsdp,
-                                     compute_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+        model = parallel.shard_model(model, dist, mode=cfg.fsdp, compute_dtype=compute_dtype(cfg),
                                      group_of=lambda n, p: (module_group(n), p.dim() >= 2))
     model.train()
-    optimizer = build_optimizer(model, stage, peak_lr, cfg, device.type)
-    loader = data.PackedLoader(build_source(cfg, stage_num, stage), tokenizer, length, seed=cfg.seed + stage_num,
-                               rank=dist.rank, world_size=dist.world_size, min_pixels=cfg.min_pixels,
-                               max_pixels=cfg.max_pixels, mrope=model.config.text.mrope_section is not None,
-                               truncate=cfg.truncate, on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
+    optimizer = build_optimizer(model, stage, plan.peak_lr, cfg, device.type)
+    loader = data.PackedLoader(build_source(cfg, stage_num, stage), ctx.tokenizer, plan.length,
+                               seed=cfg.seed + stage_num, rank=dist.rank, world_size=dist.world_size,
+                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                               mrope=model.config.text.mrope_section is not None, truncate=cfg.truncate,
+                               on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
     return model, optimizer, loader
 
 
@@ -889,10 +917,9 @@ def run(cfg, overrides, log=print):
                          f"now {dist.world_size}): each group of {cfg.ep} ranks splits the routed experts")
     if cfg.ep > 1 and cfg.fsdp == "torch":
         raise SystemExit(f"--ep {cfg.ep} composes with our FSDP (--fsdp / --fsdp ours), not --fsdp torch")
-    device = dist.device
-    tokenizer = build_tokenizer(cfg)
+    ctx = RunContext(build_tokenizer(cfg), dist, overrides or {}, log if dist.is_main else (lambda *a, **k: None))
     with run_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
-        return train_recipe(cfg, overrides, tokenizer, device, dist, log if dist.is_main else (lambda *a, **k: None))
+        return train_recipe(cfg, ctx)
 
 
 def run_lock(out):
@@ -914,17 +941,16 @@ def run_lock(out):
     return f  # closing the file (leaving the `with`) releases the lock
 
 
-def train_recipe(cfg, overrides, tokenizer, device, dist, log):
+def train_recipe(cfg, ctx):
     """The stages of --stage in order, the stage-3 average and evaluation for `all`."""
-    t0 = time.time()
+    t0, dist, log = time.time(), ctx.dist, ctx.log
     stage_nums = [1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
     init, results = cfg.init_from, {}
     for n in stage_nums:
         if n == 3 and cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
             break
         name = f"stage{n}"
-        results[name] = train_stage(cfg, n, STAGES[n], os.path.join(cfg.out, name), init, tokenizer, device, dist,
-                                    overrides, log)
+        results[name] = train_stage(cfg, ctx, n, os.path.join(cfg.out, name), init)
         if results[name].status != "done":
             return {"stages": results, "wall_s": time.time() - t0}
         init = results[name].checkpoint
@@ -932,8 +958,7 @@ def train_recipe(cfg, overrides, tokenizer, device, dist, log):
         for length, steps in stage3_runs(cfg):
             name = f"stage3-{length}"
             run_cfg = replace(cfg, packing_length=length, max_steps=steps)
-            results[name] = train_stage(run_cfg, 3, STAGES[3], os.path.join(cfg.out, name), init, tokenizer,
-                                        device, dist, overrides, log)
+            results[name] = train_stage(run_cfg, ctx, 3, os.path.join(cfg.out, name), init)
             if results[name].status != "done":
                 return {"stages": results, "wall_s": time.time() - t0}
         if dist.is_main:
@@ -943,7 +968,7 @@ def train_recipe(cfg, overrides, tokenizer, device, dist, log):
     train_wall = time.time() - t0
     summary = {"stages": results, "train_wall_s": train_wall}
     if cfg.stage == "all" and cfg.eval and dist.is_main:
-        summary["eval"] = evaluate_run(cfg, tokenizer, device, log)
+        summary["eval"] = evaluate_run(cfg, ctx.tokenizer, dist.device, log)
     summary["wall_s"] = time.time() - t0
     if dist.is_main:
         log(f"total wall time {summary['wall_s']:.0f}s (training {train_wall:.0f}s)")
@@ -956,7 +981,7 @@ def evaluate_run(cfg, tokenizer, device, log=print):
     t0 = time.time()
     tasks = data.SYNTHETIC_TASKS
     test_sets = evaluate.build_eval_sets(tasks, "test", cfg.eval_n, cfg.seed)
-    kw = dict(device=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    kw = dict(device=device, dtype=compute_dtype(cfg))
     report = {"checkpoints": {}}
     for name, ckpt in evaluate.resolve_checkpoints(cfg.out):
         res = evaluate.evaluate_model(evaluate.load_model(ckpt, device), tokenizer, test_sets, cfg.min_pixels,
