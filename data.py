@@ -29,8 +29,10 @@ import tiktoken
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-PATCH = 14  # ViT patch side in pixels
-MERGE = 2  # PatchMerger merges 2x2 patches into one LLM token
+from model import VisionConfig
+
+# the processor cuts images into the ViT's patches and groups them as its PatchMerger does (Qwen2.5-ViT's sizes)
+PATCH, MERGE = VisionConfig.patch_size, VisionConfig.spatial_merge_size
 FACTOR = PATCH * MERGE
 MIN_PIXELS = 56 * 56  # Qwen2-VL processor defaults
 MAX_PIXELS = 28 * 28 * 1280
@@ -160,6 +162,15 @@ class Tokenizer:
             raise DataError(f"{file}: {len(stray)} vocab entries are neither bytes nor merges, e.g. {stray[:3]}")
         return cls(ranks, added, pat_str=_hf_pattern(tj, file), normalization=_hf_normalization(tj, file),
                    name=os.path.basename(os.path.dirname(os.path.abspath(file))))
+
+
+def load_tokenizer(path):
+    """A Tokenizer: byte-level by default, a .tiktoken file, or a Hugging Face tokenizer.json."""
+    if path is None:
+        return Tokenizer()
+    if path.endswith(".tiktoken"):
+        return Tokenizer.from_tiktoken_file(path)
+    return Tokenizer.from_hf(path)
 
 
 def _hf_pattern(tj, file):
@@ -792,6 +803,24 @@ def _from_texts(texts, n_images, where):
 
 
 # ----------------------------------------------------------------------------- mixing
+
+def parse_data_flag(spec, flag="--data"):
+    """'name=path' or 'name=path:weight' -> (name, path, weight). A ':' ends the path unless the whole text
+    names an existing file, so 'name=path:abc' is an error about the weight, not a missing 'path:abc'."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"{flag} {spec!r}: expected name=path or name=path:weight")
+    head, colon, tail = rest.rpartition(":")
+    if not colon or os.path.isfile(rest):
+        return name, rest, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: weight {tail!r} is not a number") from None
+    if not weight >= 0 or math.isinf(weight):
+        raise ValueError(f"{flag} {spec!r}: weight {tail!r} must be a finite number >= 0")
+    return name, head, weight
+
 
 class Mixture:
     """Samples sources by ratio (e.g. MM1's caption:interleaved:text = 5:5:1). mixture[n] is a pure

@@ -13,7 +13,6 @@ train.py calls the same functions in-process for the default run.
 import argparse
 import difflib
 import json
-import math
 import os
 import re
 import shutil
@@ -22,8 +21,9 @@ import time
 import numpy as np
 import torch
 import data
-from model import MLLM, checkpoint_dir, hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, read_safetensors, \
-    replaced, save_hf, text_config_to_hf, write_checkpoint, write_json
+from kernels import detect_device
+from model import MLLM, checkpoint_dir, hf_decoder_tensors, hf_tensors, is_our_checkpoint, qwen2_5_vl_config_to_hf, \
+    read_safetensors, replaced, save_hf, text_config_to_hf, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -140,24 +140,6 @@ def synthetic_eval_set(task, split, n, seed=0):
     if n > len(source):
         raise ValueError(f"{task}: {n} eval samples asked, the {split} split has {len(source)}")
     return [source[i] for i in range(n)]
-
-
-def parse_data_flag(spec, flag="--data"):
-    """'name=path' or 'name=path:weight' -> (name, path, weight). A ':' ends the path unless the whole text
-    names an existing file, so 'name=path:abc' is an error about the weight, not a missing 'path:abc'."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"{flag} {spec!r}: expected name=path or name=path:weight")
-    head, colon, tail = rest.rpartition(":")
-    if not colon or os.path.isfile(rest):
-        return name, rest, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
-        raise ValueError(f"{flag} {spec!r}: weight {tail!r} is not a number") from None
-    if not weight >= 0 or math.isinf(weight):
-        raise ValueError(f"{flag} {spec!r}: weight {tail!r} must be a finite number >= 0")
-    return name, head, weight
 
 
 def file_eval_set(path, image_root):
@@ -293,7 +275,7 @@ HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.
 
 def is_hf_dir(path):
     """A Hugging Face model directory: a config.json that is not ours (ours has `vision` and `text`)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not {"vision", "text"} <= read_config(path).keys()
+    return os.path.isfile(os.path.join(path, "config.json")) and not is_our_checkpoint(path)
 
 
 def hf_origin(ckpt, hops=8):
@@ -494,7 +476,44 @@ def load_model(ckpt, device):
     return MLLM.from_pretrained(ckpt).to(device).eval()
 
 
-def main(argv=None):
+def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, search=None, report=None, log=print,
+                 **kw):
+    """Score every (name, checkpoint) on the test sets, then (search = (dev sets, test sets, max_pixels
+    candidates)) the test-time resolution search on the last one; log the table and write out/eval.json,
+    results.md and results.png. Search test sets other than `test_sets` (data files' halves) are scored at the
+    default resolution anew, in a row of their own. kw: evaluate_model's device, dtype, ... Returns the report."""
+    t0 = time.time()
+    report = {**(report or {}), "checkpoints": {}}
+    for name, ckpt in ckpts:
+        res = evaluate_model(load_model(ckpt, kw["device"]), tokenizer, test_sets, min_pixels, max_pixels, **kw)
+        report["checkpoints"][name] = {"path": ckpt, "results": res}
+        log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
+    rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
+    if search:
+        (name, ckpt), (dev_sets, search_sets, resolutions) = ckpts[-1], search
+        same = search_sets is test_sets  # then the default resolution's scores are those just computed
+        found = resolution_search(load_model(ckpt, kw["device"]), tokenizer, dev_sets, search_sets, resolutions,
+                                  max_pixels, min_pixels, log=log,
+                                  test_default=report["checkpoints"][name]["results"] if same else None, **kw)
+        report["resolution_search"] = {"checkpoint": ckpt, **found}
+        if not same:
+            rows[f"{name} (default res, search test set)"] = found["test_default"]
+        rows[f"{name} + resolution search"] = found["test_searched"]
+    table = markdown_table(rows)
+    report["table"], report["wall_s"] = table, time.time() - t0
+    write_json(report, os.path.join(out, "eval.json"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_results(rows, os.path.join(out, "results.png"))
+    log("\n" + table)
+    if search:
+        log("resolution search picked max_pixels per task: "
+            + ", ".join(f"{t} {px}" for t, px in report["resolution_search"]["chosen"].items()))
+    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, 'eval.json')}")
+    return report
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint, stage or run directories to evaluate")
     p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
@@ -526,10 +545,14 @@ def main(argv=None):
     p.add_argument("--decoder-only", action="store_true",
                    help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.export_hf:
         return export_main(p, args)
-
     if args.average:
         if not args.out:
             p.error("--average needs --out DIR")
@@ -543,39 +566,21 @@ def main(argv=None):
         p.error("give --ckpt (or --average ... --out)")
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
     os.makedirs(out, exist_ok=True)  # made before the evaluation, so a missing --out costs no work
-    from kernels import detect_device
-    device = torch.device(detect_device() if args.device == "auto" else args.device)
-    tokenizer = load_tokenizer(args.tokenizer)
+    ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
     tasks = parse_tasks(p, args.tasks, bool(args.data))
     if not tasks and not args.data:
         p.error("nothing to evaluate: --tasks '' and no --data")
-    files = [parse_data_flag(s)[:2] for s in args.data]
-    kw = dict(device=device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
-    t0 = time.time()
-    report = {"settings": vars(args), "checkpoints": {}}
+    files = [data.parse_data_flag(s)[:2] for s in args.data]
     test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
-    for name, ckpt in ckpts:
-        res = evaluate_model(load_model(ckpt, device), tokenizer, test_sets, args.min_pixels, args.max_pixels, **kw)
-        report["checkpoints"][name] = {"path": ckpt, "results": res}
-    rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
+    search = None
     if args.resolutions:
-        name, ckpt = ckpts[-1]
-        dev_sets, test_half = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
-        search = resolution_search(load_model(ckpt, device), tokenizer, dev_sets, test_half,
-                                   [parse_resolution(r) for r in args.resolutions.split(",")], args.max_pixels,
-                                   args.min_pixels, **kw)
-        report["resolution_search"] = {"checkpoint": ckpt, **search}
-        rows[f"{name} (default res, search test set)"] = search["test_default"]
-        rows[f"{name} + resolution search"] = search["test_searched"]
-    table = markdown_table(rows)
-    print(table)
-    report["table"], report["wall_s"] = table, time.time() - t0
-    write_json(report, os.path.join(out, "eval.json"))
-    print(f"wrote {os.path.join(out, 'eval.json')}")
-    if plot_results(rows, os.path.join(out, "results.png")):
-        print(f"wrote {os.path.join(out, 'results.png')}")
+        search = (*resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root),
+                  [parse_resolution(r) for r in args.resolutions.split(",")])
+    device = torch.device(detect_device() if args.device == "auto" else args.device)
+    evaluate_run(ckpts, data.load_tokenizer(args.tokenizer), test_sets, out, args.min_pixels, args.max_pixels,
+                 search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens,
+                 dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
 
 def parse_tasks(p, spec, have_data):
@@ -598,7 +603,7 @@ def export_main(p, args):
     if len(ckpts) != 1:
         p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
     source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
-    tokenizer = load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
+    tokenizer = data.load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
         os.path.join(source, "tokenizer.json")) else None))
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
                        torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
@@ -614,15 +619,6 @@ def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
         dev.update(jdev)
         test.update(jtest)
     return dev, test
-
-
-def load_tokenizer(path):
-    """data.Tokenizer: byte-level by default, a .tiktoken file, or a Hugging Face tokenizer.json."""
-    if path is None:
-        return data.Tokenizer()
-    if path.endswith(".tiktoken"):
-        return data.Tokenizer.from_tiktoken_file(path)
-    return data.Tokenizer.from_hf(path)
 
 
 if __name__ == "__main__":

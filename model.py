@@ -25,18 +25,24 @@ from kernels import apply_rope, decode_attention, grouped_mm, linear_cross_entro
 # ----------------------------------------------------------------------------- configs
 
 
+def _field(default, help):
+    """A config field and its one line of help (train.py makes a flag of every field)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class VisionConfig:
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    patch_size: int = 14
-    spatial_merge_size: int = 2          # PatchMerger joins merge x merge patches into one token
-    window_size: int = 112               # window attention side, in pixels
-    fullatt_blocks: tuple = (7, 15, 23, 31)  # the other blocks use window attention
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    depth: int = _field(32, "ViT blocks")
+    hidden_size: int = _field(1280, "ViT width")
+    num_heads: int = _field(16, "ViT attention heads")
+    intermediate_size: int = _field(3420, "ViT MLP width")
+    patch_size: int = _field(14, "ViT patch side in pixels")
+    spatial_merge_size: int = _field(2, "PatchMerger groups merge x merge patches into one LLM token")
+    window_size: int = _field(112, "ViT window-attention side in pixels")
+    fullatt_blocks: tuple = _field((7, 15, 23, 31), "ViT blocks with full attention, e.g. 7,15,23,31 (the others "
+                                   "use window attention)")
+    rope_theta: float = _field(10000.0, "ViT 2D rotary base")
+    rms_norm_eps: float = _field(1e-6, "ViT RMSNorm epsilon")
 
     def __post_init__(self):
         self.fullatt_blocks = tuple(self.fullatt_blocks)
@@ -48,44 +54,49 @@ class VisionConfig:
             raise ValueError(f"vision window_size {self.window_size} is not a multiple of patch_size * "
                              f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}")
 
+    @property
+    def window_units(self):
+        """A window's side in merge groups (= LLM tokens)."""
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
+
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    num_layers: int = 36
-    num_heads: int = 32
-    num_kv_heads: int = 8
-    head_dim: int = 128
-    intermediate_size: int = 12288
-    qk_norm: bool = True                 # Qwen3: per-head RMSNorm on q and k before rotary
-    qkv_bias: bool = False               # Qwen2: bias on q/k/v projections
-    tie_word_embeddings: bool = False
-    rope_theta: float = 1000000.0
-    mrope_section: tuple | None = None          # Qwen2-VL M-RoPE (t, h, w) split of head_dim/2; None = 1D rotary
-    rms_norm_eps: float = 1e-6
-    rope_scaling: dict | None = None     # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings",
-                                         #  "beta_fast", "beta_slow", "mscale", "mscale_all_dim"} (DeepSeek-V3)
-    # attention "mla": DeepSeek-V3 §2.1.1 multi-head latent attention (num_kv_heads, head_dim, qk_norm unused)
-    attention: str = "gqa"
-    q_lora_rank: int | None = None       # None: full-rank query projection
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64           # decoupled rotary dims; the rotary key is shared by all heads
-    v_head_dim: int = 128
-    # mixture of experts (DeepSeek-V3 §2.1.2); n_routed_experts = 0 keeps every FFN dense
-    n_routed_experts: int = 0
-    n_shared_experts: int = 0
-    num_experts_per_tok: int = 8
-    moe_intermediate_size: int = 2048
-    first_k_dense: int = 0               # DeepSeek-V3: the first layers keep a dense FFN
-    n_group: int = 1                     # group-limited routing: top-k within the best topk_group groups
-    topk_group: int = 1
-    scoring: str = "sigmoid"             # expert affinities: "sigmoid" (DeepSeek-V3) or "softmax" (Qwen3-MoE)
-    norm_topk_prob: bool = True          # gate values = top-k affinities normalised to sum 1
-    routed_scaling_factor: float = 1.0   # times the gate values (2.5 in DeepSeek-V3)
-    bias_update_speed: float = 0.001     # DeepSeek-V3 §2.1.2 gamma: expert_bias step per optimizer step
-    seq_aux_loss_coef: float = 0.0       # DeepSeek-V3 eq. 17 alpha (0.0001 in the paper); 0 = off
+    vocab_size: int = _field(151936, "decoder vocabulary")
+    hidden_size: int = _field(4096, "decoder width")
+    num_layers: int = _field(36, "decoder layers")
+    num_heads: int = _field(32, "decoder query heads")
+    num_kv_heads: int = _field(8, "decoder key/value heads (GQA)")
+    head_dim: int = _field(128, "decoder head dimension")
+    intermediate_size: int = _field(12288, "decoder MLP width")
+    qk_norm: bool = _field(True, "Qwen3 per-head RMSNorm on q and k before rotary")
+    qkv_bias: bool = _field(False, "Qwen2 bias on q/k/v")
+    tie_word_embeddings: bool = _field(False, "share input embedding and output head")
+    rope_theta: float = _field(1000000.0, "decoder rotary base")
+    mrope_section: tuple | None = _field(None, "M-RoPE (t,h,w) split of head_dim/2 (Qwen2-VL), or none: 1D rotary")
+    rms_norm_eps: float = _field(1e-6, "decoder RMSNorm epsilon")
+    rope_scaling: dict | None = _field(None, 'YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", '
+                                       '"beta_fast", "beta_slow", "mscale", "mscale_all_dim"} (DeepSeek-V3)')
+    # "mla": DeepSeek-V3 §2.1.1 multi-head latent attention (num_kv_heads, head_dim, qk_norm unused)
+    attention: str = _field("gqa", "decoder attention: gqa or mla")
+    q_lora_rank: int | None = _field(None, "MLA query latent rank (none: full-rank query projection)")
+    kv_lora_rank: int = _field(512, "MLA key/value latent rank")
+    qk_nope_head_dim: int = _field(128, "MLA query/key dims without rotary")
+    qk_rope_head_dim: int = _field(64, "MLA decoupled rotary dims (the rotary key is shared by all heads)")
+    v_head_dim: int = _field(128, "MLA value head dimension")
+    # mixture of experts (DeepSeek-V3 §2.1.2)
+    n_routed_experts: int = _field(0, "MoE routed experts (0: every FFN dense)")
+    n_shared_experts: int = _field(0, "MoE shared experts")
+    num_experts_per_tok: int = _field(8, "MoE routed experts per token")
+    moe_intermediate_size: int = _field(2048, "MoE expert MLP width")
+    first_k_dense: int = _field(0, "MoE: the first layers keep a dense FFN (DeepSeek-V3)")
+    n_group: int = _field(1, "MoE group-limited routing: experts in this many groups")
+    topk_group: int = _field(1, "MoE group-limited routing: top-k within the best topk_group groups")
+    scoring: str = _field("sigmoid", "MoE expert affinities: sigmoid (DeepSeek-V3) or softmax (Qwen3-MoE)")
+    norm_topk_prob: bool = _field(True, "MoE gate values = top-k affinities normalised to sum 1")
+    routed_scaling_factor: float = _field(1.0, "MoE: times the gate values (2.5 in DeepSeek-V3)")
+    bias_update_speed: float = _field(0.001, "MoE balancing bias step per optimizer step (DeepSeek-V3 §2.1.2 gamma)")
+    seq_aux_loss_coef: float = _field(0.0, "MoE sequence-wise balance loss (DeepSeek-V3 eq. 17 alpha; 0 = off)")
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -114,10 +125,10 @@ class TextConfig:
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    image_pad_id: int = 151655           # <|image_pad|>: one placeholder per merged image token
-    z_loss: float = 0.0                  # MM1 z-loss coefficient on logsumexp^2
-    activation_checkpointing: bool = False
-    attn_backend: str | None = None             # kernels.varlen_attention backend; None = best for the device
+    image_pad_id: int = _field(151655, "token id of <|image_pad|>: one placeholder per merged image token")
+    z_loss: float = _field(0.0, "MM1 z-loss coefficient on logsumexp^2")
+    activation_checkpointing: bool = _field(False, "recompute blocks in backward to save memory")
+    attn_backend: str | None = _field(None, "kernels.varlen_attention backend (none: best for the device)")
 
     @staticmethod
     def from_dict(d):
@@ -330,9 +341,8 @@ class VisionEncoder(nn.Module):
         if int(image_grid.prod(-1).sum()) != pixel_patches.shape[0]:
             raise ValueError(f"image_grid {image_grid.tolist()} covers {int(image_grid.prod(-1).sum())} patches "
                              f"but pixel_patches has {pixel_patches.shape[0]}")
-        window_units = c.window_size // c.patch_size // c.spatial_merge_size
         rows, cols, order, cu_images, cu_windows = vision_layout(
-            image_grid, c.spatial_merge_size, window_units, pixel_patches.device)
+            image_grid, c.spatial_merge_size, c.window_units, pixel_patches.device)
         max_image, max_window = _max_len(cu_images), _max_len(cu_windows)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))[order]
         cos, sin = self.rotary(rows[order], cols[order])
@@ -845,6 +855,12 @@ def checkpoint_dir(path):
     return path
 
 
+def is_our_checkpoint(path):
+    """A directory with our config.json (it has `vision` and `text`; a Hugging Face one does not)."""
+    config = os.path.join(path, "config.json")
+    return os.path.isfile(config) and {"vision", "text"} <= _read_json(config).keys()
+
+
 def read_safetensors(file, keep=lambda name: True):
     """{name: tensor} of a safetensors file (only the names `keep` accepts); a missing, truncated or corrupt
     file is an error naming it (safetensors' own message names no path)."""
@@ -924,7 +940,7 @@ def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "deco
     vis_attn = 0.0
     if patches:
         _, _, _, cu_images, cu_windows = vision_layout(
-            batch.image_grid.cpu(), v.spatial_merge_size, v.window_size // v.patch_size // v.spatial_merge_size, "cpu")
+            batch.image_grid.cpu(), v.spatial_merge_size, v.window_units, "cpu")
         n_full = len(v.fullatt_blocks)
         vis_attn = 4 * dv * (n_full * _squares(cu_images) + (v.depth - n_full) * _squares(cu_windows))
     forward = 2 * (dec_w + head_w + embed_w + vis_w + conn_w) + dec_attn + vis_attn

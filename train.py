@@ -45,8 +45,8 @@ import data
 import evaluate
 import parallel
 from kernels import detect_device, matmul_flops
-from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, load_hf, \
-    load_hf_decoder, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
+from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, \
+    is_our_checkpoint, load_hf, load_hf_decoder, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -146,24 +146,6 @@ class TrainConfig:
     resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
 
 
-# one line per model config field for --help (fields model.py adds later get a generic line)
-MODEL_HELP = {
-    "vision.depth": "ViT blocks", "vision.hidden_size": "ViT width", "vision.num_heads": "ViT attention heads",
-    "vision.intermediate_size": "ViT MLP width", "vision.patch_size": "ViT patch side in pixels",
-    "vision.spatial_merge_size": "PatchMerger groups merge x merge patches",
-    "vision.window_size": "ViT window-attention side in pixels",
-    "vision.fullatt_blocks": "ViT blocks with full attention, e.g. 7,15,23,31",
-    "vision.rope_theta": "ViT 2D rotary base", "vision.rms_norm_eps": "ViT RMSNorm epsilon",
-    "text.vocab_size": "decoder vocabulary", "text.hidden_size": "decoder width",
-    "text.num_layers": "decoder layers", "text.num_heads": "decoder query heads",
-    "text.num_kv_heads": "decoder key/value heads (GQA)", "text.head_dim": "decoder head dimension",
-    "text.intermediate_size": "decoder MLP width", "text.qk_norm": "Qwen3 per-head RMSNorm on q and k",
-    "text.qkv_bias": "Qwen2 bias on q/k/v", "text.tie_word_embeddings": "share input embedding and output head",
-    "text.rope_theta": "decoder rotary base", "text.mrope_section": "M-RoPE (t,h,w) split of head_dim/2, or none",
-    "text.rms_norm_eps": "decoder RMSNorm epsilon", "image_pad_id": "token id of <|image_pad|>",
-    "z_loss": "MM1 z-loss coefficient", "activation_checkpointing": "recompute blocks in backward to save memory",
-    "attn_backend": "kernels.varlen_attention backend (default: best for the device)",
-}
 RUNTIME_MODEL_FIELDS = ("z_loss", "activation_checkpointing", "attn_backend")  # may change with --init-from
 
 
@@ -205,6 +187,13 @@ def model_fields():
     return out
 
 
+def model_help(dotted):
+    """The --help line model.py keeps beside a (dotted) ModelConfig field."""
+    section, _, name = dotted.rpartition(".")
+    config = {"": ModelConfig, "vision": VisionConfig, "text": TextConfig}[section]
+    return config.__dataclass_fields__[name].metadata["help"]
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -223,7 +212,7 @@ def build_parser():
     for name, tp, optional in model_fields():
         g.add_argument("--" + name.replace(".", "-").replace("_", "-"), dest="model." + name, default=argparse.SUPPRESS,
                        type=_parser_for(tp, optional), metavar=tp.__name__.upper(),
-                       help=MODEL_HELP.get(name, f"ModelConfig field {name}") + " (default: preset)")
+                       help=model_help(name) + " (default: preset)")
     return p
 
 
@@ -282,7 +271,7 @@ def stage_dirs(cfg):
 def data_specs(cfg):
     """[(name, path, weight)] of the --data flags: names unique, files present."""
     try:
-        specs = [evaluate.parse_data_flag(s) for s in cfg.data]
+        specs = [data.parse_data_flag(s) for s in cfg.data]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     names = [name for name, _, _ in specs]
@@ -306,14 +295,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- model, tokenizer, data
-
-
-def is_our_checkpoint(path):
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    with open(cfg) as f:
-        return {"vision", "text"} <= json.load(f).keys()
 
 
 def build_model(preset, init, overrides, seed):
@@ -350,7 +331,7 @@ def build_tokenizer(cfg, model_config=None):
     path = cfg.tokenizer
     if path is None and cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json")):
         path = cfg.init_from
-    tok = evaluate.load_tokenizer(path)
+    tok = data.load_tokenizer(path)
     if model_config is None:
         return tok
     if tok.vocab_size > model_config.text.vocab_size or tok.image_pad_id != model_config.image_pad_id:
@@ -680,7 +661,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
     """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
     weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
     stage, plan, dist, log = STAGES[stage_num], Plan.of(cfg, STAGES[stage_num]), ctx.dist, ctx.log
-    resume_ckpt = checkpoint_dir(stage_dir) if cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest")) else None
+    resume = cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest"))
+    resume_ckpt = checkpoint_dir(stage_dir) if resume else None
     st = StageState(*build_stage(cfg, ctx, stage_num, plan, resume_ckpt or init))
     if resume_ckpt:
         resume_stage(st, resume_ckpt, stage_num, plan, ctx)
@@ -968,48 +950,23 @@ def train_recipe(cfg, ctx):
     train_wall = time.time() - t0
     summary = {"stages": results, "train_wall_s": train_wall}
     if cfg.stage == "all" and cfg.eval and dist.is_main:
-        summary["eval"] = evaluate_run(cfg, ctx.tokenizer, dist.device, log)
+        summary["eval"] = evaluate_recipe(cfg, ctx.tokenizer, dist.device, log)
     summary["wall_s"] = time.time() - t0
     if dist.is_main:
         log(f"total wall time {summary['wall_s']:.0f}s (training {train_wall:.0f}s)")
     return summary
 
 
-def evaluate_run(cfg, tokenizer, device, log=print):
-    """Score every checkpoint of the run on the synthetic test split (+ the --data sets), then the resolution
-    search on the final (averaged) checkpoint; print the table and write eval.json + results.md."""
-    t0 = time.time()
+def evaluate_recipe(cfg, tokenizer, device, log=print):
+    """Every checkpoint of the run on the synthetic test split, then the resolution search on the final
+    (averaged) one; the table is logged and written to eval.json, results.md and results.png in --out."""
     tasks = data.SYNTHETIC_TASKS
     test_sets = evaluate.build_eval_sets(tasks, "test", cfg.eval_n, cfg.seed)
-    kw = dict(device=device, dtype=compute_dtype(cfg))
-    report = {"checkpoints": {}}
-    for name, ckpt in evaluate.resolve_checkpoints(cfg.out):
-        res = evaluate.evaluate_model(evaluate.load_model(ckpt, device), tokenizer, test_sets, cfg.min_pixels,
-                                      cfg.max_pixels, **kw)
-        report["checkpoints"][name] = {"path": ckpt, "results": res}
-        log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
-    rows = {name: evaluate.scores_of(r["results"]) for name, r in report["checkpoints"].items()}
     resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
-    if resolutions:
-        name, ckpt = list(evaluate.resolve_checkpoints(cfg.out))[-1]
-        dev_sets = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed)
-        search = evaluate.resolution_search(evaluate.load_model(ckpt, device), tokenizer, dev_sets, test_sets,
-                                            resolutions, cfg.max_pixels, cfg.min_pixels, log=log,
-                                            test_default=report["checkpoints"][name]["results"], **kw)
-        report["resolution_search"] = {"checkpoint": ckpt, **search}
-        rows[f"{name} + resolution search"] = search["test_searched"]
-    table = evaluate.markdown_table(rows, tasks)
-    report["table"], report["eval_wall_s"] = table, time.time() - t0
-    evaluate.write_json(report, os.path.join(cfg.out, "eval.json"))
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    evaluate.plot_results(rows, os.path.join(cfg.out, "results.png"), tasks)
-    log("\n" + table)
-    if resolutions:
-        log("resolution search picked max_pixels per task: "
-            + ", ".join(f"{t} {p}" for t, p in report["resolution_search"]["chosen"].items()))
-    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(cfg.out, 'eval.json')}")
-    return report
+    search = (evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed), test_sets, resolutions) \
+        if resolutions else None
+    return evaluate.evaluate_run(evaluate.resolve_checkpoints(cfg.out), tokenizer, test_sets, cfg.out, cfg.min_pixels,
+                                 cfg.max_pixels, search, log=log, device=device, dtype=compute_dtype(cfg))
 
 
 def main(argv=None):
