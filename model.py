@@ -245,6 +245,17 @@ def _max_len(cu_seqlens):
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
 
 
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward shares: rotary cos/sin of the tokens, the boundaries of the
+    packed samples (ViT: images or windows) and the longest, and during generation the KV cache."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cache: "KVCache | None" = None
+
+
 def _run_block(block, use_checkpoint, *args):
     """One block, or the same block recomputed in backward (activation checkpointing) when training."""
     if use_checkpoint and torch.is_grad_enabled():
@@ -287,29 +298,29 @@ def vision_layout(image_grid, merge, window_units, device):
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, c: VisionConfig):
+    def __init__(self, c: VisionConfig, backend):
         super().__init__()
-        self.num_heads = c.num_heads
+        self.num_heads, self.backend = c.num_heads, backend
         self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+    def forward(self, x, a: AttentionInputs):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, backend=backend)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        out = varlen_attention(q, k, v, a.cu_seqlens, a.max_seqlen, causal=False, backend=self.backend)
         return self.proj(out.flatten(1))
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, c: VisionConfig):
+    def __init__(self, c: VisionConfig, backend):
         super().__init__()
         self.norm1 = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn = VisionAttention(c)
+        self.attn = VisionAttention(c, backend)
         self.norm2 = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen, backend)
+    def forward(self, x, a: AttentionInputs):
+        x = x + self.attn(self.norm1(x), a)
         return x + self.mlp(self.norm2(x))
 
 
@@ -319,11 +330,10 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, config: VisionConfig, attn_backend=None, activation_checkpointing=False):
         super().__init__()
-        self.config = config
-        self.attn_backend, self.activation_checkpointing = attn_backend, activation_checkpointing
+        self.config, self.activation_checkpointing = config, activation_checkpointing
         # a still image: Qwen2.5-VL's Conv3d over 2 repeated frames folds to one linear map (see load_hf_vision)
         self.patch_embed = nn.Linear(3 * config.patch_size ** 2, config.hidden_size, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(VisionBlock(config, attn_backend) for _ in range(config.depth))
         self.apply(_init_weights)
 
     def rotary(self, rows, cols):
@@ -343,13 +353,12 @@ class VisionEncoder(nn.Module):
                              f"but pixel_patches has {pixel_patches.shape[0]}")
         rows, cols, order, cu_images, cu_windows = vision_layout(
             image_grid, c.spatial_merge_size, c.window_units, pixel_patches.device)
-        max_image, max_window = _max_len(cu_images), _max_len(cu_windows)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))[order]
         cos, sin = self.rotary(rows[order], cols[order])
+        full = AttentionInputs(cos, sin, cu_images, _max_len(cu_images))
+        window = AttentionInputs(cos, sin, cu_windows, _max_len(cu_windows))
         for i, block in enumerate(self.blocks):
-            full = i in c.fullatt_blocks
-            x = _run_block(block, self.activation_checkpointing, x, cos, sin, cu_images if full else cu_windows,
-                           max_image if full else max_window, self.attn_backend)
+            x = _run_block(block, self.activation_checkpointing, x, full if i in c.fullatt_blocks else window)
         return x[torch.argsort(order)]
 
 
@@ -442,23 +451,30 @@ class KVCache:
         buf[self.rows] = new
         return buf[:, :self.longest]
 
-    def attend(self, layer, q, k, v, cu_seqlens, max_seqlen, backend, scale=None):
+    def attend(self, layer, q, k, v, a: AttentionInputs, backend, scale=None):
         """Causal attention of this call's queries (packed, cu_seqlens) over each sample's cached + new keys."""
         kb, vb = self._store(self.k, layer, k), self._store(self.v, layer, v)
         if self.first:  # the prompts: their own packed keys are all there is
-            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=scale)
+            return varlen_attention(q, k, v, a.cu_seqlens, a.max_seqlen, causal=True, backend=backend, scale=scale)
         if q.shape[0] != len(self.lens):
             raise ValueError(f"KVCache: after the prompts, one new token per sample ({len(self.lens)}), got "
                              f"{q.shape[0]}")
         return decode_attention(q, kb, vb, self.lens, scale)
 
 
+def causal_attention(q, k, v, a: AttentionInputs, layer_idx, backend, scale=None):
+    """Causal attention within each packed sample, or (generating) over its cached keys and the new ones."""
+    if a.cache is not None:
+        return a.cache.attend(layer_idx, q, k, v, a, backend, scale)
+    return varlen_attention(q, k, v, a.cu_seqlens, a.max_seqlen, causal=True, backend=backend, scale=scale)
+
+
 class Attention(nn.Module):
     """GQA with optional qkv bias (Qwen2) and optional per-head QK-norm (Qwen3), varlen over the packed stream."""
 
-    def __init__(self, c: TextConfig, layer_idx):
+    def __init__(self, c: TextConfig, layer_idx, backend=None):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.backend = layer_idx, backend
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
@@ -468,19 +484,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
+    def forward(self, x, a: AttentionInputs):
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend)
-        else:
-            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)
-        return self.o_proj(out.flatten(1))
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        return self.o_proj(causal_attention(q, k, v, a, self.layer_idx, self.backend).flatten(1))
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -488,9 +500,9 @@ class MultiHeadLatentAttention(nn.Module):
     kv_lora_rank); rotary position sits on separate qk_rope_head_dim dims whose key is shared by all heads.
     Rotary dims are in the half-split layout (load_hf_decoder converts DeepSeek's interleaved one)."""
 
-    def __init__(self, c: TextConfig, layer_idx):
+    def __init__(self, c: TextConfig, layer_idx, backend=None):
         super().__init__()
-        self.layer_idx, self.num_heads, self.c = layer_idx, c.num_heads, c
+        self.layer_idx, self.num_heads, self.c, self.backend = layer_idx, c.num_heads, c, backend
         qk_head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
         if c.q_lora_rank:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
@@ -506,20 +518,17 @@ class MultiHeadLatentAttention(nn.Module):
         if c.rope_scaling and c.rope_scaling.get("mscale_all_dim"):  # YaRN temperature, DeepSeek-V3's split
             self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling["mscale_all_dim"]) ** 2
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
+    def forward(self, x, a: AttentionInputs):
         c, T, H = self.c, x.shape[0], self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
         q_nope, q_rope = q.view(T, H, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         k_nope, v = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, -1).split(
             [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
-        k = torch.cat([k_nope, apply_rope(k_rope[:, None], cos, sin).expand(T, H, -1)], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, a.cos, a.sin)], dim=-1)
+        k = torch.cat([k_nope, apply_rope(k_rope[:, None], a.cos, a.sin).expand(T, H, -1)], dim=-1)
         v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v
-        if cache is not None:
-            out = cache.attend(self.layer_idx, q, k, v, cu_seqlens, max_seqlen, backend, self.scale)
-        else:
-            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend, scale=self.scale)
+        out = causal_attention(q, k, v, a, self.layer_idx, self.backend, self.scale)
         return self.o_proj(out[..., :c.v_head_dim].flatten(1))
 
 
@@ -626,20 +635,20 @@ def update_expert_bias(model, gamma, all_reduce_sum=None):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: TextConfig, layer_idx):
+    def __init__(self, c: TextConfig, layer_idx, backend=None):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = (MultiHeadLatentAttention if c.attention == "mla" else Attention)(c, layer_idx)
+        self.self_attn = (MultiHeadLatentAttention if c.attention == "mla" else Attention)(c, layer_idx, backend)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if c.n_routed_experts and layer_idx >= c.first_k_dense:
             self.mlp = MoE(c)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, backend, cache)
+    def forward(self, x, a: AttentionInputs):
+        x = x + self.self_attn(self.input_layernorm(x), a)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, cu_seqlens) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, a.cu_seqlens) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -648,10 +657,9 @@ class Decoder(nn.Module):
 
     def __init__(self, config: TextConfig, attn_backend=None, activation_checkpointing=False):
         super().__init__()
-        self.config = config
-        self.attn_backend, self.activation_checkpointing = attn_backend, activation_checkpointing
+        self.config, self.activation_checkpointing = config, activation_checkpointing
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, attn_backend) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(_init_weights)
@@ -666,15 +674,12 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         c = self.config
         rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
-        cos, sin = rope_cos_sin(position_ids, rope_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
+        a = AttentionInputs(*rope_cos_sin(position_ids, rope_dim, c.rope_theta, c.mrope_section, c.rope_scaling),
+                            cu_seqlens, max_seqlen, cache)
         if cache is not None:
             cache.extend(cu_seqlens)
         for layer in self.layers:
-            if cache is None:
-                x = _run_block(layer, self.activation_checkpointing, x, cos, sin, cu_seqlens, max_seqlen,
-                               self.attn_backend)
-            else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, cache)
+            x = _run_block(layer, self.activation_checkpointing, x, a)  # (generation: no grad, no recompute)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None):
