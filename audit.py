@@ -47,7 +47,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
     length, steps = train.stage3_runs(cfg)[0]
     train.run(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
                       packing_length=length, max_steps=steps),
-              {k: v for k, v in overrides.items() if k in train.RUNTIME_MODEL_FIELDS}, log=log)  # shape: from stage 1
+              {}, log=log)  # the shape comes from stage 1
     tasks = [t for t in args.tasks.split(",") if t]
     device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
     tokenizer, test = train.build_tokenizer(cfg), evaluate.build_eval_sets(tasks, "test", args.eval_n, seed)

@@ -352,8 +352,8 @@ def build_model(name, device, attn_backend=None):
     """fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
     do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
     torch.manual_seed(0)
-    config = config_from_preset("tiny", attn_backend=attn_backend, **MODELS[name])
-    return MLLM(config).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
+    config = config_from_preset("tiny", **MODELS[name])
+    return MLLM(config, attn_backend=attn_backend).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
 
 
 def train_step(model, optimizer):

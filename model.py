@@ -126,13 +126,11 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image_pad_id: int = _field(151655, "token id of <|image_pad|>: one placeholder per merged image token")
-    z_loss: float = _field(0.0, "MM1 z-loss coefficient on logsumexp^2")
-    activation_checkpointing: bool = _field(False, "recompute blocks in backward to save memory")
-    attn_backend: str | None = _field(None, "kernels.varlen_attention backend (none: best for the device)")
 
     @staticmethod
     def from_dict(d):
-        d = dict(d)
+        # how a model runs (MLLM's arguments) is not its shape; older checkpoints saved it here: ignored
+        d = {k: v for k, v in d.items() if k not in ("z_loss", "activation_checkpointing", "attn_backend")}
         return ModelConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
     def to_dict(self):
@@ -191,7 +189,7 @@ PRESETS = {
 
 
 def config_from_preset(name, **overrides):
-    """PRESETS[name] with overrides: top-level fields (z_loss=...) or nested ones as "text.num_layers"=...
+    """PRESETS[name] with overrides: top-level fields (image_pad_id=...) or nested ones as "text.num_layers"=...
     (pass those as **{"text.num_layers": 2})."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -700,12 +698,16 @@ class MLLM(nn.Module):
     """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
 
     Labels follow the Hugging Face convention: labels[t] is the token at t (or -100); position t is trained
-    to predict labels[t + 1] of the same sample, so no sample learns to predict the next sample's start."""
+    to predict labels[t + 1] of the same sample, so no sample learns to predict the next sample's start.
 
-    def __init__(self, config: ModelConfig):
+    The arguments after `config` say how it runs, not what it is (not saved): the MM1 z-loss coefficient on
+    logsumexp^2, activation checkpointing (blocks recomputed in backward), the kernels.varlen_attention
+    backend (None: the best for the device)."""
+
+    def __init__(self, config: ModelConfig, z_loss=0.0, activation_checkpointing=False, attn_backend=None):
         super().__init__()
-        self.config = config
-        flags = dict(attn_backend=config.attn_backend, activation_checkpointing=config.activation_checkpointing)
+        self.config, self.z_loss = config, z_loss
+        flags = dict(attn_backend=attn_backend, activation_checkpointing=activation_checkpointing)
         self.vision = VisionEncoder(config.vision, **flags)
         self.connector = PatchMerger(config.vision, config.text.hidden_size)
         self.decoder = Decoder(config.text, **flags)
@@ -751,7 +753,7 @@ class MLLM(nn.Module):
         n_loss = int((targets != -100).sum())
         divisor = loss_divisor if loss_divisor is not None else max(n_loss, 1)
         ce = ce_sum / divisor
-        z = self.config.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
+        z = self.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
                  "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
         return ce + z + self._moe_terms(n_loss / divisor, stats), stats
@@ -815,10 +817,11 @@ class MLLM(nn.Module):
         write_checkpoint(path, _named_state(self), self.config)
 
     @staticmethod
-    def from_pretrained(path):
+    def from_pretrained(path, **runtime):
+        """Our checkpoint directory; `runtime`: MLLM's z_loss, activation_checkpointing, attn_backend."""
         config = ModelConfig.from_dict(_read_json(os.path.join(path, "config.json")))
         with torch.device("meta"):
-            model = MLLM(config)
+            model = MLLM(config, **runtime)
         file = os.path.join(path, "model.safetensors")
         _assign_state(model, read_safetensors(file), file)
         return model
@@ -1203,12 +1206,12 @@ def _qwen2_5_vl_config(path):
     return cfg
 
 
-def load_hf_decoder(path):
+def load_hf_decoder(path, attn_backend=None, activation_checkpointing=False):
     """Decoder from a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal-LM checkpoint directory."""
     hf_config = _read_json(os.path.join(path, "config.json"))
     config = text_config_from_hf(hf_config)
     with torch.device("meta"):
-        decoder = Decoder(config)
+        decoder = Decoder(config, attn_backend, activation_checkpointing)
     tensors = _read_hf_tensors(path)
     if config.n_routed_experts:
         _hf_moe_tensors(tensors, config, hf_config.get("rope_interleave", True), path)
@@ -1234,8 +1237,8 @@ def load_hf_vision(path):
     return vision, merger
 
 
-def load_hf(path):
-    """MLLM (M-RoPE decoder) from a whole Hugging Face Qwen2.5-VL checkpoint directory."""
+def load_hf(path, **runtime):
+    """MLLM (M-RoPE decoder) from a whole Hugging Face Qwen2.5-VL checkpoint directory (runtime: MLLM's)."""
     cfg = _qwen2_5_vl_config(path)
     vision, out_dim = vision_config_from_hf(cfg["vision_config"])
     text_dict = cfg.get("text_config") or cfg  # older checkpoints keep the text fields at the top level
@@ -1244,7 +1247,7 @@ def load_hf(path):
     if out_dim != text.hidden_size:
         raise ValueError(f"{path}: vision out_hidden_size {out_dim} != text hidden_size {text.hidden_size}")
     with torch.device("meta"):
-        model = MLLM(ModelConfig(vision=vision, text=text, image_pad_id=cfg["image_token_id"]))
+        model = MLLM(ModelConfig(vision=vision, text=text, image_pad_id=cfg["image_token_id"]), **runtime)
     tensors = _read_hf_tensors(path)
     if tie:
         tensors.pop("lm_head.weight", None)

@@ -44,7 +44,7 @@ import torch
 import data
 import evaluate
 import parallel
-from kernels import detect_device, matmul_flops
+from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
 from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, \
     is_our_checkpoint, load_hf, load_hf_decoder, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
 
@@ -144,9 +144,12 @@ class TrainConfig:
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
     eval_dev_n: int = field(default=EVAL_DEV_N, metadata={"help": "dev samples per task for the resolution search"})
     resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
+    # how the model runs, not its shape (not in config.json; free to change with --init-from and --resume)
+    z_loss: float = field(default=0.0, metadata={"help": "MM1 z-loss coefficient on logsumexp^2"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward to save memory"})
+    attn_backend: typing.Optional[str] = field(default=None, metadata={"help": "kernels.varlen_attention backend (default: best for the device)", "choices": list(ATTENTION_BACKENDS)})
 
 
-RUNTIME_MODEL_FIELDS = ("z_loss", "activation_checkpointing", "attn_backend")  # may change with --init-from
 
 
 def _base_type(tp):
@@ -237,9 +240,8 @@ def check_config(cfg, overrides):
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
-    shape = sorted(k for k in overrides if k not in RUNTIME_MODEL_FIELDS)
-    if cfg.init_from and shape:
-        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {shape}")
+    if cfg.init_from and overrides:
+        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {sorted(overrides)}")
     if cfg.init_from:
         check_init(cfg)
     # a stage killed before its first checkpoint left its directory: resuming starts it at step 0 (a requeued job)
@@ -297,33 +299,31 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- model, tokenizer, data
 
 
-def build_model(preset, init, overrides, seed):
+def build_model(preset, init, overrides, seed, **runtime):
     """The model of a stage: the preset (+ overrides) with seeded random weights when `init` is None, else
     our checkpoint (a checkpoint or stage dir) or Hugging Face weights (Qwen2.5-VL, or a Qwen2/Qwen3 LLM
-    given the preset's ViT and a new connector); then only runtime overrides (z-loss, ...) apply."""
+    given the preset's ViT and a new connector). runtime: MLLM's z_loss, activation_checkpointing, attn_backend."""
     torch.manual_seed(seed)
     if init is None:
-        return MLLM(config_from_preset(preset, **overrides))
+        return MLLM(config_from_preset(preset, **overrides), **runtime)
     path = checkpoint_dir(init)
     if is_our_checkpoint(path):
-        model = MLLM.from_pretrained(path)
-    else:
-        with open(os.path.join(path, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type == "qwen2_5_vl":
-            model = load_hf(path)
-        else:  # a text-only LLM: the preset's ViT and a new connector around the pretrained decoder
-            decoder = load_hf_decoder(path)
-            config = ModelConfig(vision=config_from_preset(preset).vision, text=decoder.config,
-                                 image_pad_id=data.Tokenizer.from_hf(path).image_pad_id)
-            model = MLLM(config)
-            model.decoder = decoder
-    runtime = {k: v for k, v in overrides.items() if k in RUNTIME_MODEL_FIELDS}
-    if runtime:  # these are read when modules are built: rebuild, then copy the weights over
-        rebuilt = MLLM(replace(model.config, **runtime))
-        rebuilt.load_state_dict(model.state_dict())
-        model = rebuilt
+        return MLLM.from_pretrained(path, **runtime)
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "qwen2_5_vl":
+        return load_hf(path, **runtime)
+    # a text-only LLM: the preset's ViT and a new connector around the pretrained decoder
+    decoder = load_hf_decoder(path, runtime.get("attn_backend"), runtime.get("activation_checkpointing", False))
+    model = MLLM(ModelConfig(vision=config_from_preset(preset).vision, text=decoder.config,
+                             image_pad_id=data.Tokenizer.from_hf(path).image_pad_id), **runtime)
+    model.decoder = decoder
     return model
+
+
+def runtime_of(cfg):
+    """MLLM's run-time arguments from the flags."""
+    return dict(z_loss=cfg.z_loss, activation_checkpointing=cfg.activation_checkpointing, attn_backend=cfg.attn_backend)
 
 
 def build_tokenizer(cfg, model_config=None):
@@ -415,7 +415,7 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB; the process's peak RSS
 
 
-def activation_bytes(config, tokens, compute_bytes):
+def activation_bytes(config, tokens, compute_bytes, checkpointing=False):
     """A rough size of the decoder activations one micro-batch of `tokens` packed tokens keeps for backward:
     per layer and token the residual stream and norm inputs (4h), q, k, v and the attention output, the MLP's
     input, gate, up and product (h + 3I; an MoE layer's I counts its k routed and shared experts, plus the
@@ -432,7 +432,7 @@ def activation_bytes(config, tokens, compute_bytes):
         inner = (t.num_experts_per_tok + t.n_shared_experts) * t.moe_intermediate_size if moe else t.intermediate_size
         routed_copies = 2 * t.num_experts_per_tok * t.hidden_size if moe else 0
         per_layer.append(5 * t.hidden_size + attn + 3 * inner + routed_copies)
-    kept = t.num_layers * t.hidden_size + max(per_layer) if config.activation_checkpointing else sum(per_layer)
+    kept = t.num_layers * t.hidden_size + max(per_layer) if checkpointing else sum(per_layer)
     return tokens * (kept * compute_bytes + 2 * 4 * t.vocab_size)
 
 
@@ -443,11 +443,11 @@ def print_memory_plan(cfg, overrides, log=print):
         model = MLLM(config)
     compute_bytes = 2 if cfg.dtype == "bf16" else 4
     tokens = cfg.packing_length or STAGES[2].packing_length
-    act = activation_bytes(config, tokens, compute_bytes)
+    act = activation_bytes(config, tokens, compute_bytes, cfg.activation_checkpointing)
     gib = lambda b: f"{b / 2 ** 30:,.1f}"  # noqa: E731
     layout = ("FSDP" if cfg.fsdp else "data parallel") + (f" x EP {cfg.ep}" if cfg.ep > 1 else "")
     log(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters; {layout}; {cfg.dtype} compute; "
-        f"{tokens} tokens per micro-batch; activation checkpointing {config.activation_checkpointing}")
+        f"{tokens} tokens per micro-batch; activation checkpointing {cfg.activation_checkpointing}")
     log("| ranks | parameters | gradients | AdamW | gathered | activations | total (GiB per rank) |")
     log("|---|---|---|---|---|---|---|")
     for world in (int(w) for w in cfg.dry_run.split(",")):
@@ -845,7 +845,7 @@ def prepare_stage_dir(stage_dir, fresh, args, log):
 def build_stage(cfg, ctx, stage_num, plan, init):
     """(model, optimizer, loader) of a stage: weights from `init`, frozen groups set, sharded as the flags say."""
     stage, dist, device = STAGES[stage_num], ctx.dist, ctx.dist.device
-    model = build_model(cfg.preset, init, ctx.overrides, cfg.seed).to(device)
+    model = build_model(cfg.preset, init, ctx.overrides, cfg.seed, **runtime_of(cfg)).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
     if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all

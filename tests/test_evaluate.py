@@ -88,8 +88,8 @@ def test_average_is_the_weighted_mean(tmp_path):
 
 def test_average_refuses_mismatched_configs(tmp_path):
     save_model(tmp_path / "a", 1)
-    save_model(tmp_path / "b", 1, **{"text.num_layers": 2, "z_loss": 1e-4})
-    with pytest.raises(ValueError, match=r"configs differ in text\.num_layers, z_loss"):
+    save_model(tmp_path / "b", 1, **{"text.num_layers": 2, "image_pad_id": 260})
+    with pytest.raises(ValueError, match=r"configs differ in image_pad_id, text\.num_layers"):
         evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
     assert not os.path.exists(tmp_path / "avg")
     with pytest.raises(ValueError, match="weights"):

@@ -56,9 +56,9 @@ def randomize(module, std=0.1):
                 p.normal_(0, std)
 
 
-def tiny_model(**overrides):
+def tiny_model(z_loss=0.0, activation_checkpointing=False, attn_backend=None, **overrides):
     torch.manual_seed(0)
-    return M.MLLM(M.config_from_preset("tiny", **overrides)).eval()
+    return M.MLLM(M.config_from_preset("tiny", **overrides), z_loss, activation_checkpointing, attn_backend).eval()
 
 
 # ----------------------------------------------------------------------------- transformers parity
@@ -314,8 +314,8 @@ def test_model_flops_match_torch_flop_counter(preset, trains):
     reference backend's tiles skip the causal half forward and recompute QK^T backward, and SDPA's fused CPU
     kernel is not counted by FlopCounterMode at all). What the counter sees beyond model FLOPs is added here:
     the chunked loss recomputes its logits backward, and MLA pads v to the q/k head dim for varlen_attention."""
-    config = M.config_from_preset(preset, attn_backend="sdpa")
-    model = M.MLLM(config).train()
+    config = M.config_from_preset(preset)
+    model = M.MLLM(config, attn_backend="sdpa").train()
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in trains)
     batch = pack(three_samples())
@@ -374,9 +374,22 @@ def test_from_pretrained_names_missing_and_unexpected_keys(tmp_path):
         M.MLLM.from_pretrained(tmp_path)
 
 
+def test_run_settings_older_checkpoints_saved_in_config_json_are_ignored(tmp_path):
+    """z_loss, activation_checkpointing and attn_backend say how a model runs (MLLM's arguments), not what it
+    is; checkpoints written before they left ModelConfig still load, as the same model."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    old = {**json.load(open(tmp_path / "config.json")), "z_loss": 1e-4, "activation_checkpointing": True,
+           "attn_backend": "reference"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = M.MLLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config and loaded.z_loss == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_config_presets_and_overrides(tmp_path):
-    c = M.config_from_preset("tiny", z_loss=0.5, **{"text.num_layers": 3})
-    assert c.z_loss == 0.5 and c.text.num_layers == 3 and c.text.vocab_size == 262 and c.image_pad_id == 261
+    c = M.config_from_preset("tiny", image_pad_id=260, **{"text.num_layers": 3})
+    assert c.image_pad_id == 260 and c.text.num_layers == 3 and c.text.vocab_size == 262
     assert M.ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ValueError, match="unknown preset"):
         M.config_from_preset("nope")

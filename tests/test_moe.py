@@ -264,7 +264,7 @@ def test_activation_checkpointing_counts_each_token_once():
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = M.MLLM(M.config_from_preset("tiny-moe", activation_checkpointing=ckpt)).train()
+        model = M.MLLM(M.config_from_preset("tiny-moe"), activation_checkpointing=ckpt).train()
         loss, _ = model(text_batch(seqs))
         loss.backward()
         moe = model.decoder.layers[1].mlp

@@ -46,7 +46,7 @@ def global_batches(n_steps, seed=0):
 
 def build(stage, ckpt):
     torch.manual_seed(0)
-    model = MLLM(config_from_preset("tiny", activation_checkpointing=ckpt))
+    model = MLLM(config_from_preset("tiny"), activation_checkpointing=ckpt)
     if stage == 1:  # MindVL stage 1: only the connector trains
         model.requires_grad_(False)
         model.connector.requires_grad_(True)
