@@ -35,7 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import kernels
 import train
-from model import MLLM, config_from_preset, count_parameters, load_hf, model_flops
+from convert import load_hf
+from model import MLLM, config_from_preset, count_parameters, model_flops
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -568,7 +569,7 @@ def save_peer_checkpoint(path):
 
 
 def peer_models(device, path):
-    """(ours, transformers') fresh from the checkpoint at `path`: ours through model.load_hf."""
+    """(ours, transformers') fresh from the checkpoint at `path`: ours through convert.load_hf."""
     import transformers
     theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return load_hf(path).to(device).train(), theirs.to(device).train()

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 import data
+from convert import hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, save_hf, text_config_to_hf
 from kernels import detect_device
-from model import MLLM, checkpoint_dir, hf_decoder_tensors, hf_tensors, is_our_checkpoint, qwen2_5_vl_config_to_hf, \
-    read_safetensors, replaced, save_hf, text_config_to_hf, write_checkpoint, write_json
+from model import MLLM, checkpoint_dir, is_our_checkpoint, read_safetensors, replaced, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 

@@ -44,9 +44,10 @@ import torch
 import data
 import evaluate
 import parallel
+from convert import load_hf, load_hf_decoder
 from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
 from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, \
-    is_our_checkpoint, load_hf, load_hf_decoder, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
+    is_our_checkpoint, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -583,7 +584,7 @@ def plot_loss(metrics_path, out_png):
 
 class StopRequested:
     """SIGINT (Ctrl-C) or SIGTERM (what Slurm and Kubernetes send before killing a job) on any rank asks the
-    loop to stop: train_stage sums the flag over ranks once per step, so every rank stops after the same step
+    loop to stop: train_step sums the flag over ranks once per step, so every rank stops after the same step
     and they write one checkpoint together. A second Ctrl-C at least AGAIN_S after the first aborts at once;
     copies arriving together (the terminal's and the one torchrun forwards) count once, and SIGTERM never
     aborts (the scheduler's SIGKILL follows its grace period)."""
@@ -681,7 +682,7 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
         f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters")
     save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
                                                 train_state(cfg, stage_num, plan, st, loader_state))
-    status, ckpt, saved = "done", resume_ckpt, st.step
+    status, saved = "done", st.step
     with StopRequested() as stop:
         while st.step < plan.total:
             t0, before = time.perf_counter(), st.loader.state_dict()
@@ -698,7 +699,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
             if status != "done":
                 break
             if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < plan.total:
-                ckpt, saved = save(gather_loader(st.loader, dist)), st.step
+                save(gather_loader(st.loader, dist))
+                saved = st.step
         ckpt = save(gather_loader(st.loader, dist))
     return meter.finish(st, status, ckpt)
 
@@ -830,7 +832,7 @@ class StageLog:
                 self.log(f"wrote {png}")
         self.log(f"stage {self.stage_num}: {status} at step {st.step} in {wall:.0f}s ({st.bad_total} skipped "
                  f"steps); checkpoint {ckpt}")
-        return StageResult(ckpt, st.step, st.bad_total, status, time.time() - self.t_start)
+        return StageResult(ckpt, st.step, st.bad_total, status, wall)
 
 
 def prepare_stage_dir(stage_dir, fresh, args, log):

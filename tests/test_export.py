@@ -10,6 +10,7 @@ import transformers
 
 import data
 import evaluate
+import convert
 import model as M
 import train
 from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, sample  # noqa: F401 (a fixture)
@@ -49,18 +50,18 @@ def test_qwen2_5_vl_export_after_training_matches_transformers(tmp_path, capsys)
                   mm_token_type_ids=mm_types).logits[0]
         got = ours.logits(pack([(tokens, tokens, images)], positions=positions[:, 0]))
     assert want.abs().max() > 0.5 and (got - want).abs().max() < TOL
-    back, trained = M._named_state(M.load_hf(str(out))), M._named_state(ours)  # ours -> HF -> ours: bit for bit
+    back, trained = M._named_state(convert.load_hf(str(out))), M._named_state(ours)  # ours -> HF -> ours: bit for bit
     assert back.keys() == trained.keys() and all(torch.equal(t, back[k]) for k, t in trained.items())
 
 
 def test_qwen2_5_vl_hf_ours_hf_is_bitwise(qwen2_5_vl_dir):  # noqa: F811
     path, _ = qwen2_5_vl_dir
-    theirs = M._read_hf_tensors(path)
-    exported = M.hf_tensors(M.load_hf(path))
+    theirs = convert._read_hf_tensors(path)
+    exported = convert.hf_tensors(convert.load_hf(path))
     assert exported.keys() == theirs.keys()
     conv = "visual.patch_embed.proj.weight"  # still images see the sum over the Conv3d's two frames, nothing else
     assert all(torch.equal(exported[k], theirs[k]) for k in theirs if k != conv)
-    assert torch.equal(M.fold_patch_embed(exported[conv]), M.fold_patch_embed(theirs[conv]))
+    assert torch.equal(convert.fold_patch_embed(exported[conv]), convert.fold_patch_embed(theirs[conv]))
 
 
 def write_byte_tokenizer(path):
@@ -111,7 +112,7 @@ def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
     ckpt = train.run(cfg, {}, log=quiet)["stages"]["stage1"].checkpoint
     out = tmp_path / "hf"
     evaluate.main(["--export-hf", str(out), "--ckpt", ckpt, "--decoder-only"])
-    theirs, exported = M._read_hf_tensors(src), M._read_hf_tensors(out)
+    theirs, exported = convert._read_hf_tensors(src), convert._read_hf_tensors(out)
     assert exported.keys() == theirs.keys() and all(torch.equal(exported[k], theirs[k]) for k in theirs)
     assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -133,13 +134,13 @@ def test_what_transformers_cannot_express_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
     mla = M.config_from_preset("tiny-moe").text
     with pytest.raises(ValueError, match="DeepSeek-V3 routes by sigmoid"):
-        M.text_config_to_hf(M.TextConfig(**{**vars(mla), "scoring": "softmax"}))
+        convert.text_config_to_hf(M.TextConfig(**{**vars(mla), "scoring": "softmax"}))
     gqa_moe = M.TextConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, n_routed_experts=8,
                            num_experts_per_tok=2, moe_intermediate_size=16, scoring="softmax")
     decoder = M.Decoder(gqa_moe)
     decoder.layers[1].mlp.gate.expert_bias[3] = 0.01
     with pytest.raises(ValueError, match="layer 1 has a non-zero expert_bias"):
-        M.hf_decoder_tensors(decoder)
+        convert.hf_decoder_tensors(decoder)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not overwriting"):
@@ -152,7 +153,7 @@ def test_bf16_export_keeps_deepseek_routing_bias_in_fp32(tmp_path):
     moe.save_pretrained(tmp_path / "ckpt")
     evaluate.main(["--export-hf", str(tmp_path / "hf"), "--ckpt", str(tmp_path / "ckpt"), "--decoder-only",
                    "--dtype", "bf16"])
-    config, tensors = json.loads((tmp_path / "hf" / "config.json").read_text()), M._read_hf_tensors(tmp_path / "hf")
+    config, tensors = json.loads((tmp_path / "hf" / "config.json").read_text()), convert._read_hf_tensors(tmp_path / "hf")
     assert config["model_type"] == "deepseek_v3" and config["torch_dtype"] == "bfloat16"
     bias = {k for k in tensors if k.endswith("e_score_correction_bias")}
     assert len(bias) == 2 and all(tensors[k].dtype == torch.float32 for k in bias)  # as DeepSeek publishes it

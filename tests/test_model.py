@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from safetensors.torch import load_file, save_file
 
+import convert
 import model as M
 from data import PackedBatch as Batch
 
@@ -90,7 +91,7 @@ def decoder_parity(hf, ours, lengths):
 
 def test_qwen3_decoder_matches_transformers(qwen3_dir):
     path, hf = qwen3_dir
-    ours = M.load_hf_decoder(path).eval()
+    ours = convert.load_hf_decoder(path).eval()
     assert ours.config.qk_norm and not ours.config.qkv_bias and ours.config.head_dim == 24
     decoder_parity(hf, ours, [13, 7, 20])
 
@@ -104,7 +105,7 @@ def test_qwen2_decoder_sharded_tied_matches_transformers(tmp_path):
     randomize(hf)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = M.load_hf_decoder(tmp_path).eval()
+    ours = convert.load_hf_decoder(tmp_path).eval()
     assert ours.config.qkv_bias and not ours.config.qk_norm
     assert ours.lm_head.weight is ours.embed_tokens.weight
     decoder_parity(hf, ours, [9, 16])
@@ -117,10 +118,10 @@ def test_hf_loader_names_missing_and_unexpected_keys(qwen3_dir, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_norm.weight"},
               tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="model.layers.1.self_attn.k_norm.weight"):
-        M.load_hf_decoder(tmp_path)
+        convert.load_hf_decoder(tmp_path)
     save_file({**tensors, "model.layers.0.mlp.extra": torch.zeros(1)}, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="model.layers.0.mlp.extra"):
-        M.load_hf_decoder(tmp_path)
+        convert.load_hf_decoder(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ GRIDS = [(1, 8, 12), (1, 6, 4)]  # 56-pixel windows: 2x2 merge groups, partial w
 
 def test_qwen2_5_vl_vision_matches_transformers(qwen2_5_vl_dir):
     path, hf = qwen2_5_vl_dir
-    vision, merger = M.load_hf_vision(path)
+    vision, merger = convert.load_hf_vision(path)
     patches = torch.randn(sum(h * w for _, h, w in GRIDS), PATCH)
     grid = torch.tensor(GRIDS)
     with torch.no_grad():
@@ -177,7 +178,7 @@ def qwen2_5_vl_inputs(hf):
 
 def test_qwen2_5_vl_whole_model_matches_transformers(qwen2_5_vl_dir):
     path, hf = qwen2_5_vl_dir
-    ours = M.load_hf(path).eval()
+    ours = convert.load_hf(path).eval()
     assert ours.config.text.mrope_section == (2, 3, 3)
     ids, grid, mm_types, positions, patches, tokens, images = qwen2_5_vl_inputs(hf)
     batch = pack([(tokens, tokens, images)], positions=positions)
@@ -191,7 +192,7 @@ def test_qwen2_5_vl_whole_model_matches_transformers(qwen2_5_vl_dir):
 
 def test_qwen2_5_vl_generate_matches_transformers(qwen2_5_vl_dir):
     path, hf = qwen2_5_vl_dir
-    ours = M.load_hf(path).eval()
+    ours = convert.load_hf(path).eval()
     ids, grid, mm_types, positions, patches, tokens, images = qwen2_5_vl_inputs(hf)
     with torch.no_grad():
         want = hf.generate(input_ids=ids, pixel_values=hf_pixels(patches), image_grid_thw=grid,

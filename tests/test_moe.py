@@ -6,6 +6,7 @@ the sequence-wise balance loss, tiny-moe training and the MindVL-671B-A37B param
 import pytest
 import torch
 
+import convert
 import model as M
 from data import PackedBatch as Batch
 
@@ -71,7 +72,7 @@ def test_deepseek_v3_parity(tmp_path, q_lora_rank, rope, interleave):
     hf = transformers.DeepseekV3ForCausalLM(cfg).eval()
     randomize(hf, gate_std=0.5)
     hf.save_pretrained(tmp_path)
-    decoder = M.load_hf_decoder(str(tmp_path)).eval()
+    decoder = convert.load_hf_decoder(str(tmp_path)).eval()
     c = decoder.config
     assert (c.attention, c.first_k_dense, c.n_group, c.scoring) == ("mla", 1, 4, "sigmoid")
     assert isinstance(decoder.layers[0].mlp, M.MLP) and isinstance(decoder.layers[1].mlp, M.MoE)
@@ -91,7 +92,7 @@ def test_qwen3_moe_parity(tmp_path, norm_topk_prob):
     hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
     randomize(hf, gate_std=0.5)
     hf.save_pretrained(tmp_path)
-    decoder = M.load_hf_decoder(str(tmp_path)).eval()
+    decoder = convert.load_hf_decoder(str(tmp_path)).eval()
     assert (decoder.config.scoring, decoder.config.n_shared_experts) == ("softmax", 0)
     assert not decoder.layers[0].mlp.gate.expert_bias.any()
     assert_parity(hf, decoder, [9, 17, 5], cfg.vocab_size)
@@ -334,7 +335,7 @@ DEEPSEEK_V3_CONFIG = {
 
 def test_671b_preset_matches_deepseek_v3_config():
     ours = M.config_from_preset("qwen2.5-vit-675m+deepseek-v3").text
-    theirs = M.text_config_from_hf(DEEPSEEK_V3_CONFIG)
+    theirs = convert.text_config_from_hf(DEEPSEEK_V3_CONFIG)
     training_only = ("bias_update_speed", "seq_aux_loss_coef")  # DeepSeek-V3 §4.2, not in config.json
     assert {k: v for k, v in vars(ours).items() if k not in training_only} == \
         {k: v for k, v in vars(theirs).items() if k not in training_only}

@@ -1,0 +1,434 @@
+"""Hugging Face checkpoints: the name tables between our modules and the published Qwen2.5-VL / Qwen2 / Qwen3 /
+Qwen3-MoE / DeepSeek-V3 layouts, loading their weights into model.py's modules (load_hf, load_hf_decoder) and
+exporting ours in their layout (hf_tensors, hf_decoder_tensors, *_config_to_hf, save_hf). Kept beside model.py
+as DeepSeek-V3 keeps convert.py beside its model.py: model.py computes, this file only renames and reshapes.
+"""
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
+    _assign_state, _named_state, _read_json, read_safetensors
+
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+
+# transformers >= 4.52 module names -> the (older) names published checkpoints use; both occur on disk
+HF_PREFIX_ALIASES = {"model.visual.": "visual.", "model.language_model.": "model."}
+
+# (our name prefix, Hugging Face name prefix), first match wins; the rest of the name is identical
+HF_DECODER_NAMES = [("lm_head.", "lm_head."), ("", "model.")]
+HF_VISION_NAMES = [("patch_embed.weight", "visual.patch_embed.proj.weight"), ("", "visual.")]
+HF_MERGER_NAMES = [("fc1.", "visual.merger.mlp.0."), ("fc2.", "visual.merger.mlp.2."), ("", "visual.merger.")]
+
+
+def fold_patch_embed(w):
+    """Conv3d [d, 3, 2, 14, 14] over 2 frames -> Linear [d, 3*14*14]: a still image repeats its frame, so
+    the conv of the repeated frame equals the frame times the kernel summed over time."""
+    return w.sum(2).flatten(1)
+
+
+def unfold_patch_embed(w, temporal_patch_size=2):
+    """The inverse for export: Linear [d, 3*p*p] -> Conv3d [d, 3, 2, p, p], half the kernel on each frame, so
+    fold_patch_embed gives `w` back exactly (halving and adding two equal halves are exact in floating point)."""
+    p = math.isqrt(w.shape[1] // 3)
+    return (w / temporal_patch_size).view(w.shape[0], 3, 1, p, p).expand(-1, -1, temporal_patch_size, -1, -1)
+
+
+# Hugging Face name -> (its tensor to ours, ours to its tensor) where the layouts differ
+HF_CONVERT = {"visual.patch_embed.proj.weight": (fold_patch_embed, unfold_patch_embed)}
+
+
+def _hf_name(name, table):
+    for ours, theirs in table:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise KeyError(f"no Hugging Face name for {name!r}")
+
+
+def _read_hf_tensors(path, keep=lambda name: True):
+    """All tensors of a HF checkpoint dir (single `model.safetensors` or sharded with an index file),
+    under the names of HF_PREFIX_ALIASES; `keep` filters by name before reading."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for file in files:
+        tensors.update((_hf_alias(k), t) for k, t in
+                       read_safetensors(os.path.join(path, file), lambda k: keep(_hf_alias(k))).items())
+    return tensors
+
+
+def _hf_alias(key):
+    """A HF tensor name under the prefixes of HF_PREFIX_ALIASES."""
+    for new, old in HF_PREFIX_ALIASES.items():
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def _take_hf(module, table, tensors, where):
+    """Our state dict for `module`, popped from `tensors` (HF names); a missing key is named."""
+    state = {}
+    for name in _named_state(module):
+        hf = _hf_name(name, table)
+        if hf not in tensors:
+            raise KeyError(f"{where}: missing key {hf!r} (for our {name!r})")
+        state[name] = HF_CONVERT[hf][0](tensors.pop(hf)) if hf in HF_CONVERT else tensors.pop(hf)
+    return state
+
+
+def _check_consumed(tensors, where):
+    if tensors:
+        raise KeyError(f"{where}: unexpected keys {sorted(tensors)}")
+
+
+def text_config_from_hf(d, tie_word_embeddings=None):
+    """TextConfig from a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 / Qwen2.5-VL (text part) config.json dict."""
+    kind = d.get("model_type")
+    if kind == "deepseek_v3":
+        return _deepseek_v3_config(d)
+    if kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen2_5_vl_text"):
+        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen3_moe, deepseek_v3, "
+                         "qwen2_5_vl)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"unsupported rope scaling {rope}")
+    if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window"):
+        raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} or sliding window in {kind} config")
+    qwen3 = kind in ("qwen3", "qwen3_moe")
+    if qwen3 and d.get("attention_bias"):
+        raise ValueError("qwen3 config with attention_bias=true (o_proj bias) is not supported")
+    heads = d["num_attention_heads"]
+    return TextConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads, intermediate_size=d["intermediate_size"],
+        qk_norm=qwen3, qkv_bias=not qwen3,
+        tie_word_embeddings=(d.get("tie_word_embeddings", False) if tie_word_embeddings is None
+                             else tie_word_embeddings),
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)), mrope_section=rope.get("mrope_section"),
+        rms_norm_eps=d["rms_norm_eps"], **(_qwen3_moe_fields(d) if kind == "qwen3_moe" else {}))
+
+
+def _qwen3_moe_fields(d):
+    """Qwen3-MoE: softmax routing over all experts, no shared experts, every layer MoE."""
+    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+        raise ValueError(f"qwen3_moe config: decoder_sparse_step {d.get('decoder_sparse_step')} / mlp_only_layers "
+                         f"{d.get('mlp_only_layers')}: only all-MoE layers are supported")
+    return dict(n_routed_experts=d.get("num_experts") or d["num_local_experts"], n_shared_experts=0,
+                num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+                scoring="softmax", norm_topk_prob=d.get("norm_topk_prob", False), routed_scaling_factor=1.0)
+
+
+def _deepseek_v3_config(d):
+    """TextConfig from a DeepSeek-V3 config.json dict (the original or transformers' spelling)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn") or (rope_type == "yarn" and not rope.get("factor")):
+        raise ValueError(f"deepseek_v3 config: unsupported rope scaling {rope}")
+    if (d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("scoring_func", "sigmoid") != "sigmoid"
+            or d.get("topk_method", "noaux_tc") != "noaux_tc"):
+        raise ValueError("deepseek_v3 config: need hidden_act silu, attention_bias false, scoring_func sigmoid, "
+                         "topk_method noaux_tc")
+    yarn_keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    heads = d["num_attention_heads"]
+    return TextConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=heads, intermediate_size=d["intermediate_size"], qk_norm=False,
+        tie_word_embeddings=d.get("tie_word_embeddings", False), rms_norm_eps=d["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        rope_scaling={"type": "yarn", **{k: rope[k] for k in yarn_keys if k in rope}} if rope_type == "yarn" else None,
+        attention="mla", q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
+        n_routed_experts=d["n_routed_experts"], n_shared_experts=d.get("n_shared_experts") or 0,
+        num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense=d.get("first_k_dense_replace", 0), n_group=d.get("n_group") or 1,
+        topk_group=d.get("topk_group") or 1, scoring="sigmoid", norm_topk_prob=d.get("norm_topk_prob", True),
+        routed_scaling_factor=d.get("routed_scaling_factor", 1.0))
+
+
+def _hf_moe_tensors(tensors, c: TextConfig, rope_interleave, where):
+    """Rename a Qwen3-MoE / DeepSeek-V3 checkpoint's tensors (in place) so that _take_hf maps them one to one:
+    per-expert matrices stacked into our [expert, in, out] layout, e_score_correction_bias -> expert_bias
+    (zeros where there is none: Qwen3-MoE), DeepSeek's interleaved rotary rows put in half-split order (the
+    same permutation on q and k leaves q.k unchanged), and the MTP layers past num_layers dropped (the MTP
+    module, DeepSeek-V3 §2.2, is not built here)."""
+    fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
+    if fp8:
+        raise ValueError(f"{where}: FP8 checkpoint ({fp8[0]}); convert it to bf16 first")
+    for key in [k for k in tensors if k.startswith("model.layers.") and int(k.split(".")[2]) >= c.num_layers]:
+        del tensors[key]
+
+    def pop(key):
+        if key not in tensors:
+            raise KeyError(f"{where}: missing key {key!r}")
+        return tensors.pop(key)
+    for i in range(c.first_k_dense, c.num_layers) if c.n_routed_experts else ():
+        p = f"model.layers.{i}.mlp."
+        w = {n: torch.stack([pop(f"{p}experts.{e}.{n}.weight") for e in range(c.n_routed_experts)])
+             for n in ("gate_proj", "up_proj", "down_proj")}
+        tensors[p + "gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1).transpose(1, 2)
+        tensors[p + "down_proj"] = w["down_proj"].transpose(1, 2)
+        bias = tensors.pop(p + "gate.e_score_correction_bias", None)
+        tensors[p + "gate.expert_bias"] = torch.zeros(c.n_routed_experts) if bias is None else bias.float()
+    if c.attention == "mla" and rope_interleave:
+        _permute_mla_rope(tensors, c, _half_split(c.qk_rope_head_dim), where)
+
+
+def _half_split(r):
+    """Row order taking DeepSeek's interleaved rotary pairs to our half-split layout: (x0, x2, ..., x1, x3, ...)."""
+    return torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+
+
+def _permute_mla_rope(tensors, c: TextConfig, order, where):
+    """Reorder (in place) the rotary rows of every MLA layer's query and shared rotary key by `order`; the
+    same permutation on q and k leaves q.k unchanged."""
+    r, nope = c.qk_rope_head_dim, c.qk_nope_head_dim
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        q, kv = p + ("q_b_proj.weight" if c.q_lora_rank else "q_proj.weight"), p + "kv_a_proj_with_mqa.weight"
+        missing = [k for k in (q, kv) if k not in tensors]
+        if missing:
+            raise KeyError(f"{where}: missing key {missing[0]!r}")
+        w = tensors[q].view(c.num_heads, nope + r, -1)
+        tensors[q] = torch.cat([w[:, :nope], w[:, nope:][:, order]], dim=1).flatten(0, 1)
+        tensors[kv] = torch.cat([tensors[kv][:-r], tensors[kv][-r:][order]])
+
+
+def vision_config_from_hf(d):
+    """(VisionConfig, out_hidden_size) from a Qwen2.5-VL `vision_config` dict."""
+    if d.get("in_channels", d.get("in_chans", 3)) != 3 or d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported vision config: in_channels {d.get('in_channels', d.get('in_chans'))}, "
+                         f"hidden_act {d.get('hidden_act')!r}")
+    rope = d.get("rope_parameters") or {}
+    config = VisionConfig(
+        depth=d["depth"], hidden_size=d["hidden_size"], num_heads=d["num_heads"],
+        intermediate_size=d["intermediate_size"], patch_size=d.get("patch_size", 14),
+        spatial_merge_size=d.get("spatial_merge_size", 2), window_size=d["window_size"],
+        fullatt_blocks=d["fullatt_block_indexes"], rope_theta=rope.get("rope_theta", 10000.0))
+    return config, d["out_hidden_size"]
+
+
+def _qwen2_5_vl_config(path):
+    cfg = _read_json(os.path.join(path, "config.json"))
+    if cfg.get("model_type") != "qwen2_5_vl":
+        raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
+    return cfg
+
+
+def load_hf_decoder(path, attn_backend=None, activation_checkpointing=False):
+    """Decoder from a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal-LM checkpoint directory."""
+    hf_config = _read_json(os.path.join(path, "config.json"))
+    config = text_config_from_hf(hf_config)
+    with torch.device("meta"):
+        decoder = Decoder(config, attn_backend, activation_checkpointing)
+    tensors = _read_hf_tensors(path)
+    if config.n_routed_experts:
+        _hf_moe_tensors(tensors, config, hf_config.get("rope_interleave", True), path)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+    state = _take_hf(decoder, HF_DECODER_NAMES, tensors, path)
+    _check_consumed(tensors, path)
+    _assign_state(decoder, state, path)
+    return decoder
+
+
+def load_hf_vision(path):
+    """(VisionEncoder, PatchMerger) from the `visual.*` weights of a Hugging Face Qwen2.5-VL checkpoint."""
+    config, out_dim = vision_config_from_hf(_qwen2_5_vl_config(path)["vision_config"])
+    with torch.device("meta"):
+        vision, merger = VisionEncoder(config), PatchMerger(config, out_dim)
+    tensors = _read_hf_tensors(path, keep=lambda name: name.startswith("visual."))
+    vision_state = _take_hf(vision, HF_VISION_NAMES, tensors, path)
+    merger_state = _take_hf(merger, HF_MERGER_NAMES, tensors, path)
+    _check_consumed(tensors, path)
+    _assign_state(vision, vision_state, path)
+    _assign_state(merger, merger_state, path)
+    return vision, merger
+
+
+def load_hf(path, **runtime):
+    """MLLM (M-RoPE decoder) from a whole Hugging Face Qwen2.5-VL checkpoint directory (runtime: MLLM's)."""
+    cfg = _qwen2_5_vl_config(path)
+    vision, out_dim = vision_config_from_hf(cfg["vision_config"])
+    text_dict = cfg.get("text_config") or cfg  # older checkpoints keep the text fields at the top level
+    tie = cfg.get("tie_word_embeddings", False) or text_dict.get("tie_word_embeddings", False)
+    text = text_config_from_hf({"model_type": "qwen2_5_vl", **text_dict}, tie_word_embeddings=tie)
+    if out_dim != text.hidden_size:
+        raise ValueError(f"{path}: vision out_hidden_size {out_dim} != text hidden_size {text.hidden_size}")
+    with torch.device("meta"):
+        model = MLLM(ModelConfig(vision=vision, text=text, image_pad_id=cfg["image_token_id"]), **runtime)
+    tensors = _read_hf_tensors(path)
+    if tie:
+        tensors.pop("lm_head.weight", None)
+    state = {}
+    for prefix, module, table in (("vision.", model.vision, HF_VISION_NAMES),
+                                  ("connector.", model.connector, HF_MERGER_NAMES),
+                                  ("decoder.", model.decoder, HF_DECODER_NAMES)):
+        state |= {prefix + k: v for k, v in _take_hf(module, table, tensors, path).items()}
+    _check_consumed(tensors, path)
+    _assign_state(model, state, path)
+    return model
+
+
+# ----------------------------------------------------------------------------- export to Hugging Face
+
+
+def hf_decoder_type(c: TextConfig):
+    """The transformers model_type that computes what decoder config `c` does, or ValueError naming the
+    fields none of qwen2, qwen3, qwen3_moe, deepseek_v3 can express (the inverse of text_config_from_hf)."""
+    if c.attention == "mla":
+        kind = "deepseek_v3"
+        problems = [f"scoring {c.scoring!r} (DeepSeek-V3 routes by sigmoid)"] if c.scoring != "sigmoid" else []
+    else:
+        kind = "qwen3_moe" if c.n_routed_experts else "qwen3" if c.qk_norm else "qwen2"
+        problems = [f"rope_scaling {c.rope_scaling}"] if c.rope_scaling else []
+        if kind == "qwen2" and (not c.qkv_bias or c.head_dim * c.num_heads != c.hidden_size):
+            problems.append(f"a decoder without QK-norm needs Qwen2's q/k/v bias (qkv_bias {c.qkv_bias}) and "
+                            f"head_dim = hidden_size / num_heads ({c.head_dim} != {c.hidden_size // c.num_heads})")
+        if kind != "qwen2" and c.qkv_bias:
+            problems.append(f"qkv_bias with {'QK-norm' if c.qk_norm else 'MoE'} (Qwen3's attention_bias also "
+                            "puts a bias on o_proj)")
+        if kind == "qwen3_moe" and (not c.qk_norm or c.scoring != "softmax" or c.n_shared_experts or c.first_k_dense
+                                    or c.n_group > 1 or c.routed_scaling_factor != 1.0):
+            problems.append(f"a GQA MoE decoder is Qwen3-MoE: QK-norm, softmax routing, no shared experts, no dense "
+                            f"first layers, one group, routed_scaling_factor 1 (have qk_norm {c.qk_norm}, scoring "
+                            f"{c.scoring!r}, n_shared_experts {c.n_shared_experts}, first_k_dense {c.first_k_dense}, "
+                            f"n_group {c.n_group}, routed_scaling_factor {c.routed_scaling_factor})")
+    if problems:
+        raise ValueError(f"no transformers decoder computes this {kind} config: " + "; ".join(problems))
+    return kind
+
+
+def text_config_to_hf(c: TextConfig):
+    """config.json dict (the published checkpoints' spelling: rope_theta / rope_scaling at the top) of the
+    Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM that computes what `c` does; text_config_from_hf reads
+    it back to `c` (M-RoPE aside: a decoder alone sees text only, where M-RoPE is 1D rotary)."""
+    kind = hf_decoder_type(c)
+    arch = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "deepseek_v3": "DeepseekV3"}[kind]
+    d = {"architectures": [arch + "ForCausalLM"], "model_type": kind, "vocab_size": c.vocab_size,
+         "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+         "intermediate_size": c.intermediate_size, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+         "tie_word_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta}
+    if kind == "deepseek_v3":
+        return d | _deepseek_v3_config_to_hf(c)
+    d |= {"num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "attention_bias": False}
+    if kind == "qwen3_moe":
+        d |= {"num_experts": c.n_routed_experts, "num_experts_per_tok": c.num_experts_per_tok,
+              "moe_intermediate_size": c.moe_intermediate_size, "norm_topk_prob": c.norm_topk_prob,
+              "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return d
+
+
+def _deepseek_v3_config_to_hf(c: TextConfig):
+    """The DeepSeek-V3 fields of config.json; rotary rows interleaved as DeepSeek publishes them, no MTP layers."""
+    d = {"num_key_value_heads": c.num_heads, "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
+         "qk_nope_head_dim": c.qk_nope_head_dim, "qk_rope_head_dim": c.qk_rope_head_dim, "v_head_dim": c.v_head_dim,
+         "n_routed_experts": c.n_routed_experts, "n_shared_experts": c.n_shared_experts,
+         "num_experts_per_tok": c.num_experts_per_tok, "moe_intermediate_size": c.moe_intermediate_size,
+         "first_k_dense_replace": c.first_k_dense if c.n_routed_experts else c.num_layers, "n_group": c.n_group,
+         "topk_group": c.topk_group, "norm_topk_prob": c.norm_topk_prob,
+         "routed_scaling_factor": c.routed_scaling_factor, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+         "attention_bias": False, "rope_interleave": True,
+         "num_nextn_predict_layers": 0}
+    if c.rope_scaling:
+        d["rope_scaling"] = dict(c.rope_scaling)
+        yarn = c.rope_scaling
+        d["max_position_embeddings"] = int(yarn["factor"] * yarn["original_max_position_embeddings"])
+    return d
+
+
+def hf_decoder_tensors(decoder, where="decoder"):
+    """{Hugging Face name: tensor} of our Decoder in the published layout (HF_DECODER_NAMES read backwards):
+    per-expert matrices, e_score_correction_bias (DeepSeek-V3) and interleaved MLA rotary rows."""
+    c = decoder.config
+    kind = hf_decoder_type(c)
+    tensors = {_hf_name(n, HF_DECODER_NAMES): t.detach() for n, t in _named_state(decoder).items()}
+    for i in range(c.first_k_dense, c.num_layers) if c.n_routed_experts else ():
+        p = f"model.layers.{i}.mlp."
+        gate, up = tensors.pop(p + "gate_up_proj").transpose(1, 2).chunk(2, dim=1)
+        down = tensors.pop(p + "down_proj").transpose(1, 2)
+        for e in range(c.n_routed_experts):
+            tensors |= {f"{p}experts.{e}.gate_proj.weight": gate[e], f"{p}experts.{e}.up_proj.weight": up[e],
+                        f"{p}experts.{e}.down_proj.weight": down[e]}
+        bias = tensors.pop(p + "gate.expert_bias")
+        if kind == "deepseek_v3":
+            tensors[p + "gate.e_score_correction_bias"] = bias
+        elif bias.any():  # DeepSeek-V3 §2.1.2's balancing bias, moved by training; Qwen3-MoE routes without one
+            raise ValueError(f"{where}: layer {i} has a non-zero expert_bias, which Qwen3-MoE cannot express "
+                             "(train it with --text-bias-update-speed 0)")
+    if kind == "deepseek_v3":
+        _permute_mla_rope(tensors, c, torch.argsort(_half_split(c.qk_rope_head_dim)), where)
+    return tensors
+
+
+def qwen2_5_vl_config_to_hf(config: ModelConfig, token_ids=None):
+    """config.json dict of the Qwen2.5-VL model that computes what our MLLM does (text fields at the top, as
+    published); `token_ids` adds vision_start_token_id etc. ValueError names what Qwen2.5-VL cannot express."""
+    c, v = config.text, config.vision
+    problems = []
+    try:
+        kind = hf_decoder_type(c)
+    except ValueError as e:
+        kind, problems = None, [str(e)]
+    if kind not in (None, "qwen2"):
+        problems.append(f"a {kind} decoder behind the Qwen2.5 ViT has no transformers class (Qwen2.5-VL's decoder "
+                        "is Qwen2: q/k/v bias, no QK-norm, dense); export the decoder alone (--decoder-only)")
+    if c.mrope_section is None:
+        problems.append("1D rotary (text.mrope_section none): Qwen2.5-VL places image tokens by M-RoPE")
+    if v.rms_norm_eps != 1e-6:
+        problems.append(f"vision rms_norm_eps {v.rms_norm_eps} (Qwen2.5-VL's ViT fixes 1e-6)")
+    if problems:
+        raise ValueError("cannot export as Qwen2.5-VL: " + "; ".join(problems))
+    text = text_config_to_hf(c)
+    vision = {"model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "silu",
+              "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": 3,
+              "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": 2,
+              "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_blocks),
+              "out_hidden_size": c.hidden_size, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
+    return text | {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                   "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)}, "vision_config": vision,
+                   "image_token_id": config.image_pad_id, **(token_ids or {})}
+
+
+def hf_tensors(model: MLLM):
+    """{Hugging Face name: tensor} of the whole MLLM in Qwen2.5-VL's published layout (load_hf's tables backwards)."""
+    tensors = {}
+    for module, table in ((model.vision, HF_VISION_NAMES), (model.connector, HF_MERGER_NAMES)):
+        for name, t in _named_state(module).items():
+            hf = _hf_name(name, table)
+            tensors[hf] = HF_CONVERT[hf][1](t.detach()) if hf in HF_CONVERT else t.detach()
+    return tensors | hf_decoder_tensors(model.decoder)
+
+
+def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
+    """config.json + safetensors, in shards of at most max_shard_bytes with model.safetensors.index.json when
+    there is more than one (the layout transformers' save_pretrained writes and Hugging Face loaders read)."""
+    config = config | {"torch_dtype": str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    os.makedirs(path, exist_ok=True)
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
