@@ -830,7 +830,8 @@ class MLLM(nn.Module):
 @contextlib.contextmanager
 def replaced(path, tmp=None):
     """Yields a temporary path (default: path + ".tmp") to write a file or a directory to; once that is done it
-    replaces `path` by a rename, so a reader, or a crash at any moment, meets the old or the new whole."""
+    replaces `path` by a rename, so no reader and no crash meets half of it (a file: the old or the new one; a
+    directory, removed just before the rename: the old one, the new one or the complete temporary one)."""
     tmp = tmp or path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover directory (a file is simply overwritten)
     yield tmp

@@ -254,8 +254,10 @@ def check_config(cfg, overrides):
 def check_init(cfg):
     """--init-from names a checkpoint, and not one inside a stage directory this run writes (it would be deleted)."""
     init = cfg.init_from
-    if not (os.path.isfile(os.path.join(init, "latest")) or os.path.isfile(os.path.join(init, "config.json"))):
-        raise SystemExit(f"--init-from {init}: no checkpoint there (neither config.json nor a `latest` file)")
+    try:
+        checkpoint_dir(init)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--init-from {e}") from None
     for d in stage_dirs(cfg):
         stage_dir = os.path.realpath(os.path.join(cfg.out, d))
         if os.path.commonpath([stage_dir, os.path.realpath(init)]) == stage_dir:
