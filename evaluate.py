@@ -15,15 +15,14 @@ import difflib
 import json
 import os
 import re
-import shutil
 import time
 
 import numpy as np
 import torch
 import data
-from convert import hf_decoder_tensors, hf_tensors, qwen2_5_vl_config_to_hf, save_hf, text_config_to_hf
+from convert import export_hf, is_hf_dir
 from kernels import detect_device
-from model import MLLM, checkpoint_dir, is_our_checkpoint, read_safetensors, replaced, write_checkpoint, write_json
+from model import MLLM, checkpoint_dir, read_safetensors, replaced, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -268,15 +267,6 @@ def average_checkpoints(ckpts, weights=None, out=None):
 
 # ----------------------------------------------------------------------------- export to Hugging Face
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                      "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
-HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-
-
-def is_hf_dir(path):
-    """A Hugging Face model directory: a config.json that is not ours (ours has `vision` and `text`)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not is_our_checkpoint(path)
-
 
 def hf_origin(ckpt, hops=8):
     """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
@@ -294,35 +284,6 @@ def hf_origin(ckpt, hops=8):
         if is_hf_dir(path):
             return path
     return None
-
-
-def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
-    """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
-    MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
-    weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
-    Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
-    copied. ValueError names what the transformers class cannot express."""
-    if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
-        raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
-    model = MLLM.from_pretrained(ckpt)
-    if decoder_only:
-        config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
-        files = HF_TOKENIZER_FILES
-    else:
-        if tokenizer.image_pad_id != model.config.image_pad_id:
-            raise ValueError(f"{ckpt}: image_pad_id {model.config.image_pad_id} but the tokenizer's <|image_pad|> is "
-                             f"{tokenizer.image_pad_id}; pass the model's tokenizer with --tokenizer")
-        config = qwen2_5_vl_config_to_hf(model.config, {"vision_start_token_id": tokenizer.vision_start_id,
-                                                        "vision_end_token_id": tokenizer.vision_end_id})
-        tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
-    if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
-        tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
-    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
-    with replaced(out) as tmp:
-        save_hf(tmp, config, tensors, max_shard_bytes)
-        for f in copied:
-            shutil.copy(os.path.join(source, f), tmp)
-    return copied
 
 
 # ----------------------------------------------------------------------------- test-time resolution search

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
+import convert
 import data
 import evaluate
-import convert
 import model as M
 import train
 from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, sample  # noqa: F401 (a fixture)
@@ -130,7 +130,7 @@ def test_what_transformers_cannot_express_is_named(tmp_path):
                                                   "vision.fullatt_blocks": (0,)}))
     tiny.save_pretrained(tmp_path / "tiny")
     with pytest.raises(ValueError, match=r"qwen3 decoder behind the Qwen2.5 ViT .*--decoder-only.*mrope_section none"):
-        evaluate.export_hf(str(tmp_path / "tiny"), str(tmp_path / "out"), data.Tokenizer())
+        convert.export_hf(str(tmp_path / "tiny"), str(tmp_path / "out"), data.Tokenizer())
     assert not (tmp_path / "out").exists()
     mla = M.config_from_preset("tiny-moe").text
     with pytest.raises(ValueError, match="DeepSeek-V3 routes by sigmoid"):
@@ -144,7 +144,7 @@ def test_what_transformers_cannot_express_is_named(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not overwriting"):
-        evaluate.export_hf(str(tmp_path / "tiny"), str(tmp_path / "mine"), data.Tokenizer(), decoder_only=True)
+        convert.export_hf(str(tmp_path / "tiny"), str(tmp_path / "mine"), data.Tokenizer(), decoder_only=True)
 
 
 def test_bf16_export_keeps_deepseek_routing_bias_in_fp32(tmp_path):
