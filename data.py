@@ -418,7 +418,8 @@ def _scene(rng, objects, cells=None, side=SCENE):
     boxes = []
     for (color, shape), c in zip(objects, cells):
         # a cell is one LLM token (2x2 patches) and the object fills 70-95% of it (19-26 px), so each object's
-        # shape is one token's content; objects of 16-33 px across token borders left shape at chance (README)
+        # shape is one token's content; objects of 16-33 px across token borders left shape at chance
+        # (docs/LOG.md, 2026-11-29: what made shape learnable)
         s = int(rng.integers(FACTOR * 7 // 10, FACTOR * 19 // 20 + 1))
         x = (c % grid) * FACTOR + int(rng.integers(1, FACTOR - s))
         y = (c // grid) * FACTOR + int(rng.integers(1, FACTOR - s))

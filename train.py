@@ -73,7 +73,8 @@ PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0}  # the tiny 
 # MindVL (arXiv 2509.11662) §3, three phases. Learning rates, steps and lengths are sized for the tiny preset
 # training from scratch on the synthetic curriculum on a 2-core CPU (the paper's are for 8B/671B models).
 # Peak lrs stay at or below 3e-4: at 3e-3..1e-2 Adam grows the connector's output in one shared direction
-# (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone (README).
+# (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone
+# (docs/LOG.md, 2026-11-29: what made the image path learn).
 STAGES = {
     # 1. warm-up: ViT and LLM frozen, only the randomly initialised MLP connector learns, on caption data.
     #    Over a random frozen decoder there is nothing to align to, so the rate is low enough not to collapse it.
