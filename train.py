@@ -95,9 +95,9 @@ STAGES = {
 # MindVL §3: train the last stage at different sequence lengths from the same checkpoint and average them;
 # runs keep the stage's token budget (steps scale as the table's packing length / length)
 STAGE3_LENGTHS = "512,1024"
-# evaluation of the default run: samples per task, and the test-time resolution search over max_pixels
-# (synthetic scenes are 84x84: 28x28 and 56x56 are downscaled views, 84x84 is native)
-EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 32, "28x28,56x56,84x84"
+# evaluation of the default run: samples per task, the test-time pixel budget (every scene fits 84x84, the
+# 224x56 text images do not) and the resolution search's candidates (MindVL §3: fewer and more pixels)
+EVAL_N, EVAL_DEV_N, EVAL_MAX_PIXELS, RESOLUTIONS = 64, 64, 84 * 84, "56x56,112x112"
 MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
 
 
@@ -145,6 +145,7 @@ class TrainConfig:
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
     eval_dev_n: int = field(default=EVAL_DEV_N, metadata={"help": "dev samples per task for the resolution search"})
+    eval_max_pixels: int = field(default=EVAL_MAX_PIXELS, metadata={"help": "test-time image pixel budget of --stage all's evaluation (the resolution search's default)"})
     resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
 
 
@@ -245,8 +246,9 @@ def check_config(cfg, overrides):
             raise SystemExit(f"{flag(name)} {value}: must be {'> 0' if low == 1e-30 else f'>= {low}'}")
     if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
         raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
-    if cfg.max_pixels < cfg.min_pixels:
-        raise SystemExit(f"--max-pixels {cfg.max_pixels} is below --min-pixels {cfg.min_pixels}")
+    for name in ("max_pixels", "eval_max_pixels"):
+        if getattr(cfg, name) < cfg.min_pixels:
+            raise SystemExit(f"{flag(name)} {getattr(cfg, name)} is below --min-pixels {cfg.min_pixels}")
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
@@ -961,7 +963,7 @@ def evaluate_run(cfg, tokenizer, device, log=print):
     report = {"checkpoints": {}}
     for name, ckpt in evaluate.resolve_checkpoints(cfg.out):
         res = evaluate.evaluate_model(evaluate.load_model(ckpt, device), tokenizer, test_sets, cfg.min_pixels,
-                                      cfg.max_pixels, **kw)
+                                      cfg.eval_max_pixels, **kw)
         report["checkpoints"][name] = {"path": ckpt, "results": res}
         log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
     rows = {name: evaluate.scores_of(r["results"]) for name, r in report["checkpoints"].items()}
@@ -970,7 +972,7 @@ def evaluate_run(cfg, tokenizer, device, log=print):
         name, ckpt = list(evaluate.resolve_checkpoints(cfg.out))[-1]
         dev_sets = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed)
         search = evaluate.resolution_search(evaluate.load_model(ckpt, device), tokenizer, dev_sets, test_sets,
-                                            resolutions, cfg.max_pixels, cfg.min_pixels, log=log,
+                                            resolutions, cfg.eval_max_pixels, cfg.min_pixels, log=log,
                                             test_default=report["checkpoints"][name]["results"], **kw)
         report["resolution_search"] = {"checkpoint": ckpt, **search}
         rows[f"{name} + resolution search"] = search["test_searched"]

@@ -11,7 +11,7 @@ import train
 
 FLAGS = ["--device", "cpu", "--max-steps", "1", "--eval-n", "3", "--eval-dev-n", "3", "--tasks", "vqa_color,vqa_count",
          "--stage3-lengths", "256,512", "--resolutions", "28x28", "--peak-tflops", "1", "--log-every", "1000",
-         "--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
+         "--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0", "--eval-max-pixels", "3136"]
 
 
 def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
@@ -35,3 +35,8 @@ def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "run", no_training)
     audit.main(["--seeds", "1", "--out", out, *FLAGS])
     assert json.load(open(os.path.join(out, "audit.json")))["table"] == report["table"]
+    # --jobs 2: seed 1 is read back, seed 2 is trained by a child process (train.run above is patched only here)
+    audit.main(["--seeds", "1,2", "--jobs", "2", "--out", out, *FLAGS])
+    assert "stage3-avg" in open(os.path.join(out, "seed-2.log")).read()
+    assert os.path.isfile(os.path.join(out, "seed-2", "scores.json")) and not os.path.exists(os.path.join(out, "seed-1.log"))
+    assert "| comparison (2 seeds)" in capsys.readouterr().out
