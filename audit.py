@@ -139,31 +139,41 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
     return [json.load(open(scores_path(args, s))) for s in seeds]
 
 
-def comparisons(seeds, lengths):
-    """[(label, A, B)] of the recipe's elements: A is the recipe's choice, B what it is compared with."""
+def comparisons(seeds, lengths, default):
+    """[(label, A, B, task)] of the recipe's elements: A is the recipe's choice, B what it is compared with, over
+    every task (task None) or one; the search gets a row of its own for each task where it left `default`."""
     first = f"stage3-{lengths[0]}"
     means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][f"stage3-{n}"].values()]) for s in seeds])
              for n in lengths}
     better = f"stage3-{max(lengths, key=means.get)}"  # picked on the test scores: the average's hardest rival
-    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2")]
-    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}") for a, b in zip(lengths, lengths[1:])]
-    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}") for n in lengths]
-    rows += [(f"average vs the better single length ({better})", "stage3-avg", better),
-             ("resolution search vs the default resolution", "stage3-avg + resolution search", "stage3-avg")]
-    return rows
+    searched = "stage3-avg + resolution search"
+    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2", None)]
+    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}", None) for a, b in zip(lengths, lengths[1:])]
+    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}", None) for n in lengths]
+    rows += [(f"average vs the better single length ({better})", "stage3-avg", better, None),
+             ("resolution search vs the default resolution", searched, "stage3-avg", None)]
+    moved = [t for t in seeds[0]["chosen"] if any(s["chosen"][t] != default for s in seeds)]
+    return rows + [(f"resolution search vs the default, {t} alone", searched, "stage3-avg", t) for t in moved]
 
 
-def audit_table(seeds, lengths):
+def audit_table(seeds, lengths, default):
     """Per comparison: both means, the paired difference and its 95% interval (macro-mean over tasks, in %)."""
     table = []
-    for label, a, b in comparisons(seeds, lengths):
-        diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in s["scores"][a]}
-                 for s in seeds]
-        mean = lambda name: float(np.mean([np.mean([np.mean(v) for v in s["scores"][name].values()])  # noqa: E731
+    for label, a, b, task in comparisons(seeds, lengths, default):
+        tasks = [task] if task else list(seeds[0]["scores"][a])
+        diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in tasks} for s in seeds]
+        mean = lambda name: float(np.mean([np.mean([np.mean(s["scores"][name][t]) for t in tasks])  # noqa: E731
                                            for s in seeds]))
-        table.append({"comparison": label, "a": a, "b": b, "a_mean": mean(a), "b_mean": mean(b),
+        table.append({"comparison": label, "a": a, "b": b, "task": task, "a_mean": mean(a), "b_mean": mean(b),
                       **evaluate.bootstrap_ci(diffs)})
     return table
+
+
+def task_means(seeds):
+    """Markdown: each checkpoint's test score per task, the mean over seeds."""
+    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"]["stage3-avg"])
+    return evaluate.markdown_table({n: {t: float(np.mean([np.mean(s["scores"][n][t]) for s in seeds])) for t in tasks}
+                                    for n in names}, tasks)
 
 
 def markdown(table, n_seeds):
@@ -210,8 +220,8 @@ def main(argv=None):
     if args.seed_only:
         return
     lengths = [n for n, _ in train.stage3_runs(cfg)]
-    table = audit_table(seeds, lengths)
-    text = markdown(table, len(seeds))
+    table = audit_table(seeds, lengths, cfg.eval_max_pixels)
+    text = markdown(table, len(seeds)) + f"\n\ntest scores in %, the mean over {len(seeds)} seeds:\n\n" + task_means(seeds)
     chosen = {t: sorted({s["chosen"][t] for s in seeds}) for t in seeds[0]["chosen"]}
     text += "\n\nresolution search chose (max_pixels per task, over seeds): " + \
         ", ".join(f"{t} {'/'.join(map(str, px))}" for t, px in chosen.items())
