@@ -14,8 +14,11 @@ Writes OUT/seed-N/ (the runs and scores.json), OUT/audit.json, OUT/audit.md and 
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -23,6 +26,7 @@ import torch
 
 import data
 import evaluate
+import model as model_lib
 import train
 from kernels import detect_device
 
@@ -34,9 +38,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/audit", help="audit directory")
     p.add_argument("--eval-n", type=int, default=data.SIZES["test"], help="test samples per task (default: all)")
     p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS), help="synthetic tasks scored")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained side by side, each in its own process "
+                   "with cores/jobs threads (a tiny model keeps one core busier than two: 2 on a 2-core CPU)")
+    p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, score, stop
     args, rest = p.parse_known_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be >= 1")
     cfg, overrides = train.parse_args(rest + ["--no-eval"])
-    return args, cfg, overrides
+    return args, rest, cfg, overrides
 
 
 def run_seed(args, cfg, overrides, seed, log=print):
@@ -56,45 +65,115 @@ def run_seed(args, cfg, overrides, seed, log=print):
     results = {}
     for name, path in runs.items():
         model = evaluate.load_model(train.checkpoint_dir(os.path.join(out, path)), device)
-        results[name] = evaluate.evaluate_model(model, tokenizer, test, cfg.min_pixels, cfg.max_pixels, device=device)
+        results[name] = evaluate.evaluate_model(model, tokenizer, test, cfg.min_pixels, cfg.eval_max_pixels,
+                                               device=device)
         log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in results[name].items()))
     scores = {name: {t: r["scores"] for t, r in res.items()} for name, res in results.items()}
-    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
     dev = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, seed)
+    averaging = averaging_study(out, [n for n, _ in train.stage3_runs(cfg)], tokenizer, dev, cfg, device, log)
+    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
     model = evaluate.load_model(os.path.join(out, "stage3-avg"), device)
-    search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, cfg.max_pixels, cfg.min_pixels,
+    search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, cfg.eval_max_pixels, cfg.min_pixels,
                                         log=log, test_default=results["stage3-avg"], device=device)
     scores["stage3-avg + resolution search"] = search["test_searched_scores"]
-    result = {"seed": seed, "scores": scores, "chosen": search["chosen"]}
+    result = {"seed": seed, "scores": scores, "chosen": search["chosen"], "averaging": averaging}
     evaluate.write_json(result, os.path.join(out, "scores.json"))
     return result
 
 
-def comparisons(seeds, lengths):
-    """[(label, A, B)] of the recipe's elements: A is the recipe's choice, B what it is compared with."""
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def averaging_study(out, lengths, tokenizer, dev, cfg, device, log=print):
+    """Why averaging the stage-3 runs helps or not (MindVL §3): how far the first two runs moved from their
+    common stage-2 start and how aligned those moves are, and the dev reply loss (teacher forced, in the
+    stage-3 format) along the straight line between them: w(alpha) = (1 - alpha) w_first + alpha w_second."""
+    def weights(path):
+        return model_lib.read_safetensors(os.path.join(train.checkpoint_dir(os.path.join(out, path)),
+                                                       "model.safetensors"))
+    first, second, start = weights(f"stage3-{lengths[0]}"), weights(f"stage3-{lengths[1]}"), weights("stage2")
+    flat = lambda s: torch.cat([s[k].double().flatten() for k in sorted(s)])  # noqa: E731
+    da, db = flat(first) - flat(start), flat(second) - flat(start)
+    study = {"moved_first": float(da.norm() / flat(start).norm()), "moved_second": float(db.norm() / flat(start).norm()),
+             "cosine": float(da @ db / (da.norm() * db.norm())), "alphas": ALPHAS, "dev_loss": []}
+    ends, records = [train.checkpoint_dir(os.path.join(out, f"stage3-{n}")) for n in lengths[:2]], sum(dev.values(), [])
+    for alpha in ALPHAS:  # each point written as a weighted average (evaluate.average_checkpoints), then scored
+        point = os.path.join(out, "interpolated")
+        evaluate.average_checkpoints(ends, [1 - alpha, alpha], out=point)
+        study["dev_loss"].append(evaluate.reply_loss(evaluate.load_model(point, device), tokenizer, records,
+                                                     cfg.min_pixels, cfg.max_pixels, device))  # the training budget
+        shutil.rmtree(point)
+    log("averaging: " + ", ".join(f"alpha {a} loss {v:.4f}" for a, v in zip(ALPHAS, study["dev_loss"]))
+        + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}")
+    return study
+
+
+def scores_path(args, seed):
+    return os.path.join(args.out, f"seed-{seed}", "scores.json")
+
+
+def run_seeds(args, rest, cfg, overrides, seeds, log=print):
+    """Every seed's scores.json: read back if there, else trained here or, with --jobs > 1, by child processes
+    side by side (each `audit.py --seeds N --jobs 1`, its output in OUT/seed-N.log)."""
+    todo = [s for s in seeds if not os.path.isfile(scores_path(args, s))]
+    if args.jobs == 1:
+        for seed in todo:
+            run_seed(args, cfg, overrides, seed, log)
+    elif todo:
+        os.makedirs(args.out, exist_ok=True)
+        env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+
+        def child(seed):
+            path = os.path.join(args.out, f"seed-{seed}.log")
+            log(f"audit: seed {seed} in a child process; its output goes to {path}")
+            with open(path, "w") as f:
+                return subprocess.run([sys.executable, os.path.abspath(__file__), "--seeds", str(seed), "--jobs", "1",
+                                       "--out", args.out, "--eval-n", str(args.eval_n), "--tasks", args.tasks,
+                                       "--seed-only", *rest], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            failed = [(s, rc) for s, rc in zip(todo, pool.map(child, todo)) if rc]
+        if failed:
+            raise SystemExit("audit: " + ", ".join(f"seed {s} exited {rc} (see {args.out}/seed-{s}.log)"
+                                                   for s, rc in failed))
+    return [json.load(open(scores_path(args, s))) for s in seeds]
+
+
+def comparisons(seeds, lengths, default):
+    """[(label, A, B, task)] of the recipe's elements: A is the recipe's choice, B what it is compared with, over
+    every task (task None) or one; the search gets a row of its own for each task where it left `default`."""
     first = f"stage3-{lengths[0]}"
     means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][f"stage3-{n}"].values()]) for s in seeds])
              for n in lengths}
     better = f"stage3-{max(lengths, key=means.get)}"  # picked on the test scores: the average's hardest rival
-    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2")]
-    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}") for a, b in zip(lengths, lengths[1:])]
-    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}") for n in lengths]
-    rows += [(f"average vs the better single length ({better})", "stage3-avg", better),
-             ("resolution search vs the default resolution", "stage3-avg + resolution search", "stage3-avg")]
-    return rows
+    searched = "stage3-avg + resolution search"
+    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2", None)]
+    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}", None) for a, b in zip(lengths, lengths[1:])]
+    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}", None) for n in lengths]
+    rows += [(f"average vs the better single length ({better})", "stage3-avg", better, None),
+             ("resolution search vs the default resolution", searched, "stage3-avg", None)]
+    moved = [t for t in seeds[0]["chosen"] if any(s["chosen"][t] != default for s in seeds)]
+    return rows + [(f"resolution search vs the default, {t} alone", searched, "stage3-avg", t) for t in moved]
 
 
-def audit_table(seeds, lengths):
+def audit_table(seeds, lengths, default):
     """Per comparison: both means, the paired difference and its 95% interval (macro-mean over tasks, in %)."""
     table = []
-    for label, a, b in comparisons(seeds, lengths):
-        diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in s["scores"][a]}
-                 for s in seeds]
-        mean = lambda name: float(np.mean([np.mean([np.mean(v) for v in s["scores"][name].values()])  # noqa: E731
+    for label, a, b, task in comparisons(seeds, lengths, default):
+        tasks = [task] if task else list(seeds[0]["scores"][a])
+        diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in tasks} for s in seeds]
+        mean = lambda name: float(np.mean([np.mean([np.mean(s["scores"][name][t]) for t in tasks])  # noqa: E731
                                            for s in seeds]))
-        table.append({"comparison": label, "a": a, "b": b, "a_mean": mean(a), "b_mean": mean(b),
+        table.append({"comparison": label, "a": a, "b": b, "task": task, "a_mean": mean(a), "b_mean": mean(b),
                       **evaluate.bootstrap_ci(diffs)})
     return table
+
+
+def task_means(seeds):
+    """Markdown: each checkpoint's test score per task, the mean over seeds."""
+    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"]["stage3-avg"])
+    return evaluate.markdown_table({n: {t: float(np.mean([np.mean(s["scores"][n][t]) for s in seeds])) for t in tasks}
+                                    for n in names}, tasks)
 
 
 def markdown(table, n_seeds):
@@ -103,6 +182,17 @@ def markdown(table, n_seeds):
         verdict = "A better" if r["lo"] > 0 else "B better" if r["hi"] < 0 else "no difference resolved"
         lines.append(f"| {r['comparison']} | {100 * r['a_mean']:.1f} | {100 * r['b_mean']:.1f} | "
                      f"{100 * r['mean']:+.1f} | [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {verdict} |")
+    return "\n".join(lines)
+
+
+def averaging_markdown(seeds, lengths):
+    """The averaging study per seed: how far each run moved from stage 2, how aligned, and the dev loss along the line."""
+    lines = [f"| seed | moved, {lengths[0]} / {lengths[1]} (of the stage-2 weights' norm) | cosine of the two moves | "
+             + " | ".join(f"dev loss at alpha {a}" for a in ALPHAS) + " |", "|---" * (3 + len(ALPHAS)) + "|"]
+    for s in seeds:
+        st = s["averaging"]
+        lines.append(f"| {s['seed']} | {st['moved_first']:.3f} / {st['moved_second']:.3f} | {st['cosine']:.3f} | "
+                     + " | ".join(f"{v:.4f}" for v in st["dev_loss"]) + " |")
     return "\n".join(lines)
 
 
@@ -124,16 +214,19 @@ def plot(table, out_png):
 
 
 def main(argv=None):
-    args, cfg, overrides = parse_args(argv)
-    t0, seeds = time.time(), []
-    for seed in [int(s) for s in args.seeds.split(",") if s]:
-        done = os.path.join(args.out, f"seed-{seed}", "scores.json")
-        seeds.append(json.load(open(done)) if os.path.isfile(done) else run_seed(args, cfg, overrides, seed))
-    table = audit_table(seeds, [n for n, _ in train.stage3_runs(cfg)])
-    text = markdown(table, len(seeds))
+    args, rest, cfg, overrides = parse_args(argv)
+    t0 = time.time()
+    seeds = run_seeds(args, rest, cfg, overrides, [int(s) for s in args.seeds.split(",") if s])
+    if args.seed_only:
+        return
+    lengths = [n for n, _ in train.stage3_runs(cfg)]
+    table = audit_table(seeds, lengths, cfg.eval_max_pixels)
+    text = markdown(table, len(seeds)) + f"\n\ntest scores in %, the mean over {len(seeds)} seeds:\n\n" + task_means(seeds)
     chosen = {t: sorted({s["chosen"][t] for s in seeds}) for t in seeds[0]["chosen"]}
     text += "\n\nresolution search chose (max_pixels per task, over seeds): " + \
         ", ".join(f"{t} {'/'.join(map(str, px))}" for t, px in chosen.items())
+    text += f"\n\naveraging, along w(alpha) = (1 - alpha) stage3-{lengths[0]} + alpha stage3-{lengths[1]}:\n\n" \
+        + averaging_markdown(seeds, lengths)
     evaluate.write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
     with open(os.path.join(args.out, "audit.md"), "w") as f:
         f.write(text + "\n")

@@ -732,7 +732,7 @@ def print_table(title, rows):
 
 
 def summary(result):
-    """The figures the targets are stated in (README's Performance section)."""
+    """The figures the targets are stated in (README's Performance section; measured ones in docs/LOG.md)."""
     out = {}
     for r in result.get("attention", []):
         if r["ours"] and r["backend"] != "sdpa":

@@ -393,9 +393,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 180)}
 SHAPES = ["circle", "square", "triangle"]
 SPLITS = {"train": 0, "dev": 1, "test": 2}
-SIZES = {"train": 1_000_000, "dev": 256, "test": 512}
-SCENE = 84  # scene side in pixels: 6x6 patches -> 9 LLM tokens
-GRID = SCENE // FACTOR  # a scene's objects sit in a GRID x GRID (3x3) grid of one-token cells
+SIZES = {"train": 1_000_000, "dev": 256, "test": 256}
+SCENE_GRIDS = (2, 3)  # a scene is a 2x2 or 3x3 grid of one-token (FACTOR-px) cells: 56 or 84 px, 4 or 9 tokens
+OCR_LETTERS = "AEHKOSTX"  # eight letters of distinct outline: 26 letters, 4-10 long, stayed at 0 after 300 steps (docs/LOG.md)
+OCR_GRID = (8, 2)  # a text image is 8x2 one-letter cells, 224x56 px: more pixels than the default test budget
 _FONT = ImageFont.load_default_imagefont()  # Pillow's built-in bitmap font: offline, same everywhere
 
 
@@ -419,17 +420,17 @@ def _draw_shape(draw, shape, color, box):
         draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=COLORS[color])
 
 
-def _scene(rng, objects, cells=None, side=SCENE):
-    """Draw (color, shape) objects into distinct cells of a grid of FACTOR-px cells (so they never overlap);
-    returns the image and the objects' pixel boxes. Cells are numbered in reading order."""
-    img = _background(rng, side, side)
+def _scene(rng, objects, grid, cells=None):
+    """Draw (color, shape) objects into distinct cells of a grid x grid grid of FACTOR-px cells (so they never
+    overlap); returns the image and the objects' pixel boxes. Cells are numbered in reading order."""
+    img = _background(rng, grid * FACTOR, grid * FACTOR)
     draw = ImageDraw.Draw(img)
-    grid = side // FACTOR
     cells = list(rng.permutation(grid * grid)[:len(objects)]) if cells is None else cells
     boxes = []
     for (color, shape), c in zip(objects, cells):
         # a cell is one LLM token (2x2 patches) and the object fills 70-95% of it (19-26 px), so each object's
-        # shape is one token's content; objects of 16-33 px across token borders left shape at chance (README)
+        # shape is one token's content; objects of 16-33 px across token borders left shape at chance
+        # (docs/LOG.md, 2026-11-29: what made shape learnable)
         s = int(rng.integers(FACTOR * 7 // 10, FACTOR * 19 // 20 + 1))
         x = (c % grid) * FACTOR + int(rng.integers(1, FACTOR - s))
         y = (c // grid) * FACTOR + int(rng.integers(1, FACTOR - s))
@@ -437,6 +438,21 @@ def _scene(rng, objects, cells=None, side=SCENE):
         _draw_shape(draw, shape, color, box)
         boxes.append(box)
     return img, boxes
+
+
+def _text_image(rng, word):
+    """The word written from the top-left of an OCR_GRID canvas in reading order, one letter per FACTOR-px cell
+    (one LLM token) as a scene holds one object per token; drawn at half size with the bitmap font, upscaled 2x.
+    It starts in the same cell every time: a word placed anywhere stayed at chance, the tiny decoder (1D rotary)
+    finding no start (docs/LOG.md)."""
+    cols, rows = OCR_GRID
+    half = FACTOR // 2
+    small = _background(rng, cols * half, rows * half)
+    ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+    draw = ImageDraw.Draw(small)
+    for i, ch in enumerate(word):
+        draw.text(((i % cols) * half + 4, (i // cols) * half + 1), ch, fill=ink, font=_FONT)  # 6x11 glyph, 14x14 cell
+    return small.resize((cols * FACTOR, rows * FACTOR), Image.NEAREST)
 
 
 def _objects(rng, n, distinct="both"):
@@ -455,53 +471,50 @@ def _phrase(objs):
 def _make(task, rng):
     """One task instance: (images, question, answer, statement), independent of style.
     `statement` is the pre-training sentence (with <image> tags); question holds the tags too."""
+    g = int(rng.choice(SCENE_GRIDS))  # the scene's native size varies: 2x2 or 3x3 cells
     if task == "caption":
         objs = _objects(rng, int(rng.integers(1, 4)), "both")
-        img, _ = _scene(rng, objs, sorted(rng.permutation(GRID * GRID)[:len(objs)].tolist()))
+        img, _ = _scene(rng, objs, g, sorted(rng.permutation(g * g)[:len(objs)].tolist()))
         text = _phrase(objs)
         return [img], "<image>\nDescribe the image.", text, f"<image>{text}."
     if task == "vqa_color":
         objs = _objects(rng, int(rng.integers(1, 3)), "shape")
-        img, _ = _scene(rng, objs)
+        img, _ = _scene(rng, objs, g)
         c, s = objs[int(rng.integers(len(objs)))]
         return [img], f"<image>\nWhat color is the {s}?", c, f"<image>The {s} is {c}."
     if task == "vqa_shape":
         objs = _objects(rng, int(rng.integers(1, 3)), "color")
-        img, _ = _scene(rng, objs)
+        img, _ = _scene(rng, objs, g)
         c, s = objs[int(rng.integers(len(objs)))]
         return [img], f"<image>\nWhat shape is the {c} object?", s, f"<image>The {c} object is a {s}."
     if task == "vqa_count":
         n = int(rng.integers(1, 5))
-        img, _ = _scene(rng, _objects(rng, n, "none"))
+        img, _ = _scene(rng, _objects(rng, n, "none"), g)
         return [img], "<image>\nHow many shapes are there?", str(n), f"<image>There are {n} shapes."
     if task == "vqa_position":
         objs = _objects(rng, 2, "both")
-        line, (i, j) = int(rng.integers(GRID)), rng.permutation(GRID)[:2].tolist()  # two cells of a row or column
-        a, b = (line * GRID + i, line * GRID + j) if rng.integers(2) else (i * GRID + line, j * GRID + line)
-        img, _ = _scene(rng, objs, [a, b])
-        rel = ("left" if a < b else "right") if a // GRID == b // GRID else ("above" if a < b else "below")
+        line, (i, j) = int(rng.integers(g)), rng.permutation(g)[:2].tolist()  # two cells of a row or column
+        a, b = (line * g + i, line * g + j) if rng.integers(2) else (i * g + line, j * g + line)
+        img, _ = _scene(rng, objs, g, [a, b])
+        rel = ("left" if a < b else "right") if a // g == b // g else ("above" if a < b else "below")
         (c1, s1), (c2, s2) = objs
         return ([img], f"<image>\nWhere is the {c1} {s1} relative to the {c2} {s2}?", rel,
                 f"<image>The {c1} {s1} is {rel} the {c2} {s2}." if rel in ("above", "below")
                 else f"<image>The {c1} {s1} is {rel} of the {c2} {s2}.")
     if task == "ocr":
-        word = "".join(chr(65 + int(i)) for i in rng.integers(0, 26, int(rng.integers(3, 5))))
-        small = _background(rng, 56, 14)  # drawn at half size with the bitmap font, then upscaled 2x
-        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-        ImageDraw.Draw(small).text((int(rng.integers(0, 56 - 6 * len(word))), 1), word, fill=ink, font=_FONT)
-        img = small.resize((112, 28), Image.NEAREST)
-        return [img], "<image>\nWhat word is written in the image?", word, f"<image>The word is {word}."
+        word = "".join(OCR_LETTERS[int(i)] for i in rng.integers(0, len(OCR_LETTERS), int(rng.integers(3, 7))))
+        return [_text_image(rng, word)], "<image>\nWhat word is written in the image?", word, f"<image>The word is {word}."
     if task == "grounding":
         objs = _objects(rng, int(rng.integers(1, 3)), "both")
-        img, boxes = _scene(rng, objs)
+        img, boxes = _scene(rng, objs, g)
         k = int(rng.integers(len(objs)))
-        x1, y1, x2, y2 = (round(v * 1000 / SCENE) for v in boxes[k])
+        x1, y1, x2, y2 = (round(v * 1000 / (g * FACTOR)) for v in boxes[k])  # Qwen2-VL's 0-1000 coordinates
         c, s = objs[k]
         box = f"({x1},{y1}),({x2},{y2})"
         return [img], f"<image>\nLocate the {c} {s}.", box, f"<image>The {c} {s} is at {box}."
     if task == "multi_image":
         objs = _objects(rng, 2, "both")
-        imgs = [_scene(rng, [o], side=56)[0] for o in objs]
+        imgs = [_scene(rng, [o], 2)[0] for o in objs]
         k = int(rng.integers(2))
         c, s = objs[k]
         letter = "AB"[k]

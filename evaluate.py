@@ -201,6 +201,22 @@ def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_
     return results
 
 
+def reply_loss(model, tokenizer, records, min_pixels=data.MIN_PIXELS, max_pixels=data.MAX_PIXELS, device=None,
+               packing_length=2048):
+    """Teacher-forced cross-entropy per loss token (no z-loss) over the records, packed as in training."""
+    device = device or next(model.parameters()).device
+    samples = [data.encode(r, tokenizer, min_pixels, max_pixels) for r in records]
+    ce, n = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in data.pack(samples, packing_length, mrope=model.config.text.mrope_section is not None):
+            _, stats = model(batch.to(device), loss_divisor=1.0)
+            ce, n = ce + stats["ce"], n + stats["n_loss_tokens"]
+    model.train(was_training)
+    return ce / max(n, 1)
+
+
 def scores_of(results):
     return {name: r["score"] for name, r in results.items()}
 

@@ -68,12 +68,14 @@ class Stage:
 MODULE_GROUPS = ("vision", "connector", "decoder")
 MIN_LR_RATIO = 0.1
 ALL_TASKS = {t: 1.0 for t in data.SYNTHETIC_TASKS}
-PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0}  # the tiny run's weak spot: upweighted
+# the tiny run's weak spots, upweighted: colour/shape/count, and reading (at weight 1 OCR scored 5 ANLS; docs/LOG.md)
+PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0, "ocr": 3.0}
 
 # MindVL (arXiv 2509.11662) §3, three phases. Learning rates, steps and lengths are sized for the tiny preset
 # training from scratch on the synthetic curriculum on a 2-core CPU (the paper's are for 8B/671B models).
 # Peak lrs stay at or below 3e-4: at 3e-3..1e-2 Adam grows the connector's output in one shared direction
-# (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone (README).
+# (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone
+# (docs/LOG.md, 2026-11-29: what made the image path learn).
 STAGES = {
     # 1. warm-up: ViT and LLM frozen, only the randomly initialised MLP connector learns, on caption data.
     #    Over a random frozen decoder there is nothing to align to, so the rate is low enough not to collapse it.
@@ -84,7 +86,7 @@ STAGES = {
     2: Stage("multitask pre-training", trains=MODULE_GROUPS, lr=3e-4,
              lr_mult={"vision": 0.5, "connector": 1.0, "decoder": 1.0}, steps=900, warmup=50,
              packing_length=512, style="pretrain",
-             mix={"caption": 2.0, **PERCEPTION, "vqa_position": 1.0, "ocr": 1.0, "grounding": 1.0,
+             mix={"caption": 2.0, **PERCEPTION, "vqa_position": 1.0, "grounding": 1.0,
                   "multi_image": 1.0, "arithmetic": 0.5}),
     # 3. supervised instruction tuning: all parameters, conversations, loss on the replies only
     3: Stage("instruction tuning", trains=MODULE_GROUPS, lr=3e-4,
@@ -94,9 +96,9 @@ STAGES = {
 # MindVL §3: train the last stage at different sequence lengths from the same checkpoint and average them;
 # runs keep the stage's token budget (steps scale as the table's packing length / length)
 STAGE3_LENGTHS = "512,1024"
-# evaluation of the default run: samples per task, and the test-time resolution search over max_pixels
-# (synthetic scenes are 84x84: 28x28 and 56x56 are downscaled views, 84x84 is native)
-EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 32, "28x28,56x56,84x84"
+# evaluation of the default run: samples per task, the test-time pixel budget (every scene fits 84x84, the
+# 224x56 text images do not) and the resolution search's candidates (MindVL §3: fewer and more pixels)
+EVAL_N, EVAL_DEV_N, EVAL_MAX_PIXELS, RESOLUTIONS = 64, 64, 84 * 84, "56x56,112x112"
 MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
 
 
@@ -144,6 +146,7 @@ class TrainConfig:
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
     eval_dev_n: int = field(default=EVAL_DEV_N, metadata={"help": "dev samples per task for the resolution search"})
+    eval_max_pixels: int = field(default=EVAL_MAX_PIXELS, metadata={"help": "test-time image pixel budget of --stage all's evaluation (the resolution search's default)"})
     resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
     # how the model runs, not its shape (not in config.json; free to change with --init-from and --resume)
     z_loss: float = field(default=0.0, metadata={"help": "MM1 z-loss coefficient on logsumexp^2"})
@@ -236,8 +239,9 @@ def check_config(cfg, overrides):
             raise SystemExit(f"{flag(name)} {value}: must be {'> 0' if low == 1e-30 else f'>= {low}'}")
     if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
         raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
-    if cfg.max_pixels < cfg.min_pixels:
-        raise SystemExit(f"--max-pixels {cfg.max_pixels} is below --min-pixels {cfg.min_pixels}")
+    for name in ("max_pixels", "eval_max_pixels"):
+        if getattr(cfg, name) < cfg.min_pixels:
+            raise SystemExit(f"{flag(name)} {getattr(cfg, name)} is below --min-pixels {cfg.min_pixels}")
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
@@ -970,7 +974,7 @@ def evaluate_recipe(cfg, tokenizer, device, log=print):
     search = (evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed), test_sets, resolutions) \
         if resolutions else None
     return evaluate.evaluate_run(evaluate.resolve_checkpoints(cfg.out), tokenizer, test_sets, cfg.out, cfg.min_pixels,
-                                 cfg.max_pixels, search, log=log, device=device, dtype=compute_dtype(cfg))
+                                 cfg.eval_max_pixels, search, log=log, device=device, dtype=compute_dtype(cfg))
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import train
 from data import (DataError, FileDataset, Mixture, PackedLoader, SyntheticTasks, Tokenizer, collate, encode, pack,
                   process_image, smart_resize)
 
@@ -543,14 +544,14 @@ def test_synthetic_formats_and_answers_match_pixels():
             assert masks[a].sum() > 20
         elif r["task"] == "vqa_count":
             fg = sum(masks.values()) > 0  # shapes sit in distinct one-token cells
-            h, cells = data.FACTOR, range(0, data.SCENE, data.FACTOR)
+            h, cells = data.FACTOR, range(0, px.shape[0], data.FACTOR)
             assert sum(fg[y:y + h, x:x + h].any() for y in cells for x in cells) == int(a)
         elif r["task"] == "grounding":
             color = q.split()[3]
             ys, xs = np.nonzero(masks[color])
             (x1, y1), (x2, y2) = (tuple(map(int, p.strip("()").split(","))) for p in a.split("),("))
-            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()]) * 1000 / data.SCENE
-            assert np.abs(box - [x1, y1, x2, y2]).max() <= 1000 / data.SCENE + 1
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()]) * 1000 / px.shape[0]
+            assert np.abs(box - [x1, y1, x2, y2]).max() <= 1000 / px.shape[0] + 1
         else:
             c1, c2 = q.split()[4], q.split()[-2]
             (y1, x1), (y2, x2) = (np.argwhere(masks[c]).mean(0) for c in (c1, c2))
@@ -558,3 +559,17 @@ def test_synthetic_formats_and_answers_match_pixels():
             expect = ("left" if x1 < x2 else "right") if horizontal else ("above" if y1 < y2 else "below")
             assert a == expect
         assert len(encode(r, tok).tokens) < 160
+
+
+def test_synthetic_native_sizes_vary_and_text_needs_more_than_the_default_budget():
+    recs = [SyntheticTasks(split="test", seed=3)[i] for i in range(180)]
+    sides = {im.size for r in recs if r["task"] != "ocr" for im in r["images"]}
+    assert sides == {(56, 56), (84, 84)}  # scenes: 2x2 and 3x3 one-token cells
+    budget = train.EVAL_MAX_PIXELS
+    assert all(data.smart_resize(h, w, max_pixels=budget) == (h, w) for w, h in sides)
+    for r in (r for r in recs if r["task"] == "ocr"):
+        img, word = r["images"][0], r["conversations"][1]["value"]
+        assert img.size == (224, 56) and data.smart_resize(56, 224, max_pixels=budget) != (56, 224)
+        ink = np.asarray(img).astype(int).sum(-1) < 3 * 150
+        cells = [bool(ink[y:y + 28, x:x + 28].any()) for y in (0, 28) for x in range(0, 224, 28)]
+        assert cells == [i < len(word) for i in range(16)]  # one letter per token, in reading order

@@ -200,7 +200,7 @@ def test_ep_times_fsdp_on_2_ranks_equals_one_process_and_resumes(mix, one_proces
                                         "shard_rank00001_of00002.pt", "train_state.pt"]
     finish(start(2, [*argv, "--resume"]))
     assert_same_run(result(tmp_path), one_process("2", "tiny-moe", 2), "EP 2 x FSDP on 2 ranks, resumed")
-    with pytest.raises(SystemExit, match="per-rank optimizer shards"):  # on one process: the error README gives
+    with pytest.raises(SystemExit, match="per-rank optimizer shards"):  # one process: the error in docs/SCALING.md
         train.main(flags(tmp_path, mix, "2", "--preset", "tiny-moe", "--resume"))
 
 
