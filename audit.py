@@ -1,13 +1,15 @@
 """The recipe audited: what each MindVL element changes, with a 95% confidence interval.
 
-    python audit.py                                  # 3 seeds of the default recipe, then the comparison table
+    python audit.py --jobs 3                         # 3 seeds of the default recipe side by side, then the table
     python audit.py --seeds 0,1 --eval-n 32 --max-steps 100    # a quicker look; any train.py flag passes through
 
 For every seed, train.py's recipe (stages 1 -> 2 -> 3 at each --stage3-lengths -> their average) and, for the
 stage-2 comparison, stage 3 at the first length started straight from stage 1 with the same budget. Every
 checkpoint is scored per sample on the same test samples, so each comparison is a paired difference, and its
-interval comes from a two-level bootstrap over seeds and test samples (evaluate.bootstrap_ci). A seed whose
-scores.json exists is not trained again, so a stopped audit continues where it stopped.
+interval comes from a two-level bootstrap over seeds and test samples (evaluate.bootstrap_ci). Then the
+averaging study: how far the two stage-3 runs moved from stage 2 and the dev loss on the line between them.
+A seed whose scores.json exists is not trained again, and a seed's stopped runs resume from their last
+checkpoints, so a stopped audit continues where it stopped.
 
 Writes OUT/seed-N/ (the runs and scores.json), OUT/audit.json, OUT/audit.md and OUT/audit.png.
 """
@@ -52,11 +54,10 @@ def run_seed(args, cfg, overrides, seed, log=print):
     """Train the recipe and the no-stage-2 arm for one seed, score every checkpoint per sample, keep scores.json."""
     out = os.path.join(args.out, f"seed-{seed}")
     cfg = replace(cfg, seed=seed, out=out, stage="all", eval=False)
-    train.run(cfg, overrides, log=log)
+    train_to_end(cfg, overrides, log)
     length, steps = train.stage3_runs(cfg)[0]
-    train.run(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
-                      packing_length=length, max_steps=steps),
-              {}, log=log)  # the shape comes from stage 1
+    train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
+                         packing_length=length, max_steps=steps), {}, log)  # the shape comes from stage 1
     tasks = [t for t in args.tasks.split(",") if t]
     device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
     tokenizer, test = train.build_tokenizer(cfg), evaluate.build_eval_sets(tasks, "test", args.eval_n, seed)
@@ -79,6 +80,16 @@ def run_seed(args, cfg, overrides, seed, log=print):
     result = {"seed": seed, "scores": scores, "chosen": search["chosen"], "averaging": averaging}
     evaluate.write_json(result, os.path.join(out, "scores.json"))
     return result
+
+
+def train_to_end(cfg, overrides, log=print):
+    """train.run, resuming what a stopped audit left in cfg.out; a run stopped now (Ctrl-C, SIGTERM, bad
+    steps) stops the audit, and the same command continues it."""
+    cfg = replace(cfg, resume=any(os.path.isdir(os.path.join(cfg.out, d)) for d in train.stage_dirs(cfg)))
+    stopped = [f"{name} {r.status}" for name, r in train.run(cfg, overrides, log=log)["stages"].items()
+               if r.status != "done"]
+    if stopped:
+        raise SystemExit(f"audit: {cfg.out}: {', '.join(stopped)}; run the same command again to continue")
 
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -124,18 +135,21 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
         env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
 
         def child(seed):
-            path = os.path.join(args.out, f"seed-{seed}.log")
-            log(f"audit: seed {seed} in a child process; its output goes to {path}")
-            with open(path, "w") as f:
+            with open(os.path.join(args.out, f"seed-{seed}.log"), "w") as f:
                 return subprocess.run([sys.executable, os.path.abspath(__file__), "--seeds", str(seed), "--jobs", "1",
                                        "--out", args.out, "--eval-n", str(args.eval_n), "--tasks", args.tasks,
                                        "--seed-only", *rest], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
-        with ThreadPoolExecutor(args.jobs) as pool:
-            failed = [(s, rc) for s, rc in zip(todo, pool.map(child, todo)) if rc]
+        log(f"audit: seeds {', '.join(map(str, todo))} in child processes, {args.jobs} at a time; their output goes "
+            f"to {os.path.join(args.out, 'seed-N.log')}")
+        try:
+            with ThreadPoolExecutor(args.jobs) as pool:  # Ctrl-C reaches the children too: each checkpoints and stops
+                failed = [(s, rc) for s, rc in zip(todo, pool.map(child, todo)) if rc]
+        except KeyboardInterrupt:
+            raise SystemExit("audit: stopped; run the same command again to continue") from None
         if failed:
-            raise SystemExit("audit: " + ", ".join(f"seed {s} exited {rc} (see {args.out}/seed-{s}.log)"
-                                                   for s, rc in failed))
+            raise SystemExit("audit: " + ", ".join(f"seed {s} exited {rc} (see {args.out}/seed-{s}.log)" for s, rc in failed)
+                             + "; the same command again resumes what they had trained")
     return [json.load(open(scores_path(args, s))) for s in seeds]
 
 

@@ -3,9 +3,9 @@ multiple-choice letter), checkpoint averaging and test-time resolution search (M
 (markdown table + eval.json).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
-    python evaluate.py --ckpt runs/tiny/stage3-avg --tasks vqa_color,vqa_count --resolutions 28x28,56x56,84x84
+    python evaluate.py --ckpt runs/tiny/stage3-avg --max-pixels 7056 --resolutions 56x56,112x112  # as train.py
     python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/  # that set only
-    python evaluate.py --average runs/tiny/stage3-1024 runs/tiny/stage3-2048 --weights 1,1 --out runs/tiny/avg
+    python evaluate.py --average runs/tiny/stage3-512 runs/tiny/stage3-1024 --weights 1,1 --out runs/tiny/avg
     python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
 
 train.py calls the same functions in-process for the default run.

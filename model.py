@@ -609,7 +609,7 @@ class MoE(nn.Module):
 def sequence_balance_loss(scores, experts, cu_seqlens):
     """DeepSeek-V3 eq. 17-20 per packed sample, averaged over samples: sum_i f_i P_i, with f_i = E/(k T) *
     (tokens choosing expert i) and P_i the mean over the sample of affinities normalised per token."""
-    (T, E), k, B = scores.shape, experts.shape[1], len(cu_seqlens) - 1
+    E, k, B = scores.shape[1], experts.shape[1], len(cu_seqlens) - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sample = torch.repeat_interleave(torch.arange(B, device=scores.device), lengths)
     chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0)

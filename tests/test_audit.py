@@ -55,3 +55,18 @@ def test_search_gets_a_row_per_task_it_moved():
     ocr = rows["resolution search vs the default, ocr alone"]
     assert ocr["mean"] == pytest.approx(0.375) and ocr["lo"] <= 0.375 <= ocr["hi"]
     assert rows["resolution search vs the default resolution"]["mean"] == pytest.approx(0.375 / 2)  # over both tasks
+
+
+def test_a_stopped_seed_stops_the_audit_and_resumes(tmp_path, monkeypatch):
+    out, calls = str(tmp_path / "audit"), []
+
+    def fake_run(cfg, overrides, log=print):  # stage 1 stops (Ctrl-C), leaving its directory behind
+        calls.append((cfg.out, cfg.resume))
+        os.makedirs(os.path.join(cfg.out, "stage1"), exist_ok=True)
+        return {"stages": {"stage1": train.StageResult("ckpt", 3, 0, "interrupted", 1.0)}}
+
+    monkeypatch.setattr(train, "run", fake_run)
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="stage1 interrupted; run the same command again to continue"):
+            audit.main(["--seeds", "4", "--out", out, *FLAGS])
+    assert calls == [(os.path.join(out, "seed-4"), False), (os.path.join(out, "seed-4"), True)]
