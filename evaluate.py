@@ -551,8 +551,9 @@ def main(argv=None):
     test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
     search = None
     if args.resolutions:
-        search = (*resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root),
-                  [parse_resolution(r) for r in args.resolutions.split(",")])
+        dev, search_test = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
+        same = not files and args.split == "test"  # then the search's test sets are the ones just built
+        search = (dev, test_sets if same else search_test, [parse_resolution(r) for r in args.resolutions.split(",")])
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     evaluate_run(ckpts, data.load_tokenizer(args.tokenizer), test_sets, out, args.min_pixels, args.max_pixels,
                  search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,
