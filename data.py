@@ -29,10 +29,11 @@ import tiktoken
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from model import VisionConfig
 
-# the processor cuts images into the ViT's patches and groups them as its PatchMerger does (Qwen2.5-ViT's sizes)
-PATCH, MERGE = VisionConfig.patch_size, VisionConfig.spatial_merge_size
+# the processor cuts images into the ViT's patches and groups them as its PatchMerger does (Qwen2.5-ViT's sizes).
+# They are the image processor's, as Qwen2-VL's preprocessor_config.json keeps them apart from the model config,
+# and data.py imports nothing of ours: a VisionConfig with another patch_size / spatial_merge_size needs these too
+PATCH, MERGE = 14, 2
 FACTOR = PATCH * MERGE
 MIN_PIXELS = 56 * 56  # Qwen2-VL processor defaults
 MAX_PIXELS = 28 * 28 * 1280
