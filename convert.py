@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
-    _assign_state, _named_state, _read_json, is_our_checkpoint, read_safetensors, replaced
+    _assign_state, _named_state, read_json, is_our_checkpoint, read_safetensors, replaced
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
@@ -55,7 +55,7 @@ def _read_hf_tensors(path, keep=lambda name: True):
     under the names of HF_PREFIX_ALIASES; `keep` filters by name before reading."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -92,31 +92,40 @@ def _check_consumed(tensors, where):
 
 
 def text_config_from_hf(d, tie_word_embeddings=None):
-    """TextConfig from a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 / Qwen2.5-VL (text part) config.json dict."""
+    """TextConfig from a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 / Llama / Mistral / Qwen2.5-VL (text part)
+    config.json dict; what our decoder does not compute is a ValueError naming it."""
     kind = d.get("model_type")
     if kind == "deepseek_v3":
         return _deepseek_v3_config(d)
-    if kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen2_5_vl_text"):
-        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen3_moe, deepseek_v3, "
-                         "qwen2_5_vl)")
+    if kind not in ("qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "qwen2_5_vl", "qwen2_5_vl_text"):
+        raise ValueError(f"unsupported decoder model_type {kind!r} (qwen2, qwen3, qwen3_moe, deepseek_v3, llama, "
+                         "mistral, qwen2_5_vl)")
+    llama = kind in ("llama", "mistral")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
-        raise ValueError(f"unsupported rope scaling {rope}")
-    if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window"):
-        raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} or sliding window in {kind} config")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope") + (("llama3",) if llama else ()):
+        raise ValueError(f"{kind} config: unsupported rope scaling {rope}")
+    if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window") or (kind == "mistral" and
+                                                                              d.get("sliding_window")):
+        raise ValueError(f"{kind} config: unsupported hidden_act {d.get('hidden_act')!r} or sliding window")
     qwen3 = kind in ("qwen3", "qwen3_moe")
-    if qwen3 and d.get("attention_bias"):
-        raise ValueError("qwen3 config with attention_bias=true (o_proj bias) is not supported")
+    if (qwen3 or llama) and (d.get("attention_bias") or d.get("mlp_bias")):
+        raise ValueError(f"{kind} config with attention_bias / mlp_bias (a bias on o_proj or the MLP) is not "
+                         "supported")
     heads = d["num_attention_heads"]
+    llama3 = {"type": "llama3", **{k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_position_embeddings")}} \
+        if rope_type == "llama3" else None
     return TextConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
         num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or d["hidden_size"] // heads, intermediate_size=d["intermediate_size"],
-        qk_norm=qwen3, qkv_bias=not qwen3,
+        qk_norm=qwen3, qkv_bias=not (qwen3 or llama), rope_scaling=llama3,
         tie_word_embeddings=(d.get("tie_word_embeddings", False) if tie_word_embeddings is None
                              else tie_word_embeddings),
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)), mrope_section=rope.get("mrope_section"),
-        rms_norm_eps=d["rms_norm_eps"], **(_qwen3_moe_fields(d) if kind == "qwen3_moe" else {}))
+        rms_norm_eps=d["rms_norm_eps"], family="qwen2" if kind.startswith("qwen2") else kind,
+        **(_qwen3_moe_fields(d) if kind == "qwen3_moe" else {}))
 
 
 def _qwen3_moe_fields(d):
@@ -153,7 +162,7 @@ def _deepseek_v3_config(d):
         num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
         first_k_dense=d.get("first_k_dense_replace", 0), n_group=d.get("n_group") or 1,
         topk_group=d.get("topk_group") or 1, scoring="sigmoid", norm_topk_prob=d.get("norm_topk_prob", True),
-        routed_scaling_factor=d.get("routed_scaling_factor", 1.0))
+        routed_scaling_factor=d.get("routed_scaling_factor", 1.0), family="deepseek_v3")
 
 
 def _hf_moe_tensors(tensors, c: TextConfig, rope_interleave, where):
@@ -219,7 +228,7 @@ def vision_config_from_hf(d):
 
 
 def _qwen2_5_vl_config(path):
-    cfg = _read_json(os.path.join(path, "config.json"))
+    cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "qwen2_5_vl":
         raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
     return cfg
@@ -227,7 +236,7 @@ def _qwen2_5_vl_config(path):
 
 def load_hf_decoder(path, attn_backend=None, activation_checkpointing=False):
     """Decoder from a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal-LM checkpoint directory."""
-    hf_config = _read_json(os.path.join(path, "config.json"))
+    hf_config = read_json(os.path.join(path, "config.json"))
     config = text_config_from_hf(hf_config)
     with torch.device("meta"):
         decoder = Decoder(config, attn_backend, activation_checkpointing)
@@ -242,11 +251,12 @@ def load_hf_decoder(path, attn_backend=None, activation_checkpointing=False):
     return decoder
 
 
-def load_hf_vision(path):
-    """(VisionEncoder, PatchMerger) from the `visual.*` weights of a Hugging Face Qwen2.5-VL checkpoint."""
+def load_hf_vision(path, **flags):
+    """(VisionEncoder, PatchMerger) from the `visual.*` weights of a Hugging Face Qwen2.5-VL checkpoint (flags:
+    VisionEncoder's attn_backend, activation_checkpointing)."""
     config, out_dim = vision_config_from_hf(_qwen2_5_vl_config(path)["vision_config"])
     with torch.device("meta"):
-        vision, merger = VisionEncoder(config), PatchMerger(config, out_dim)
+        vision, merger = VisionEncoder(config, **flags), PatchMerger(config, out_dim)
     tensors = _read_hf_tensors(path, keep=lambda name: name.startswith("visual."))
     vision_state = _take_hf(vision, HF_VISION_NAMES, tensors, path)
     merger_state = _take_hf(merger, HF_MERGER_NAMES, tensors, path)
@@ -283,30 +293,40 @@ def load_hf(path, **runtime):
 # ----------------------------------------------------------------------------- export to Hugging Face
 
 
+def family_problems(c: TextConfig):
+    """What of decoder config `c` the transformers class of its family cannot compute (empty: nothing)."""
+    f, problems = c.family, []
+    if (c.attention == "mla") != (f == "deepseek_v3"):
+        problems.append(f"attention {c.attention!r} (MLA is DeepSeek-V3's alone)")
+    if f == "deepseek_v3":
+        return problems + ([f"scoring {c.scoring!r} (DeepSeek-V3 routes by sigmoid)"] if c.scoring != "sigmoid" else [])
+    if bool(c.n_routed_experts) != (f == "qwen3_moe"):
+        problems.append(f"{c.n_routed_experts} routed experts (of the GQA families only qwen3_moe has experts)")
+    if c.qk_norm != (f in ("qwen3", "qwen3_moe")):
+        problems.append(f"qk_norm {c.qk_norm} (QK-norm is Qwen3's, and only Qwen3's)")
+    if c.qkv_bias != (f == "qwen2"):
+        problems.append(f"qkv_bias {c.qkv_bias} (a q/k/v bias alone is Qwen2's, and only Qwen2's)")
+    if (c.rope_scaling or {}).get("type") not in ((None, "llama3") if f in ("llama", "mistral") else (None,)):
+        problems.append(f"rope_scaling {c.rope_scaling}")
+    if f == "qwen2" and c.head_dim * c.num_heads != c.hidden_size:
+        problems.append(f"head_dim {c.head_dim} x num_heads {c.num_heads} != hidden_size {c.hidden_size} (Qwen2 "
+                        "derives head_dim from them)")
+    if f == "qwen3_moe" and (c.scoring != "softmax" or c.n_shared_experts or c.first_k_dense or c.n_group > 1
+                             or c.routed_scaling_factor != 1.0):
+        problems.append(f"Qwen3-MoE routes by softmax with no shared experts, no dense first layers, one group and "
+                        f"routed_scaling_factor 1 (have scoring {c.scoring!r}, n_shared_experts {c.n_shared_experts}, "
+                        f"first_k_dense {c.first_k_dense}, n_group {c.n_group}, routed_scaling_factor "
+                        f"{c.routed_scaling_factor})")
+    return problems
+
+
 def hf_decoder_type(c: TextConfig):
-    """The transformers model_type that computes what decoder config `c` does, or ValueError naming the
-    fields none of qwen2, qwen3, qwen3_moe, deepseek_v3 can express (the inverse of text_config_from_hf)."""
-    if c.attention == "mla":
-        kind = "deepseek_v3"
-        problems = [f"scoring {c.scoring!r} (DeepSeek-V3 routes by sigmoid)"] if c.scoring != "sigmoid" else []
-    else:
-        kind = "qwen3_moe" if c.n_routed_experts else "qwen3" if c.qk_norm else "qwen2"
-        problems = [f"rope_scaling {c.rope_scaling}"] if c.rope_scaling else []
-        if kind == "qwen2" and (not c.qkv_bias or c.head_dim * c.num_heads != c.hidden_size):
-            problems.append(f"a decoder without QK-norm needs Qwen2's q/k/v bias (qkv_bias {c.qkv_bias}) and "
-                            f"head_dim = hidden_size / num_heads ({c.head_dim} != {c.hidden_size // c.num_heads})")
-        if kind != "qwen2" and c.qkv_bias:
-            problems.append(f"qkv_bias with {'QK-norm' if c.qk_norm else 'MoE'} (Qwen3's attention_bias also "
-                            "puts a bias on o_proj)")
-        if kind == "qwen3_moe" and (not c.qk_norm or c.scoring != "softmax" or c.n_shared_experts or c.first_k_dense
-                                    or c.n_group > 1 or c.routed_scaling_factor != 1.0):
-            problems.append(f"a GQA MoE decoder is Qwen3-MoE: QK-norm, softmax routing, no shared experts, no dense "
-                            f"first layers, one group, routed_scaling_factor 1 (have qk_norm {c.qk_norm}, scoring "
-                            f"{c.scoring!r}, n_shared_experts {c.n_shared_experts}, first_k_dense {c.first_k_dense}, "
-                            f"n_group {c.n_group}, routed_scaling_factor {c.routed_scaling_factor})")
+    """The transformers model_type of decoder config `c` (its family), or ValueError naming the fields that
+    family's class cannot compute (the inverse of text_config_from_hf)."""
+    problems = family_problems(c)
     if problems:
-        raise ValueError(f"no transformers decoder computes this {kind} config: " + "; ".join(problems))
-    return kind
+        raise ValueError(f"no transformers {c.family} decoder computes this config: " + "; ".join(problems))
+    return c.family
 
 
 def text_config_to_hf(c: TextConfig):
@@ -314,7 +334,8 @@ def text_config_to_hf(c: TextConfig):
     Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM that computes what `c` does; text_config_from_hf reads
     it back to `c` (M-RoPE aside: a decoder alone sees text only, where M-RoPE is 1D rotary)."""
     kind = hf_decoder_type(c)
-    arch = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "deepseek_v3": "DeepseekV3"}[kind]
+    arch = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "deepseek_v3": "DeepseekV3",
+            "llama": "Llama", "mistral": "Mistral"}[kind]
     d = {"architectures": [arch + "ForCausalLM"], "model_type": kind, "vocab_size": c.vocab_size,
          "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
          "intermediate_size": c.intermediate_size, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
@@ -322,6 +343,10 @@ def text_config_to_hf(c: TextConfig):
     if kind == "deepseek_v3":
         return d | _deepseek_v3_config_to_hf(c)
     d |= {"num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "attention_bias": False}
+    if kind in ("llama", "mistral"):
+        d |= {"mlp_bias": False, "sliding_window": None} if kind == "mistral" else {"mlp_bias": False}
+        if c.rope_scaling:
+            d["rope_scaling"] = {"rope_type": "llama3", **{k: v for k, v in c.rope_scaling.items() if k != "type"}}
     if kind == "qwen3_moe":
         d |= {"num_experts": c.n_routed_experts, "num_experts_per_tok": c.num_experts_per_tok,
               "moe_intermediate_size": c.moe_intermediate_size, "norm_topk_prob": c.norm_topk_prob,
@@ -451,8 +476,8 @@ def is_hf_dir(path):
 def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
     """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
     MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
-    weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
-    Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
+    weights cast to `dtype` if given, plus `tokenizer`'s files and the other tokenizer (whole model: and
+    preprocessor) files of `source`, the Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
     copied. ValueError names what the transformers class cannot express."""
     if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
         raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
@@ -469,9 +494,10 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
         tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
     if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
         tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
-    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
+    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f)) and f not in tokenizer.files]
     with replaced(out) as tmp:
         save_hf(tmp, config, tensors, max_shard_bytes)
         for f in copied:
             shutil.copy(os.path.join(source, f), tmp)
-    return copied
+        tokenizer.save(tmp)  # the tokenizer and chat template the run trained with
+    return copied + list(tokenizer.files)

@@ -14,8 +14,11 @@ import base64
 import binascii
 import bisect
 import collections
+import datetime
+import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -25,6 +28,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import regex  # tiktoken's own dependency: the Unicode classes (\p{L}) tokenizer patterns are written in
 import tiktoken
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -56,6 +60,7 @@ class DataError(ValueError):
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>"]
+IMAGE_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")  # Qwen2-VL's, as an image is written
 # cl100k's split pattern, the default for .tiktoken rank files (which do not store one)
 CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -77,35 +82,62 @@ def bytes_to_unicode():
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the recipe's special tokens. With no arguments: byte-level
-    (ids 0..255 are the bytes, then SPECIAL_TOKENS as 256..261)."""
+    """A tiktoken Encoding plus the tokens the recipe needs. With no arguments: byte-level (ids 0..255 are the
+    bytes, then SPECIAL_TOKENS as 256..261) and the built-in ChatML format (`encode`). With a Hugging Face
+    tokenizer (from_hf) and its chat template (`chat`), conversations are the template's rendering and only
+    the image tokens it lacks are added. `added` lists the tokens appended past the source's ids."""
 
     def __init__(self, mergeable_ranks=None, special_tokens=None, pat_str=r"\s+|\S+", normalization=None,
-                 name="bytes"):
+                 name="bytes", chat=None, pre_split=()):
         if mergeable_ranks is None:
             mergeable_ranks = {bytes([b]): b for b in range(256)}
         special_tokens = dict(special_tokens or {})
         next_id = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1
-        for s in SPECIAL_TOKENS:  # the recipe needs all six; append those the vocabulary lacks
+        self.source_vocab_size, self.added = next_id, []
+        for s in IMAGE_TOKENS + chat.required if chat else SPECIAL_TOKENS:  # add those the vocabulary lacks
             if s not in special_tokens:
                 special_tokens[s] = next_id
+                self.added.append(s)
                 next_id += 1
-        self.normalization = normalization
+        self.normalization, self.chat = normalization, chat
+        self.pre_split = [regex.compile(p) for p in pre_split]  # applied before tiktoken's (DeepSeek-V3 has 3)
+        self.special_split = re.compile("(" + "|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True)))
+                                        + ")")
+        self.files = {}  # {file name: bytes} that `save` writes: the tokenizer as the run uses it (none: byte-level)
         self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
                                      special_tokens=special_tokens)
         self.special_tokens = special_tokens
         self.vocab_size = next_id
-        self.eos_id, self.im_start_id, self.im_end_id, self.vision_start_id, self.vision_end_id, \
-            self.image_pad_id = (special_tokens[s] for s in SPECIAL_TOKENS)
+        self.vision_start_id, self.image_pad_id, self.vision_end_id = (special_tokens[s] for s in IMAGE_TOKENS)
+        self.im_start_id, self.im_end_id = special_tokens.get("<|im_start|>"), special_tokens.get("<|im_end|>")
+        self.bos_id = None  # put before pre-training text: what a Hugging Face post-processor adds (from_hf)
+        if chat is None:
+            self.eos_id = special_tokens["<|endoftext|>"]
+            self.stop_ids = (self.im_end_id, self.eos_id)
+        else:
+            eot = special_tokens.get(chat.end_of_turn)  # without an eos_token in tokenizer_config.json: ChatML's
+            self.eos_id = special_tokens.get(chat.tokens.get("eos_token"), special_tokens.get("<|endoftext|>", eot))
+            if self.eos_id is None:
+                raise DataError(f"tokenizer {name}: no eos_token (tokenizer_config.json) and no end-of-turn token")
+            self.stop_ids = tuple(dict.fromkeys(i for i in (eot, self.eos_id, *chat.stop_ids) if i is not None
+                                                and i < next_id))
 
     def encode(self, text, special=True):
         """Token ids of `text`. special=True parses special-token strings in the text (as Hugging Face
         tokenizers do); special=False encodes them as plain text (used for data content)."""
-        if self.normalization:
-            text = unicodedata.normalize(self.normalization, text)
-        if special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode_ordinary(text)
+        text = self.normalize(text)
+        if not self.pre_split:
+            return self.enc.encode(text, allowed_special="all") if special else self.enc.encode_ordinary(text)
+        ids = []
+        for k, part in enumerate(self.special_split.split(text) if special else [text]):
+            if k % 2:  # a special token (split keeps the separators at odd places)
+                ids.append(self.special_tokens[part])
+            else:
+                ids += [i for piece in _isolated_splits(part, self.pre_split) for i in self.enc.encode_ordinary(piece)]
+        return ids
+
+    def normalize(self, text):
+        return unicodedata.normalize(self.normalization, text) if self.normalization else text
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
@@ -122,80 +154,263 @@ class Tokenizer:
                 if len(parts) != 2:
                     raise DataError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:80]!r}")
                 ranks[base64.b64decode(parts[0])] = int(parts[1])
-        return cls(ranks, pat_str=pat_str, name=os.path.basename(path))
+        tok = cls(ranks, pat_str=pat_str, name=os.path.basename(path))
+        tok.files = {TIKTOKEN_FILE: open(path, "rb").read()}
+        return tok
 
     @classmethod
-    def from_hf(cls, path):
-        """Convert a Hugging Face byte-level BPE tokenizer.json (Qwen2/Qwen3 style) to tiktoken ranks,
-        keeping the Hugging Face ids (rank = id) so checkpoints keep their embedding rows."""
+    def from_hf(cls, path, chat_template=None):
+        """Convert a Hugging Face byte-level BPE tokenizer.json (Qwen2/Qwen3, Llama-3 style) to tiktoken ranks,
+        keeping the Hugging Face ids (rank = id) so checkpoints keep their embedding rows. A directory's chat
+        template (chat_template.jinja or tokenizer_config.json), or `chat_template` (a template, or "chatml"),
+        gives the chat format; without one, the built-in ChatML format."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         with open(file, encoding="utf-8") as f:
             tj = json.load(f)
         model = tj["model"]
         if model.get("type") != "BPE":
             raise DataError(f"{file}: model type {model.get('type')!r} is not BPE")
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        ranks = {}
-        for tok, i in model["vocab"].items():
-            if tok in added:
-                continue
-            try:
-                ranks[bytes(byte_of[c] for c in tok)] = i
-            except KeyError:
-                raise DataError(f"{file}: vocab entry {tok!r} is not byte-level BPE") from None
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:
-            raise DataError(f"{file}: byte-level vocab lacks {len(missing)} single bytes, e.g. {missing[:5]}")
-        # tiktoken merges the adjacent pair whose concatenation has the lowest rank; this equals
-        # Hugging Face's merge-priority order only if each merge's result has a higher id than
-        # both parts and ids increase with merge order.
-        made, last = set(), -1
-        for k, m in enumerate(model.get("merges", [])):
-            a, b = m.split(" ", 1) if isinstance(m, str) else m
-            ia, ib, iab = model["vocab"].get(a), model["vocab"].get(b), model["vocab"].get(a + b)
-            if iab is None or ia is None or ib is None or not (iab > max(ia, ib) and iab > last):
-                raise DataError(f"{file}: merge {k} {a!r}+{b!r} is not consistent with vocab ids")
-            last = iab
-            made.add(a + b)
-        stray = [t for t, i in model["vocab"].items() if len(t) > 1 and t not in made and t not in added]
-        if stray:
-            raise DataError(f"{file}: {len(stray)} vocab entries are neither bytes nor merges, e.g. {stray[:3]}")
-        return cls(ranks, added, pat_str=_hf_pattern(tj, file), normalization=_hf_normalization(tj, file),
-                   name=os.path.basename(os.path.dirname(os.path.abspath(file))))
+        ranks = _hf_byte_ranks(model, added, file)
+        chat = ChatFormat.of(os.path.dirname(os.path.abspath(file)), chat_template, added)
+        *pre_split, pattern = _hf_patterns(tj, file)
+        tok = cls(ranks, added, pat_str=pattern, normalization=_hf_normalization(tj, file),
+                  name=os.path.basename(os.path.dirname(os.path.abspath(file))), chat=chat, pre_split=pre_split)
+        tok.files = _hf_tokenizer_files(os.path.dirname(os.path.abspath(file)), tj, tok, chat)
+        tok.bos_id = tok.special_tokens.get(_hf_prefix_token(tj))
+        return tok
+
+    def save(self, directory):
+        """Write the tokenizer files (added tokens and chat template included) into `directory`, where
+        load_tokenizer (and transformers' AutoTokenizer) read them back."""
+        for name, content in self.files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(content)
 
 
-def load_tokenizer(path):
-    """A Tokenizer: byte-level by default, a .tiktoken file, or a Hugging Face tokenizer.json."""
+def _hf_byte_ranks(model, added, file):
+    """{token bytes: id} of a byte-level BPE vocabulary, checked to be one tiktoken can reproduce."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {}
+    for tok, i in model["vocab"].items():
+        if tok in added:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in tok)] = i
+        except KeyError:
+            raise DataError(f"{file}: vocab entry {tok!r} is not byte-level BPE") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise DataError(f"{file}: byte-level vocab lacks {len(missing)} single bytes, e.g. {missing[:5]}")
+    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; this equals
+    # Hugging Face's merge-priority order only if each merge's result has a higher id than
+    # both parts and ids increase with merge order.
+    made, last = set(), -1
+    for k, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        ia, ib, iab = model["vocab"].get(a), model["vocab"].get(b), model["vocab"].get(a + b)
+        if iab is None or ia is None or ib is None or not (iab > max(ia, ib) and iab > last):
+            raise DataError(f"{file}: merge {k} {a!r}+{b!r} is not consistent with vocab ids")
+        last = iab
+        made.add(a + b)
+    stray = [t for t, i in model["vocab"].items() if len(t) > 1 and t not in made and t not in added]
+    if stray:
+        raise DataError(f"{file}: {len(stray)} vocab entries are neither bytes nor merges, e.g. {stray[:3]}")
+    return ranks
+
+
+def _hf_prefix_token(tj):
+    """The special token tokenizer.json's post-processor puts before a text (Llama-3's <|begin_of_text|>), or None."""
+    post = tj.get("post_processor") or {}
+    for p in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+        single = p.get("single") or [{}] if p.get("type") == "TemplateProcessing" else [{}]
+        if "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"]["id"]
+    return None
+
+
+def _hf_tokenizer_files(directory, tj, tok, chat):
+    """The files that reproduce `tok` in transformers: tokenizer.json and tokenizer_config.json with the
+    added image tokens, the chat template as chat_template.jinja, and the special-token and generation files."""
+    new = [{"id": tok.special_tokens[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True} for s in tok.added]
+    files = {"tokenizer.json": json.dumps(tj | {"added_tokens": tj.get("added_tokens", []) + new},
+                                          ensure_ascii=False, indent=2).encode()}
+    config = _read_json_if(os.path.join(directory, "tokenizer_config.json")) or {}
+    config.pop("chat_template", None)
+    decoder = config.get("added_tokens_decoder", {})
+    config["added_tokens_decoder"] = decoder | {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in new}
+    files["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2).encode()
+    if chat is not None:
+        files["chat_template.jinja"] = chat.template.encode()
+    for name in ("special_tokens_map.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(directory, name)):
+            files[name] = open(os.path.join(directory, name), "rb").read()
+    return files
+
+
+def _read_json_if(path):
+    """A JSON file's contents, or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+TIKTOKEN_FILE = "tokenizer.tiktoken"  # a run's .tiktoken rank file, as its checkpoints keep it
+
+
+def load_tokenizer(path, chat_template=None):
+    """A Tokenizer: byte-level for None, a .tiktoken file, a Hugging Face tokenizer.json, or a directory holding
+    one of them (a Hugging Face model, or one of our checkpoints: byte-level when it holds no tokenizer files)."""
     if path is None:
+        return Tokenizer()
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, TIKTOKEN_FILE)):
+        return Tokenizer.from_tiktoken_file(os.path.join(path, TIKTOKEN_FILE))
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return Tokenizer()
     if path.endswith(".tiktoken"):
         return Tokenizer.from_tiktoken_file(path)
-    return Tokenizer.from_hf(path)
+    return Tokenizer.from_hf(path, chat_template)
 
 
-def _hf_pattern(tj, file):
-    """The split regex of a tokenizer.json pre-tokenizer (Split + ByteLevel, or ByteLevel alone)."""
+# ChatML as the built-in format writes it, for a tokenizer without a template of its own (--chat-template chatml)
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")  # the strings a template may write
+
+
+@dataclass
+class ChatFormat:
+    """A Hugging Face chat template (Jinja) with what it is rendered with: the special-token strings of
+    tokenizer_config.json, the ids generation stops at (generation_config.json's eos_token_id), the tokens the
+    template writes that a tokenizer may lack (ChatML's), and the token that ends a reply (found by rendering)."""
+    template: str
+    tokens: dict
+    stop_ids: tuple = ()
+    required: tuple = ()
+    end_of_turn: str = None
+
+    @staticmethod
+    def of(directory, chat_template, added):
+        """The format of a tokenizer directory: `chat_template` ("chatml", a .jinja file or the template text),
+        else the directory's chat_template.jinja, tokenizer_config.json's or chat_template.json's; None if none."""
+        config = _read_json_if(os.path.join(directory, "tokenizer_config.json")) or {}
+        template, required = chat_template, ()
+        if template == "chatml":
+            template, required = CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>")
+        elif template is not None and os.path.isfile(template):
+            template = open(template, encoding="utf-8").read()
+        elif template is None and os.path.isfile(os.path.join(directory, "chat_template.jinja")):
+            template = open(os.path.join(directory, "chat_template.jinja"), encoding="utf-8").read()
+        elif template is None:  # tokenizer_config.json's, else a processor's chat_template.json (Qwen2.5-VL's)
+            template = config.get("chat_template") or (
+                _read_json_if(os.path.join(directory, "chat_template.json")) or {}).get("chat_template")
+            if isinstance(template, list):  # [{"name", "template"}]: the default one
+                template = {t.get("name"): t.get("template") for t in template}.get("default")
+        if template is None:
+            return None
+        tokens = {k: v.get("content") if isinstance(v, dict) else v for k in TEMPLATE_TOKENS
+                  if (v := config.get(k)) is not None}
+        eos = (_read_json_if(os.path.join(directory, "generation_config.json")) or {}).get("eos_token_id")
+        chat = ChatFormat(template, tokens, tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                          required)
+        chat.end_of_turn = chat.token_after_reply([*added, *required])
+        return chat
+
+    def render(self, messages, add_generation_prompt=False):
+        """The template's text for `messages`, rendered as transformers' apply_chat_template renders it."""
+        try:
+            return _compile_template(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                           **self.tokens)
+        except Exception as e:  # a template's raise_exception, or an error in the template itself
+            raise DataError(f"chat template: {type(e).__name__}: {e}", reason="chat template") from e
+
+    def token_after_reply(self, specials):
+        """The special token a reply ends with (<|im_end|>, <|eot_id|>, ...): the one the template writes right
+        after a reply's text, or None."""
+        try:
+            text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": REPLY_MARK}])
+        except DataError:
+            return None
+        after = text[text.find(REPLY_MARK) + len(REPLY_MARK):] if REPLY_MARK in text else ""
+        return max((s for s in specials if after.startswith(s)), key=len, default=None)
+
+
+REPLY_MARK = "\ue000reply\ue001"  # private-use characters: stand in for a reply to find where the template puts it
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template):
+    """Jinja as transformers sets it up for chat templates: sandboxed, trim_blocks and lstrip_blocks, loop
+    controls, tojson without HTML escaping, raise_exception and strftime_now; {% generation %} blocks render
+    their body."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals |= {"raise_exception": raise_exception,
+                    "strftime_now": lambda fmt: datetime.datetime.now().strftime(fmt)}
+    return env.from_string(template)
+
+
+def _hf_patterns(tj, file):
+    """The split regexes of a tokenizer.json pre-tokenizer in the order it applies them (each Split, then
+    ByteLevel's own when use_regex): tiktoken applies the last, Tokenizer.encode the others before it."""
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    pattern = None
+    patterns = []
     for s in steps:
         if s.get("type") == "Split":
             if s.get("behavior") != "Isolated" or s.get("invert"):
                 raise DataError(f"{file}: only Split(behavior=Isolated, invert=false) is supported")
-            pattern = s["pattern"].get("Regex")
-            if pattern is None:
+            if s["pattern"].get("Regex") is None:
                 raise DataError(f"{file}: Split pattern must be a Regex")
+            patterns.append(s["pattern"]["Regex"])
         elif s.get("type") == "ByteLevel":
             if s.get("add_prefix_space"):
                 raise DataError(f"{file}: ByteLevel add_prefix_space=true is not supported")
             if s.get("use_regex", True):
-                pattern = GPT2_PATTERN
+                patterns.append(GPT2_PATTERN)
         else:
             raise DataError(f"{file}: unsupported pre-tokenizer {s.get('type')!r}")
-    if pattern is None:
+    if not patterns:
         raise DataError(f"{file}: no split pattern in pre_tokenizer")
-    return pattern
+    return patterns
+
+
+def _isolated_splits(text, patterns):
+    """`text` cut as a chain of Split(behavior=Isolated) pre-tokenizers cuts it: each pattern's matches become
+    pieces of their own, in every piece the one before left."""
+    pieces = [text]
+    for p in patterns:
+        cut = []
+        for piece in pieces:
+            last = 0
+            for m in p.finditer(piece):
+                cut += [x for x in (piece[last:m.start()], m.group()) if x]
+                last = m.end()
+            cut += [piece[last:]] if last < len(piece) else []
+        pieces = cut
+    return pieces
 
 
 def _hf_normalization(tj, file):
@@ -324,12 +539,13 @@ def check_record(record):
 
 
 def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_generation=False):
-    """Record dict -> Sample. Conversations use Qwen's chat template
-    `<|im_start|>role\\n...<|im_end|>\\n` and carry loss on assistant replies and their <|im_end|>
-    (not the template's trailing "\\n"); a "system" turn becomes a system message (there is no default
-    system prompt). Caption/interleaved/text records carry loss on all text
-    and end with <|endoftext|>. Image tokens never carry loss. for_generation=True drops the last
-    reply, ends the prompt with `<|im_start|>assistant\\n` and puts the reply in `answer`."""
+    """Record dict -> Sample. Conversations are the tokenizer's chat template (encode_chat), or without one the
+    built-in ChatML `<|im_start|>role\\n...<|im_end|>\\n`, with loss on assistant replies and their
+    <|im_end|> (not the template's trailing "\\n"); a "system" turn becomes a system message (there is no
+    default system prompt). Caption/interleaved/text records carry loss on all text and end with the eos token
+    (after the tokenizer's bos, if its post-processor adds one). Image tokens never carry loss.
+    for_generation=True drops the last reply, ends the prompt with the assistant's turn header and puts the
+    reply in `answer`."""
     rid = record.get("id", "?")
     reason = check_record(record)
     if reason:
@@ -342,6 +558,8 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
         except DataError as e:
             named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
             raise DataError(f"{rid}: {e}{named}", reason=e.reason) from e
+    if record["format"] == "conversation" and tokenizer.chat is not None:
+        return encode_chat(record, tokenizer, images, for_generation)
     tok = tokenizer
     tokens, labels, starts, queue = [], [], [], iter(images)
 
@@ -363,13 +581,10 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     if record["format"] == "conversation":
         turns = record["conversations"]
         if for_generation:
-            if turns[-1]["from"] != "gpt":
-                raise DataError(f"{rid}: for_generation needs the conversation to end with a gpt reply")
-            turns, answer = turns[:-1], turns[-1]["value"]
-        role = {"system": "system", "human": "user", "gpt": "assistant"}
+            turns, answer = _prompt_turns(turns, rid)
         for t in turns:
             reply = t["from"] == "gpt"
-            add([tok.im_start_id] + tok.encode(role[t["from"]] + "\n", special=False), False)
+            add([tok.im_start_id] + tok.encode(CHAT_ROLES[t["from"]] + "\n", special=False), False)
             add_text(t["value"], reply)
             add([tok.im_end_id], reply)
             add(tok.encode("\n", special=False), False)
@@ -378,9 +593,107 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     else:
         if for_generation:
             raise DataError(f"{rid}: for_generation needs a conversation record")
+        add([tok.bos_id] if tok.bos_id is not None else [], False)
         add_text(record["text"], True)
         add([tok.eos_id], True)
     return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts)
+
+
+CHAT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _prompt_turns(turns, rid):
+    """(the turns before the last reply, that reply) of a conversation to generate for."""
+    if turns[-1]["from"] != "gpt":
+        raise DataError(f"{rid}: for_generation needs the conversation to end with a gpt reply")
+    return turns[:-1], turns[-1]["value"]
+
+
+def encode_chat(record, tok, images, for_generation=False):
+    """A conversation as the tokenizer's chat template writes it, the ids transformers' apply_chat_template
+    gives (default system prompt, bos and end-of-turn tokens are the template's). Each <image> becomes
+    <|vision_start|><|image_pad|><|vision_end|> in the text (as Qwen2.5-VL's template writes an image part)
+    and the pad then the image's merged-token count of pads. Loss on each reply and the end-of-turn token the
+    template writes right after it (reply_spans). Text holding a special-token string is refused: the
+    template's tokens must come from the template."""
+    rid, turns, answer = record.get("id", "?"), record["conversations"], None
+    for t in turns:
+        special = next((s for s in tok.special_tokens if s in t["value"]), None)
+        if special:
+            raise DataError(f"{rid}: text contains the special token {special!r}", reason="special token in text")
+    if for_generation:
+        turns, answer = _prompt_turns(turns, rid)
+    messages = [{"role": CHAT_ROLES[t["from"]], "content": t["value"].replace(IMAGE_TAG, "".join(IMAGE_TOKENS))}
+                for t in turns]
+    text = tok.normalize(tok.chat.render(messages, add_generation_prompt=for_generation))
+    spans = [] if for_generation else reply_spans(tok, messages, text, rid)
+    ids = tok.encode(text)
+    offsets = tok.enc.decode_with_offsets(ids)[1] + [len(text)]
+    if ids.count(tok.image_pad_id) != len(images):
+        raise DataError(f"{rid}: the chat template wrote {ids.count(tok.image_pad_id)} image pads for "
+                        f"{len(images)} images")
+    image_ids = {tok.vision_start_id, tok.vision_end_id, tok.image_pad_id}
+    tokens, labels, starts, queue = [], [], [], iter(images)
+    for k, t in enumerate(ids):
+        n = 1
+        if t == tok.image_pad_id:
+            _, (_, h, w) = next(queue)
+            starts.append(len(tokens))
+            n = h * w // MERGE ** 2
+        loss = t not in image_ids and any(offsets[k] < e and offsets[k + 1] > s for s, e in spans)
+        tokens += [t] * n
+        labels += [t if loss else IGNORE] * n
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts)
+
+
+def reply_spans(tok, messages, text, rid):
+    """Character spans [start, end) in `text` of each assistant reply and the special token the template writes
+    right after it (<|im_end|>, <|eot_id|>, ...). The conversation rendered with a marker for each reply shows
+    the template's own text between replies (headers, default system prompt, thinking tags), which is then
+    found in `text` in order: what lies between is the reply as the template wrote it (trimmed, say)."""
+    marked, k = [], 0
+    for m in messages:
+        marked.append(m | {"content": f"\ue000{k}\ue001"} if m["role"] == "assistant" else m)
+        k += m["role"] == "assistant"
+    pieces = re.split("\ue000[0-9]+\ue001", tok.normalize(tok.chat.render(marked)))
+    bad = DataError(f"{rid}: the chat template does not write each reply once, as given, so the reply tokens "
+                    "cannot be told apart", reason="chat template")
+    if len(pieces) != k + 1 or not text.startswith(pieces[0]) or not text.endswith(pieces[-1]):
+        raise bad
+    spans, pos = [], len(pieces[0])
+    for i, piece in enumerate(pieces[1:]):
+        end = len(text) - len(piece) if i == k - 1 else text.find(piece, pos)
+        if end < pos:
+            raise bad
+        eot = max((s for s in tok.special_tokens if piece.startswith(s)), key=len, default="")
+        spans.append((pos, end + len(eot)))
+        pos = end + len(piece)
+    return spans
+
+
+def first_samples(source, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, tries=100):
+    """{source name: its first sample that encodes (of its first `tries` records)} of a Mixture: what a stage
+    shows before it trains."""
+    out = {}
+    for name, src in zip(source.names, source.sources):
+        for i in range(min(tries, len(src))):
+            try:
+                out[name] = encode(src[i], tokenizer, min_pixels, max_pixels)
+                break
+            except DataError:
+                continue
+    return out
+
+
+def show_sample(sample, tokenizer):
+    """The sample's text with the tokens that carry loss in [[ ]] and each image's pads as <|image_pad|>xN."""
+    pieces, k = [], 0
+    for (loss, pad), run in itertools.groupby(zip(sample.tokens, sample.labels),
+                                              key=lambda x: (x[1] != IGNORE, x[0] == tokenizer.image_pad_id)):
+        ids = [t for t, _ in run]
+        text = f"<|image_pad|>x{len(ids)}" if pad else tokenizer.decode(ids)
+        pieces.append(f"[[{text}]]" if loss else text)
+    return "".join(pieces)
 
 
 # ----------------------------------------------------------------------------- synthetic curriculum
@@ -769,7 +1082,7 @@ def _image_ref(x, where):
     raise DataError(f"{where}: image/images must be a path or a list of paths (or image bytes)")
 
 
-ROLES = {"system": "system", "user": "human", "assistant": "gpt"}  # OpenAI roles -> LLaVA's
+ROLES = {role: who for who, role in CHAT_ROLES.items()}  # OpenAI roles -> LLaVA's
 
 
 def _from_messages(messages, images, where):

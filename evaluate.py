@@ -178,7 +178,7 @@ def generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, 
     for i in range(0, len(samples), batch_size):
         batch = data.collate(samples[i:i + batch_size], mrope=mrope).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model.generate(batch, max_new_tokens, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id))
+            out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids)
         answers.extend(tokenizer.decode(ids).strip() for ids in out)
     return answers, [s.answer for s in samples]
 
@@ -277,6 +277,7 @@ def average_checkpoints(ckpts, weights=None, out=None):
     if out is not None:
         with replaced(out) as tmp:
             write_checkpoint(tmp, avg, configs[0])
+            data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
             write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
     return avg
 
@@ -555,7 +556,8 @@ def main(argv=None):
         same = not files and args.split == "test"  # then the search's test sets are the ones just built
         search = (dev, test_sets if same else search_test, [parse_resolution(r) for r in args.resolutions.split(",")])
     device = torch.device(detect_device() if args.device == "auto" else args.device)
-    evaluate_run(ckpts, data.load_tokenizer(args.tokenizer), test_sets, out, args.min_pixels, args.max_pixels,
+    tokenizer = data.load_tokenizer(args.tokenizer or ckpts[0][1])  # default: the run's own (saved in it)
+    evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.max_pixels,
                  search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens,
                  dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -581,11 +583,12 @@ def export_main(p, args):
     if len(ckpts) != 1:
         p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
     source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
-    tokenizer = data.load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
-        os.path.join(source, "tokenizer.json")) else None))
+    own = data.load_tokenizer(ckpts[0])  # the tokenizer the run trained with, saved in its checkpoints
+    tokenizer = data.load_tokenizer(args.tokenizer) if args.tokenizer else own if own.files else data.load_tokenizer(
+        source if source and os.path.isfile(os.path.join(source, "tokenizer.json")) else None)
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
                        torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
-    print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
+    print(f"wrote {args.export_hf} from {ckpts[0]}" + (f" with {', '.join(copied)}" if copied else ""))
 
 
 def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):

@@ -60,6 +60,10 @@ class VisionConfig:
         return self.window_size // (self.patch_size * self.spatial_merge_size)
 
 
+# the decoder layouts of published LLMs this file computes (convert.py maps their checkpoints)
+FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "llama", "mistral")
+
+
 @dataclass
 class TextConfig:
     vocab_size: int = _field(151936, "decoder vocabulary")
@@ -76,7 +80,9 @@ class TextConfig:
     mrope_section: tuple | None = _field(None, "M-RoPE (t,h,w) split of head_dim/2 (Qwen2-VL), or none: 1D rotary")
     rms_norm_eps: float = _field(1e-6, "decoder RMSNorm epsilon")
     rope_scaling: dict | None = _field(None, 'YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", '
-                                       '"beta_fast", "beta_slow", "mscale", "mscale_all_dim"} (DeepSeek-V3)')
+                                       '"beta_fast", "beta_slow", "mscale", "mscale_all_dim"} (DeepSeek-V3), or '
+                                       '{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", '
+                                       '"original_max_position_embeddings"} (Llama 3.1)')
     # "mla": DeepSeek-V3 §2.1.1 multi-head latent attention (num_kv_heads, head_dim, qk_norm unused)
     attention: str = _field("gqa", "decoder attention: gqa or mla")
     q_lora_rank: int | None = _field(None, "MLA query latent rank (none: full-rank query projection)")
@@ -97,16 +103,23 @@ class TextConfig:
     routed_scaling_factor: float = _field(1.0, "MoE: times the gate values (2.5 in DeepSeek-V3)")
     bias_update_speed: float = _field(0.001, "MoE balancing bias step per optimizer step (DeepSeek-V3 §2.1.2 gamma)")
     seq_aux_loss_coef: float = _field(0.0, "MoE sequence-wise balance loss (DeepSeek-V3 eq. 17 alpha; 0 = off)")
+    family: str | None = _field(None, f"decoder family, whose layout import, export and chat format follow: "
+                                f"{', '.join(FAMILIES)} (none: inferred from the fields above)")
 
     def __post_init__(self):
+        if self.family is None:  # the family whose layout these fields describe (saved explicitly in config.json)
+            self.family = ("deepseek_v3" if self.attention == "mla" else "qwen3_moe" if self.n_routed_experts
+                           else "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: choose from {', '.join(FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.attention not in ("gqa", "mla"):
             raise ValueError(f"attention {self.attention!r}: choose 'gqa' or 'mla'")
         if self.attention == "mla" and self.mrope_section is not None:
             raise ValueError("attention 'mla' with M-RoPE (mrope_section) is not supported")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") != "yarn":
-            raise ValueError(f"rope_scaling {self.rope_scaling}: only type 'yarn' is supported")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("yarn", "llama3"):
+            raise ValueError(f"rope_scaling {self.rope_scaling}: only types 'yarn' and 'llama3' are supported")
         if self.scoring not in ("sigmoid", "softmax"):
             raise ValueError(f"scoring {self.scoring!r}: choose 'sigmoid' or 'softmax'")
         E, G = self.n_routed_experts, self.n_group
@@ -390,6 +403,11 @@ def rope_frequencies(dim, theta, scaling=None):
     if scaling is None:
         return inv_freq, 1.0
     factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    if scaling["type"] == "llama3":  # Llama 3.1: wavelengths past original/low slowed by `factor`, below
+        # original/high kept, a linear ramp in 1/wavelength between; no temperature
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        smooth = ((original * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        return inv_freq / factor * (1 - smooth) + inv_freq * smooth, 1.0
 
     def dim_of(rotations):  # YaRN eq. 17: the dimension that turns `rotations` times over the original length
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -667,6 +685,30 @@ class Decoder(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size, new_ids):
+        """Embedding and (untied) head rows for `vocab_size` ids (never fewer than now); the rows of `new_ids`
+        (tokens a tokenizer gained) are set to the mean of the other rows, so a new token starts as an average
+        one (the mean input embedding; an output logit that is the mean of the others)."""
+        old, new_ids = self.embed_tokens.weight.shape[0], list(new_ids)
+        if not new_ids and vocab_size <= old:
+            return
+        rows = max(vocab_size, old)
+        kept = torch.ones(rows, dtype=torch.bool)
+        kept[new_ids], kept[old:] = False, False
+
+        def grown(w):
+            out = w.new_empty(rows, w.shape[1])
+            out[:old] = w
+            out[new_ids] = w[kept[:old]].mean(0)
+            return nn.Parameter(out, requires_grad=w.requires_grad)
+        self.embed_tokens.weight = grown(self.embed_tokens.weight)
+        self.embed_tokens.num_embeddings = self.config.vocab_size = rows
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = rows
+        self.tie_weights()
+
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None, cache=None):
         """Final-norm hidden states [T, d] (the head is applied by the caller: logits or a chunked loss)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -819,7 +861,7 @@ class MLLM(nn.Module):
     @staticmethod
     def from_pretrained(path, **runtime):
         """Our checkpoint directory; `runtime`: MLLM's z_loss, activation_checkpointing, attn_backend."""
-        config = ModelConfig.from_dict(_read_json(os.path.join(path, "config.json")))
+        config = ModelConfig.from_dict(read_json(os.path.join(path, "config.json")))
         with torch.device("meta"):
             model = MLLM(config, **runtime)
         file = os.path.join(path, "model.safetensors")
@@ -867,7 +909,7 @@ def checkpoint_dir(path):
 def is_our_checkpoint(path):
     """A directory with our config.json (it has `vision` and `text`; a Hugging Face one does not)."""
     config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and {"vision", "text"} <= _read_json(config).keys()
+    return os.path.isfile(config) and {"vision", "text"} <= read_json(config).keys()
 
 
 def read_safetensors(file, keep=lambda name: True):
@@ -990,7 +1032,7 @@ def _assign_state(module, state, where):
             m.tie_weights()
 
 
-def _read_json(path):
+def read_json(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config file {path}")
     with open(path) as f:

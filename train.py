@@ -44,10 +44,11 @@ import torch
 import data
 import evaluate
 import parallel
-from convert import load_hf, load_hf_decoder
+import convert
 from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
-from model import MLLM, PRESETS, ModelConfig, TextConfig, VisionConfig, checkpoint_dir, config_from_preset, \
-    is_our_checkpoint, model_flops, replaced, update_expert_bias, write_checkpoint, write_json
+from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_dir, \
+    config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, update_expert_bias, write_checkpoint, \
+    write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -128,7 +129,12 @@ class TrainConfig:
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoints"})
-    init_from: typing.Optional[str] = field(default=None, metadata={"help": "start from our checkpoint/stage dir, or a Hugging Face Qwen2.5-VL / Qwen2 / Qwen3 dir"})
+    init_from: typing.Optional[str] = field(default=None, metadata={"help": "start from our checkpoint/stage dir, or a whole Hugging Face Qwen2.5-VL dir"})
+    init_vision_from: typing.Optional[str] = field(default=None, metadata={"help": "MindVL's start: the ViT from a Hugging Face Qwen2.5-VL dir (its visual.* weights) or our checkpoint; with --init-text-from"})
+    init_text_from: typing.Optional[str] = field(default=None, metadata={"help": "MindVL's start: the LLM (and its tokenizer and chat template) from a Hugging Face causal-LM dir (qwen2, qwen3, qwen3_moe, deepseek_v3, llama, mistral) or our checkpoint; a new connector joins it to the ViT"})
+    keep_vision_merger: bool = field(default=False, metadata={"help": "keep --init-vision-from's own merger as the connector (default: a new one)"})
+    random_vision: bool = field(default=False, metadata={"help": "with --init-text-from and no --init-vision-from: train the preset's ViT from random weights"})
+    chat_template: typing.Optional[str] = field(default=None, metadata={"help": "chat template of a Hugging Face tokenizer: a .jinja file, or chatml (the built-in format); default: the tokenizer's own"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, npu or auto", "choices": ["auto", "cpu", "cuda", "npu"]})
     dtype: str = field(default="fp32", metadata={"help": "compute dtype: fp32, or bf16 autocast", "choices": ["fp32", "bf16"]})
     seed: int = field(default=0, metadata={"help": "seed of the weights, data order and synthetic images"})
@@ -245,8 +251,12 @@ def check_config(cfg, overrides):
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
-    if cfg.init_from and overrides:
-        raise SystemExit(f"--init-from {cfg.init_from} fixes the model shape; drop the flags for {sorted(overrides)}")
+    fixed = [k for k in overrides if not (cfg.random_vision and k.startswith("vision."))]
+    start = cfg.init_from or cfg.init_text_from
+    if start and fixed:
+        raise SystemExit(f"{'--init-from' if cfg.init_from else '--init-text-from'} {start} fixes the model shape; "
+                         f"drop the flags for {sorted(fixed)}")
+    check_sources(cfg)
     if cfg.init_from:
         check_init(cfg)
     # a stage killed before its first checkpoint left its directory: resuming starts it at step 0 (a requeued job)
@@ -256,17 +266,101 @@ def check_config(cfg, overrides):
 
 
 def check_init(cfg):
-    """--init-from names a checkpoint, and not one inside a stage directory this run writes (it would be deleted)."""
-    init = cfg.init_from
+    """--init-from names a checkpoint: ours or a whole Qwen2.5-VL (an LLM alone would leave the ViT random)."""
+    path = source_dir(cfg.init_from, "--init-from")
+    if not is_our_checkpoint(path) and source_kind(path, "--init-from") != "qwen2_5_vl":
+        raise SystemExit(f"--init-from {cfg.init_from} holds a language model only (model_type "
+                         f"{source_kind(path, '--init-from')!r}): start MindVL's way with --init-text-from "
+                         f"{cfg.init_from} --init-vision-from VDIR (a Qwen2.5-VL directory), or add --random-vision "
+                         "instead of --init-vision-from to train a random ViT")
+
+
+def check_sources(cfg):
+    """The start's flags go together, and every source directory is one its flag can read, lies outside the
+    stage directories this run rewrites, and fits the others (connector widths), all before --out changes."""
+    vision, text = cfg.init_vision_from, cfg.init_text_from
+    if cfg.init_from and (vision or text or cfg.random_vision):
+        raise SystemExit("--init-from continues one checkpoint; --init-vision-from / --init-text-from / "
+                         "--random-vision start from separate sources: give one or the other")
+    if (vision or cfg.random_vision) and not text:
+        raise SystemExit(f"{'--init-vision-from ' + vision if vision else '--random-vision'} needs --init-text-from "
+                         "LDIR: the LLM the ViT is joined to")
+    if vision and cfg.random_vision:
+        raise SystemExit(f"--random-vision and --init-vision-from {vision}: choose one ViT")
+    if text and not vision and not cfg.random_vision:
+        raise SystemExit(f"--init-text-from {text} gives the LLM only: give the ViT with --init-vision-from VDIR (a "
+                         "Qwen2.5-VL directory or one of our checkpoints), or --random-vision to train the preset's "
+                         "ViT from random weights")
+    if cfg.keep_vision_merger and not vision:
+        raise SystemExit("--keep-vision-merger keeps the merger of --init-vision-from, which is not given")
+    for flag_, path in (("--init-from", cfg.init_from), ("--init-vision-from", vision), ("--init-text-from", text)):
+        for d in stage_dirs(cfg) if path else ():
+            stage_dir = os.path.realpath(os.path.join(cfg.out, d))
+            if os.path.commonpath([stage_dir, os.path.realpath(path)]) == stage_dir:
+                raise SystemExit(f"{flag_} {path} lies inside {os.path.join(cfg.out, d)}, which this run "
+                                 "overwrites; copy the checkpoint elsewhere or choose another --out")
+    if text:
+        hidden = text_source_config(text).hidden_size
+        out_dim = vision_source_config(vision)[1] if vision else None
+        if cfg.keep_vision_merger and out_dim != hidden:
+            raise SystemExit(f"--keep-vision-merger: the merger of --init-vision-from {vision} outputs {out_dim} "
+                             f"features, the LLM of --init-text-from {text} is {hidden} wide; drop the flag for a "
+                             "new connector")
+        if cfg.tokenizer is None and not os.path.isfile(os.path.join(source_dir(text, "--init-text-from"),
+                                                                     "tokenizer.json")) \
+                and not is_our_checkpoint(source_dir(text, "--init-text-from")):
+            raise SystemExit(f"--init-text-from {text}: no tokenizer.json; give the LLM's tokenizer with --tokenizer DIR")
+
+
+def source_dir(path, flag_):
+    """The checkpoint directory a start flag names (a stage directory: its latest checkpoint), with its files."""
     try:
-        checkpoint_dir(init)
+        ckpt = checkpoint_dir(path)
     except FileNotFoundError as e:
-        raise SystemExit(f"--init-from {e}") from None
-    for d in stage_dirs(cfg):
-        stage_dir = os.path.realpath(os.path.join(cfg.out, d))
-        if os.path.commonpath([stage_dir, os.path.realpath(init)]) == stage_dir:
-            raise SystemExit(f"--init-from {init} lies inside {os.path.join(cfg.out, d)}, which this run overwrites; "
-                             "copy the checkpoint elsewhere or choose another --out")
+        raise SystemExit(f"{flag_} {e}") from None
+    if not any(os.path.isfile(os.path.join(ckpt, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise SystemExit(f"{flag_} {path}: no model.safetensors or model.safetensors.index.json in {ckpt}")
+    return ckpt
+
+
+def source_kind(path, flag_):
+    """model_type of a Hugging Face directory's config.json ("ours" for our checkpoints)."""
+    try:
+        return "ours" if is_our_checkpoint(path) else read_json(os.path.join(path, "config.json")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag_} {path}: unreadable config.json ({e})") from None
+
+
+def text_source_config(path):
+    """TextConfig of --init-text-from: our checkpoint's decoder, or a Hugging Face causal LM's."""
+    ckpt = source_dir(path, "--init-text-from")
+    kind = source_kind(ckpt, "--init-text-from")
+    if kind == "qwen2_5_vl":
+        raise SystemExit(f"--init-text-from {path} is a whole Qwen2.5-VL: continue it with --init-from, or take its "
+                         "ViT with --init-vision-from")
+    try:
+        if kind == "ours":
+            return ModelConfig.from_dict(read_json(os.path.join(ckpt, "config.json"))).text
+        return convert.text_config_from_hf(read_json(os.path.join(ckpt, "config.json")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"--init-text-from {path}: {e}") from None
+
+
+def vision_source_config(path):
+    """(VisionConfig, merger output width) of --init-vision-from: our checkpoint's, or a Qwen2.5-VL's ViT."""
+    ckpt = source_dir(path, "--init-vision-from")
+    kind = source_kind(ckpt, "--init-vision-from")
+    config = read_json(os.path.join(ckpt, "config.json"))
+    if kind not in ("ours", "qwen2_5_vl"):
+        raise SystemExit(f"--init-vision-from {path}: model_type {kind!r} has no Qwen2.5-ViT; give a Qwen2.5-VL "
+                         "directory or one of our checkpoints")
+    try:
+        if kind == "ours":
+            mc = ModelConfig.from_dict(config)
+            return mc.vision, mc.text.hidden_size
+        return convert.vision_config_from_hf(config["vision_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"--init-vision-from {path}: {e}") from None
 
 
 def stage_dirs(cfg):
@@ -307,25 +401,56 @@ def parse_args(argv=None):
 
 
 def build_model(preset, init, overrides, seed, **runtime):
-    """The model of a stage: the preset (+ overrides) with seeded random weights when `init` is None, else
-    our checkpoint (a checkpoint or stage dir) or Hugging Face weights (Qwen2.5-VL, or a Qwen2/Qwen3 LLM
-    given the preset's ViT and a new connector). runtime: MLLM's z_loss, activation_checkpointing, attn_backend."""
+    """The model of a stage: the preset (+ overrides) with seeded random weights when `init` is None, else our
+    checkpoint (a checkpoint or stage dir) or a whole Hugging Face Qwen2.5-VL. runtime: MLLM's z_loss,
+    activation_checkpointing, attn_backend."""
     torch.manual_seed(seed)
     if init is None:
         return MLLM(config_from_preset(preset, **overrides), **runtime)
     path = checkpoint_dir(init)
     if is_our_checkpoint(path):
         return MLLM.from_pretrained(path, **runtime)
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type == "qwen2_5_vl":
-        return load_hf(path, **runtime)
-    # a text-only LLM: the preset's ViT and a new connector around the pretrained decoder
-    decoder = load_hf_decoder(path, runtime.get("attn_backend"), runtime.get("activation_checkpointing", False))
-    model = MLLM(ModelConfig(vision=config_from_preset(preset).vision, text=decoder.config,
-                             image_pad_id=data.Tokenizer.from_hf(path).image_pad_id), **runtime)
-    model.decoder = decoder
+    return convert.load_hf(path, **runtime)
+
+
+def compose_model(cfg, tokenizer, overrides, **runtime):
+    """MindVL's start: the ViT of --init-vision-from (or the preset's, random: --random-vision) and the LLM of
+    --init-text-from, joined by a new 2-layer MLP connector (PatchMerger: RMSNorm, Linear-GELU-Linear from the
+    ViT's merged width to the LLM's width; weights N(0, 0.02), biases 0, seeded by --seed) unless
+    --keep-vision-merger keeps the ViT's own. The LLM's vocabulary grows by the image tokens its tokenizer
+    lacked, their rows the mean of the others (Decoder.grow_vocab). runtime: MLLM's arguments."""
+    flags = dict(attn_backend=runtime.get("attn_backend"),
+                 activation_checkpointing=runtime.get("activation_checkpointing", False))
+    torch.manual_seed(cfg.seed)
+    try:
+        decoder = _load_source(cfg.init_text_from, "decoder", flags)
+        if cfg.init_vision_from:
+            vision, merger = _load_source(cfg.init_vision_from, "vision", flags)
+        else:
+            vision, merger = VisionEncoder(config_from_preset(cfg.preset, **overrides).vision, **flags), None
+    except (KeyError, ValueError, OSError) as e:
+        raise SystemExit(f"{'--init-vision-from' if 'decoder' in locals() else '--init-text-from'}: "
+                         f"{e.args[0] if e.args else e}") from None
+    if tokenizer.source_vocab_size > decoder.config.vocab_size:
+        raise SystemExit(f"the tokenizer ({tokenizer_source(cfg)}) has {tokenizer.source_vocab_size} ids, the LLM of "
+                         f"--init-text-from {cfg.init_text_from} {decoder.config.vocab_size} rows: not its tokenizer")
+    decoder.grow_vocab(tokenizer.vocab_size, [tokenizer.special_tokens[s] for s in tokenizer.added])
+    config = ModelConfig(vision=vision.config, text=decoder.config, image_pad_id=tokenizer.image_pad_id)
+    with torch.device("meta"):
+        model = MLLM(config, **runtime)
+    model.vision, model.decoder = vision, decoder
+    model.connector = merger if cfg.keep_vision_merger else PatchMerger(config.vision, config.text.hidden_size)
     return model
+
+
+def _load_source(path, part, flags):
+    """The `part` ("decoder", or "vision": (VisionEncoder, PatchMerger)) of our checkpoint or a Hugging Face
+    directory."""
+    ckpt = checkpoint_dir(path)
+    if is_our_checkpoint(ckpt):
+        model = MLLM.from_pretrained(ckpt, **flags)
+        return model.decoder if part == "decoder" else (model.vision, model.connector)
+    return convert.load_hf_decoder(ckpt, **flags) if part == "decoder" else convert.load_hf_vision(ckpt, **flags)
 
 
 def runtime_of(cfg):
@@ -333,12 +458,29 @@ def runtime_of(cfg):
     return dict(z_loss=cfg.z_loss, activation_checkpointing=cfg.activation_checkpointing, attn_backend=cfg.attn_backend)
 
 
+def tokenizer_source(cfg):
+    """Where the run's tokenizer comes from: --tokenizer, else the checkpoint or directory the weights start
+    from (--init-from, else --init-text-from; a checkpoint without tokenizer files means byte-level); None:
+    byte-level."""
+    start = cfg.init_from or cfg.init_text_from
+    return cfg.tokenizer or (checkpoint_dir(start) if start else None)
+
+
 def build_tokenizer(cfg, model_config=None):
-    """The run's tokenizer; with a model config, checked to fit it (vocabulary, <|image_pad|> id)."""
-    path = cfg.tokenizer
-    if path is None and cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json")):
-        path = cfg.init_from
-    tok = data.load_tokenizer(path)
+    """The run's tokenizer and chat format; with a model config, checked to fit it (vocabulary, <|image_pad|> id).
+    A Hugging Face tokenizer needs a chat template (its own, or --chat-template)."""
+    path = tokenizer_source(cfg)
+    try:
+        tok = data.load_tokenizer(path, cfg.chat_template)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tokenizer {path}: {e}") from None
+    if cfg.chat_template and "tokenizer.json" not in tok.files:
+        raise SystemExit(f"--chat-template {cfg.chat_template}: applies to a Hugging Face tokenizer (tokenizer.json: "
+                         f"--tokenizer or --init-text-from), not {path or 'the byte-level one'}")
+    if "tokenizer.json" in tok.files and tok.chat is None:
+        raise SystemExit(f"tokenizer {path}: no chat template (chat_template.jinja or tokenizer_config.json's "
+                         "chat_template); give one with --chat-template FILE.jinja, or --chat-template chatml for "
+                         "the built-in <|im_start|>role ... <|im_end|> format")
     if model_config is None:
         return tok
     if tok.vocab_size > model_config.text.vocab_size or tok.image_pad_id != model_config.image_pad_id:
@@ -481,10 +623,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state):
-    """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt} written under a temp name and
-    renamed, then `latest` is switched to it (also by rename) and all but the newest `keep_last`
-    checkpoints are removed, so a crash at any moment leaves a complete checkpoint behind."""
+def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokenizer):
+    """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt, the tokenizer's files} written
+    under a temp name and renamed, then `latest` is switched to it (also by rename) and all but the newest
+    `keep_last` checkpoints are removed, so a crash at any moment leaves a complete checkpoint behind."""
     name = f"step-{state['step']:06d}"
     final, tmp = os.path.join(stage_dir, name), os.path.join(stage_dir, f".tmp-{name}")
     sharded = parallel.is_sharded(model)  # else every rank holds the same weights and optimizer: rank 0 writes
@@ -501,6 +643,7 @@ def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state):
         elif dist.is_main:
             model.save_pretrained(tmp)
         if dist.is_main:
+            tokenizer.save(tmp)  # the run's tokenizer and chat format travel with every checkpoint
             torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
                        os.path.join(tmp, "train_state.pt"))
     if dist.is_main:
@@ -681,13 +824,14 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
     if dist.is_main:  # ... before anything on disk changes
         prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
                                                                   "model_overrides": ctx.overrides}, log=log)
+        write_first_samples(st.loader, ctx.tokenizer, stage_dir, log)
     meter = StageLog(cfg, stage_num, plan, stage_dir, ctx)
     params = [p for g in st.optimizer.param_groups for p in g["params"]]
     log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {plan.total} steps x {cfg.grad_accum} "
         f"x {plan.length} tokens; peak lr {plan.peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
         f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters")
     save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
-                                                train_state(cfg, stage_num, plan, st, loader_state))
+                                                train_state(cfg, stage_num, plan, st, loader_state), ctx.tokenizer)
     status, saved = "done", st.step
     with StopRequested() as stop:
         while st.step < plan.total:
@@ -841,6 +985,21 @@ class StageLog:
         return StageResult(ckpt, st.step, st.bad_total, status, wall)
 
 
+def write_first_samples(loader, tokenizer, stage_dir, log):
+    """Print the first sample of each data source with its loss-carrying tokens marked, and write them to
+    first_samples.jsonl ({"source", "input_ids", "labels"}; labels -100 where no loss): what the stage trains on."""
+    samples = data.first_samples(loader.source, tokenizer, loader.min_pixels, loader.max_pixels)
+    rows = [{"source": name, "id": s.id, "input_ids": s.tokens, "labels": s.labels} for name, s in samples.items()]
+    with replaced(os.path.join(stage_dir, "first_samples.jsonl")) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    for name, s in samples.items():
+        n_loss = sum(label != data.IGNORE for label in s.labels)
+        text = repr(data.show_sample(s, tokenizer))
+        cut = f"... ({len(text) - 1500:,} more characters in first_samples.jsonl)" if len(text) > 1600 else ""
+        log(f"first sample of {name} ({s.id}): {len(s.tokens)} tokens, {n_loss} with loss [[marked]]:\n"
+            f"  {text[:1500] if cut else text}{cut}")
+
+
 def prepare_stage_dir(stage_dir, fresh, args, log):
     """The stage directory with this run's args.json; a fresh start replaces an earlier run's directory."""
     if fresh and os.path.isdir(stage_dir):
@@ -853,7 +1012,10 @@ def prepare_stage_dir(stage_dir, fresh, args, log):
 def build_stage(cfg, ctx, stage_num, plan, init):
     """(model, optimizer, loader) of a stage: weights from `init`, frozen groups set, sharded as the flags say."""
     stage, dist, device = STAGES[stage_num], ctx.dist, ctx.dist.device
-    model = build_model(cfg.preset, init, ctx.overrides, cfg.seed, **runtime_of(cfg)).to(device)
+    if init is None and cfg.init_text_from:
+        model = compose_model(cfg, ctx.tokenizer, ctx.overrides, **runtime_of(cfg)).to(device)
+    else:
+        model = build_model(cfg.preset, init, ctx.overrides, cfg.seed, **runtime_of(cfg)).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
     if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all

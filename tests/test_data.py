@@ -573,3 +573,24 @@ def test_synthetic_native_sizes_vary_and_text_needs_more_than_the_default_budget
         ink = np.asarray(img).astype(int).sum(-1) < 3 * 150
         cells = [bool(ink[y:y + 28, x:x + 28].any()) for y in (0, 28) for x in range(0, 224, 28)]
         assert cells == [i < len(word) for i in range(16)]  # one letter per token, in reading order
+
+
+def test_from_hf_chained_splits_match_tokenizers(tmp_path):
+    """DeepSeek-V3's layout: three Split pre-tokenizers (digits, CJK runs, words) before ByteLevel."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+        pre_tokenizers.Split(Regex("[一-龥\u3040-ゟ゠-ヿ]+"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_special_tokens(data.SPECIAL_TOKENS)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_hf(str(tmp_path))
+    assert len(tok.pre_split) == 2
+    for text in TEXTS + CORPUS[:5] + ["1234567 apples and 89 pears: 三个苹果ありがとう"]:
+        assert tok.encode(text) == hf.encode(text).ids, text

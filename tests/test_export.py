@@ -94,9 +94,9 @@ HF_DECODERS = {
 
 @pytest.mark.parametrize("kind", list(HF_DECODERS))
 def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
-    """Hugging Face LLM -> train.py --init-from (stage 1: 2 steps, the decoder frozen) -> --export-hf
+    """Hugging Face LLM -> train.py --init-text-from (stage 1: 2 steps, the decoder frozen) -> --export-hf
     --decoder-only: the tensors are the source's bit for bit, transformers' logits equal our decoder's, and
-    the tokenizer files of the source (found through the run's args.json) come along."""
+    the run's tokenizer files (saved in its checkpoints) come along."""
     torch.manual_seed(0)
     src = tmp_path / "src"
     source = HF_DECODERS[kind]().eval()
@@ -108,7 +108,8 @@ def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
     source.save_pretrained(src)
     write_byte_tokenizer(src)
     cfg = train.TrainConfig(out=str(tmp_path / "run"), stage="1", max_steps=2, packing_length=256, device="cpu",
-                            log_every=1000, eval=False, peak_tflops=1.0, init_from=str(src))
+                            log_every=1000, eval=False, peak_tflops=1.0, init_text_from=str(src), random_vision=True,
+                            chat_template="chatml")
     ckpt = train.run(cfg, {}, log=quiet)["stages"]["stage1"].checkpoint
     out = tmp_path / "hf"
     evaluate.main(["--export-hf", str(out), "--ckpt", ckpt, "--decoder-only"])

@@ -151,7 +151,8 @@ def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path, keep_las
                     log=lambda *a: None)
     stage_dir = tmp_path / "run" / "stage1"
     kept = ["step-000002", "step-000003"][-keep_last:]
-    assert sorted(set(os.listdir(stage_dir)) - {"loss.png"}) == ["args.json", "latest", "metrics.jsonl", *kept]
+    assert sorted(set(os.listdir(stage_dir)) - {"loss.png"}) == ["args.json", "first_samples.jsonl", "latest",
+                                                                 "metrics.jsonl", *kept]
     assert train.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
     state = train.load_train_state(out["stages"]["stage1"].checkpoint)
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
