@@ -12,6 +12,8 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+import data
+
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
     _assign_state, _named_state, read_json, is_our_checkpoint, read_safetensors, replaced
 
@@ -396,49 +398,75 @@ def hf_decoder_tensors(decoder, where="decoder"):
     return tensors
 
 
-def qwen2_5_vl_config_to_hf(config: ModelConfig, token_ids=None):
-    """config.json dict of the Qwen2.5-VL model that computes what our MLLM does (text fields at the top, as
-    published); `token_ids` adds vision_start_token_id etc. ValueError names what Qwen2.5-VL cannot express."""
+def mllm_config_to_hf(config: ModelConfig, token_ids=None):
+    """config.json dict of the Hugging Face model that computes what our MLLM does: Qwen2.5-VL where that class
+    expresses it (a Qwen2 decoder with M-RoPE; text fields at the top, as published), else the trust_remote_code
+    model of modeling_nanomindvl.py (the ViT of Qwen2.5-VL, the decoder family's own class, 1D rotary).
+    `token_ids` adds vision_start_token_id etc. ValueError names what neither can express."""
     c, v = config.text, config.vision
-    problems = []
-    try:
-        kind = hf_decoder_type(c)
-    except ValueError as e:
-        kind, problems = None, [str(e)]
-    if kind not in (None, "qwen2"):
-        problems.append(f"a {kind} decoder behind the Qwen2.5 ViT has no transformers class (Qwen2.5-VL's decoder "
-                        "is Qwen2: q/k/v bias, no QK-norm, dense); export the decoder alone (--decoder-only)")
-    if c.mrope_section is None:
-        problems.append("1D rotary (text.mrope_section none): Qwen2.5-VL places image tokens by M-RoPE")
+    problems = family_problems(c)
+    if c.mrope_section is not None and c.family != "qwen2":
+        problems.append(f"M-RoPE with a {c.family} decoder (only Qwen2.5-VL, a Qwen2 decoder, places image tokens by "
+                        "M-RoPE in transformers; train with --text-mrope-section none)")
     if v.rms_norm_eps != 1e-6:
         problems.append(f"vision rms_norm_eps {v.rms_norm_eps} (Qwen2.5-VL's ViT fixes 1e-6)")
     if problems:
-        raise ValueError("cannot export as Qwen2.5-VL: " + "; ".join(problems))
+        raise ValueError(f"cannot export the whole model: {'; '.join(problems)}; --decoder-only exports the decoder "
+                         "alone where its family allows")
     text = text_config_to_hf(c)
     vision = {"model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "silu",
               "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": 3,
               "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": 2,
               "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_blocks),
               "out_hidden_size": c.hidden_size, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-    return text | {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                   "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)}, "vision_config": vision,
-                   "image_token_id": config.image_pad_id, **(token_ids or {})}
+    shared = {"vision_config": vision, "image_token_id": config.image_pad_id, **(token_ids or {})}
+    if c.mrope_section is not None:
+        return text | shared | {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                                "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)}}
+    model = f"{REMOTE_CODE[:-3]}.NanoMindVLForConditionalGeneration"
+    return shared | {"architectures": ["NanoMindVLForConditionalGeneration"], "model_type": "nanomindvl",
+                     "auto_map": {"AutoConfig": f"{REMOTE_CODE[:-3]}.NanoMindVLConfig",
+                                  "AutoModelForImageTextToText": model, "AutoModelForCausalLM": model},
+                     "text_config": text, "tie_word_embeddings": c.tie_word_embeddings}
 
 
-def hf_tensors(model: MLLM):
-    """{Hugging Face name: tensor} of the whole MLLM in Qwen2.5-VL's published layout (load_hf's tables backwards)."""
+REMOTE_CODE = "modeling_nanomindvl.py"  # beside this file; copied into exports that need trust_remote_code
+
+
+def hf_tensors(model: MLLM, remote=False):
+    """{Hugging Face name: tensor} of the whole MLLM: Qwen2.5-VL's published layout (load_hf's tables backwards),
+    or (remote) modeling_nanomindvl.py's, whose decoder sits under `language_model.`."""
     tensors = {}
     for module, table in ((model.vision, HF_VISION_NAMES), (model.connector, HF_MERGER_NAMES)):
         for name, t in _named_state(module).items():
             hf = _hf_name(name, table)
             tensors[hf] = HF_CONVERT[hf][1](t.detach()) if hf in HF_CONVERT else t.detach()
-    return tensors | hf_decoder_tensors(model.decoder)
+    return tensors | {("language_model." if remote else "") + k: t for k, t in hf_decoder_tensors(model.decoder).items()}
+
+
+def preprocessor_config(min_pixels, max_pixels):
+    """preprocessor_config.json of Qwen2-VL's image processor at the pixel budget given (data.py's processing)."""
+    return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "image_mean": data.CLIP_MEAN.tolist(), "image_std": data.CLIP_STD.tolist(),
+            "min_pixels": min_pixels, "max_pixels": max_pixels,
+            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "patch_size": data.PATCH, "merge_size": data.MERGE, "temporal_patch_size": 2}
+
+
+def special_token_ids(tokenizer):
+    """bos / eos / pad ids for config.json and generation_config.json (generation stops at every stop id)."""
+    chat = tokenizer.chat.tokens if tokenizer.chat else {}
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.special_tokens.get(chat.get("bos_token"))
+    pad = tokenizer.special_tokens.get(chat.get("pad_token"), tokenizer.eos_id)
+    return {"bos_token_id": bos, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad}
 
 
 def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
     """config.json + safetensors, in shards of at most max_shard_bytes with model.safetensors.index.json when
     there is more than one (the layout transformers' save_pretrained writes and Hugging Face loaders read)."""
-    config = config | {"torch_dtype": str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
+    embed = next(t for k, t in tensors.items() if k.endswith("embed_tokens.weight"))
+    config = config | {"torch_dtype": str(embed.dtype).removeprefix("torch.")}
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -464,8 +492,7 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
 # ----------------------------------------------------------------------------- a checkpoint as a Hugging Face directory
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                      "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
-HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+                      "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 
 def is_hf_dir(path):
@@ -473,31 +500,49 @@ def is_hf_dir(path):
     return os.path.isfile(os.path.join(path, "config.json")) and not is_our_checkpoint(path)
 
 
-def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
-    """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
-    MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
-    weights cast to `dtype` if given, plus `tokenizer`'s files and the other tokenizer (whole model: and
-    preprocessor) files of `source`, the Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
-    copied. ValueError names what the transformers class cannot express."""
+def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30,
+              pixels=None):
+    """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole MLLM
+    (mllm_config_to_hf: Qwen2.5-VL, or trust_remote_code with modeling_nanomindvl.py), or (decoder_only) its
+    decoder as its family's causal LM; weights cast to `dtype` if given; `tokenizer`'s files (the run's: chat
+    template, added tokens) and the other tokenizer files of `source` (the Hugging Face directory the weights
+    came from); bos/eos/pad ids in config.json and generation_config.json; for the whole model a
+    preprocessor_config.json at `pixels` = (min_pixels, max_pixels). Written under a temp name, then renamed;
+    returns the files written beside the weights. ValueError names what the transformers classes cannot express."""
     if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
         raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
     model = MLLM.from_pretrained(ckpt)
+    ids = special_token_ids(tokenizer)
     if decoder_only:
-        config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
-        files = HF_TOKENIZER_FILES
+        config, tensors = text_config_to_hf(model.config.text) | ids, hf_decoder_tensors(model.decoder, ckpt)
     else:
         if tokenizer.image_pad_id != model.config.image_pad_id:
             raise ValueError(f"{ckpt}: image_pad_id {model.config.image_pad_id} but the tokenizer's <|image_pad|> is "
                              f"{tokenizer.image_pad_id}; pass the model's tokenizer with --tokenizer")
-        config = qwen2_5_vl_config_to_hf(model.config, {"vision_start_token_id": tokenizer.vision_start_id,
-                                                        "vision_end_token_id": tokenizer.vision_end_id})
-        tensors, files = hf_tensors(model), HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES
+        config = mllm_config_to_hf(model.config, {"vision_start_token_id": tokenizer.vision_start_id,
+                                                  "vision_end_token_id": tokenizer.vision_end_id, **ids})
+        tensors = hf_tensors(model, remote=config["model_type"] == "nanomindvl")
     if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
         tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
-    copied = [f for f in files if source and os.path.isfile(os.path.join(source, f)) and f not in tokenizer.files]
+    copied = [f for f in HF_TOKENIZER_FILES if source and os.path.isfile(os.path.join(source, f))
+              and f not in tokenizer.files]
     with replaced(out) as tmp:
         save_hf(tmp, config, tensors, max_shard_bytes)
         for f in copied:
             shutil.copy(os.path.join(source, f), tmp)
         tokenizer.save(tmp)  # the tokenizer and chat template the run trained with
-    return copied + list(tokenizer.files)
+        written = copied + list(tokenizer.files)
+        if config["model_type"] == "nanomindvl":
+            shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), REMOTE_CODE), tmp)
+            written.append(REMOTE_CODE)
+        generation = os.path.join(tmp, "generation_config.json")  # the LLM's own, if the tokenizer brought one
+        padded = list(range(tokenizer.vocab_size, model.config.text.vocab_size))  # rows that are no token
+        files = {"generation_config.json": (read_json(generation) if os.path.isfile(generation) else {}) | ids | {
+            "eos_token_id": list(tokenizer.stop_ids) or ids["eos_token_id"], "do_sample": False,
+            **({"suppress_tokens": padded} if padded else {})}}
+        if not decoder_only and pixels:
+            files["preprocessor_config.json"] = preprocessor_config(*pixels)
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
+    return list(dict.fromkeys(written + list(files)))

@@ -511,8 +511,9 @@ class Sample:
     image_starts: list = field(default_factory=list)  # token index of each image's first pad
 
 
-def check_record(record):
-    """Why a record cannot be encoded, or None. (Image files are checked when read.)"""
+def check_record(record, need_reply=True):
+    """Why a record cannot be encoded, or None (a conversation without a reply is one to generate for when
+    not need_reply). Image files are checked when read."""
     images = record.get("images", [])
     fmt = record.get("format")
     if fmt == "conversation":
@@ -522,7 +523,7 @@ def check_record(record):
         if any(not isinstance(t, dict) or t.get("from") not in ("system", "human", "gpt")
                or not isinstance(t.get("value"), str) for t in turns):
             return "turns need from=system|human|gpt and a string value"
-        if not any(t["from"] == "gpt" for t in turns):
+        if need_reply and not any(t["from"] == "gpt" for t in turns):
             return "no gpt reply"
         if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
             return "empty reply"
@@ -547,7 +548,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     for_generation=True drops the last reply, ends the prompt with the assistant's turn header and puts the
     reply in `answer`."""
     rid = record.get("id", "?")
-    reason = check_record(record)
+    reason = check_record(record, need_reply=not for_generation)
     if reason:
         raise DataError(f"{rid}: {reason}")
     images = []
@@ -603,10 +604,13 @@ CHAT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
 def _prompt_turns(turns, rid):
-    """(the turns before the last reply, that reply) of a conversation to generate for."""
-    if turns[-1]["from"] != "gpt":
-        raise DataError(f"{rid}: for_generation needs the conversation to end with a gpt reply")
-    return turns[:-1], turns[-1]["value"]
+    """(the turns before the last reply, that reply) of a conversation to generate for; (turns, None) when it
+    ends with the user's turn (a question without a reference reply)."""
+    if turns[-1]["from"] == "gpt":
+        return turns[:-1], turns[-1]["value"]
+    if turns[-1]["from"] != "human":
+        raise DataError(f"{rid}: a conversation to answer ends with a human turn or the reply to it")
+    return turns, None
 
 
 def encode_chat(record, tok, images, for_generation=False):
@@ -913,9 +917,9 @@ class FileDataset:
     Corrupt image bytes surface at encode time (DataError naming the image and the record). A syntax error
     inside a JSON array ends what can be read of it: that one raises at construction."""
 
-    def __init__(self, path, image_root=".", allow_outside_root=False):
+    def __init__(self, path, image_root=".", allow_outside_root=False, need_reply=True):
         self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
-        self.allow_outside_root = allow_outside_root
+        self.allow_outside_root, self.need_reply = allow_outside_root, need_reply  # False: questions to answer
         with open(path, "rb") as f:
             head = f.read(4096)
         if head.startswith(b"PAR1"):
@@ -998,7 +1002,7 @@ class FileDataset:
             rec.update(format="text" if not images else "caption" if len(images) == 1 else "interleaved", text=text)
         images = [self._image_path(p, where) if isinstance(p, str) else p for p in images]
         rec["images"] = images
-        reason = check_record(rec)
+        reason = check_record(rec, self.need_reply)
         if reason:
             raise DataError(f"{where}: {reason}")
         for p in images:

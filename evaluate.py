@@ -22,7 +22,7 @@ import torch
 import data
 from convert import export_hf, is_hf_dir
 from kernels import detect_device
-from model import MLLM, checkpoint_dir, read_safetensors, replaced, write_checkpoint, write_json
+from model import MLLM, checkpoint_dir, read_json, read_safetensors, replaced, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -142,12 +142,14 @@ def synthetic_eval_set(task, split, n, seed=0):
 
 
 def file_eval_set(path, image_root):
-    """Every record of a data file (any format data.FileDataset reads); a bad record is an error."""
-    ds = data.FileDataset(path, image_root)
+    """Every record of a data file (any format data.FileDataset reads): conversations ending with the question
+    (answered, not scored) or with its reference reply (answered and scored); a bad record is an error."""
+    ds = data.FileDataset(path, image_root, need_reply=False)
     records = [ds[i] for i in range(len(ds))]
     bad = [r["id"] for r in records if r["format"] != "conversation"]
     if bad:
-        raise ValueError(f"{path}: eval records must be conversations ending with a gpt reply; not: {bad[:3]}")
+        raise ValueError(f"{path}: eval records must be conversations (a question, and its reply if there is a "
+                         f"reference); not: {bad[:3]}")
     return records
 
 
@@ -178,14 +180,16 @@ def generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, 
     for i in range(0, len(samples), batch_size):
         batch = data.collate(samples[i:i + batch_size], mrope=mrope).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids)
+            out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
         answers.extend(tokenizer.decode(ids).strip() for ids in out)
     return answers, [s.answer for s in samples]
 
 
 def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_pixels=data.MAX_PIXELS,
-                   device=None, batch_size=64, max_new_tokens=48, dtype=torch.float32, n_examples=3):
-    """{name: {"score", "scores", "metric", "n", "examples"}}: score is the mean of the per-sample scores (0..1)."""
+                   device=None, batch_size=64, max_new_tokens=48, dtype=torch.float32):
+    """{name: {"score", "scores", "metric", "n", "predictions"}}: score is the mean of the per-sample scores (0..1)
+    of the records that have a reference reply (None when none has: predictions only); predictions are
+    {"id", "prompt", "prediction", "reference", "score"} per record."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -194,11 +198,21 @@ def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_
         preds, refs = generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, batch_size,
                                        max_new_tokens, dtype)
         metric = metric_of(records[0]["task"] if name not in data.TASK_METRIC else name)
-        scores = [SCORERS[metric](p, r) for p, r in zip(preds, refs)]
-        results[name] = {"score": sum(scores) / len(scores), "scores": scores, "metric": metric, "n": len(scores),
-                         "examples": [{"pred": p, "ref": r} for p, r in zip(preds[:n_examples], refs)]}
+        each = [SCORERS[metric](p, r) if r is not None else None for p, r in zip(preds, refs)]
+        scores = [s for s in each if s is not None]
+        results[name] = {"score": sum(scores) / len(scores) if scores else None, "scores": scores, "metric": metric,
+                         "n": len(scores), "predictions": [
+                             {"id": rec.get("id", ""), "prompt": prompt_of(rec), "prediction": p, "reference": r,
+                              "score": s} for rec, p, r, s in zip(records, preds, refs, each)]}
     model.train(was_training)
     return results
+
+
+def prompt_of(record):
+    """The question a record asks: its last user turn (before the reply, if there is one)."""
+    turns = record["conversations"]
+    return next(t["value"] for t in reversed(turns[:-1] if turns[-1]["from"] == "gpt" else turns)
+                if t["from"] == "human")
 
 
 def reply_loss(model, tokenizer, records, min_pixels=data.MIN_PIXELS, max_pixels=data.MAX_PIXELS, device=None,
@@ -218,7 +232,8 @@ def reply_loss(model, tokenizer, records, min_pixels=data.MIN_PIXELS, max_pixels
 
 
 def scores_of(results):
-    return {name: r["score"] for name, r in results.items()}
+    """{set: score} of the sets that have references."""
+    return {name: r["score"] for name, r in results.items() if r["score"] is not None}
 
 
 # ----------------------------------------------------------------------------- checkpoint averaging
@@ -364,7 +379,7 @@ def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, defaul
     dev, dev_samples = {}, {}
     for px in candidates:
         res = evaluate_model(model, tokenizer, dev_sets, min_pixels, px, **eval_kwargs)
-        dev[px], dev_samples[px] = scores_of(res), {t: r["scores"] for t, r in res.items()}
+        dev[px], dev_samples[px] = scores_of(res), {t: r["scores"] for t, r in res.items() if r["score"] is not None}
         log(f"resolution search: dev at max_pixels={px}: " + ", ".join(f"{t} {s:.3f}" for t, s in dev[px].items()))
     chosen = select_resolutions(dev_samples, default_max_pixels)
     if test_default is None:  # the caller may already have the test scores at the default resolution
@@ -462,11 +477,21 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
     default resolution anew, in a row of their own. kw: evaluate_model's device, dtype, ... Returns the report."""
     t0 = time.time()
     report = {**(report or {}), "checkpoints": {}}
+    predictions = []
     for name, ckpt in ckpts:
         res = evaluate_model(load_model(ckpt, kw["device"]), tokenizer, test_sets, min_pixels, max_pixels, **kw)
+        predictions += [{"checkpoint": name, "set": t, **p} for t, r in res.items() for p in r.pop("predictions")]
         report["checkpoints"][name] = {"path": ckpt, "results": res}
-        log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
+        log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" if r["score"] is not None else
+                                         f"{t} ({len(test_sets[t])} predictions, no references)"
+                                         for t, r in res.items()))
+    with replaced(os.path.join(out, "predictions.jsonl")) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
+    if not any(rows.values()):  # predictions only: nothing to tabulate or search
+        write_json(report | {"wall_s": time.time() - t0}, os.path.join(out, "eval.json"))
+        log(f"no references to score: wrote the predictions to {os.path.join(out, 'predictions.jsonl')}")
+        return report
     if search:
         (name, ckpt), (dev_sets, search_sets, resolutions) = ckpts[-1], search
         same = search_sets is test_sets  # then the default resolution's scores are those just computed
@@ -587,8 +612,35 @@ def export_main(p, args):
     tokenizer = data.load_tokenizer(args.tokenizer) if args.tokenizer else own if own.files else data.load_tokenizer(
         source if source and os.path.isfile(os.path.join(source, "tokenizer.json")) else None)
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
-                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
+                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30),
+                       pixels=searched_budget(ckpts[0]) or trained_budget(ckpts[0]))
     print(f"wrote {args.export_hf} from {ckpts[0]}" + (f" with {', '.join(copied)}" if copied else ""))
+
+
+def trained_budget(ckpt):
+    """(min_pixels, max_pixels) the checkpoint's stage trained at, from the args.json beside it (an averaged
+    checkpoint: its first source's; the processor's defaults when none is found)."""
+    for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.abspath(ckpt)):
+        args = os.path.join(d, "args.json")
+        if os.path.isfile(args):
+            cfg = read_json(args)["train_config"]
+            return cfg["min_pixels"], cfg["max_pixels"]
+    sources = os.path.join(ckpt, "averaged_from.json")
+    if os.path.isfile(sources):
+        return trained_budget(read_json(sources)["checkpoints"][0])
+    return data.MIN_PIXELS, data.MAX_PIXELS
+
+
+def searched_budget(ckpt):
+    """(min_pixels, max_pixels) the resolution search picked for the checkpoint (the eval.json of its run:
+    the max_pixels most tasks chose), or None when no search ran on it."""
+    for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))):
+        report = os.path.join(d, "eval.json")
+        search = read_json(report).get("resolution_search") if os.path.isfile(report) else None
+        if search and os.path.abspath(search["checkpoint"]) == os.path.abspath(ckpt):
+            picks = list(search["chosen"].values())
+            return trained_budget(ckpt)[0], max(set(picks), key=picks.count)
+    return None
 
 
 def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):

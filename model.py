@@ -688,8 +688,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def grow_vocab(self, vocab_size, new_ids):
         """Embedding and (untied) head rows for `vocab_size` ids (never fewer than now); the rows of `new_ids`
-        (tokens a tokenizer gained) are set to the mean of the other rows, so a new token starts as an average
-        one (the mean input embedding; an output logit that is the mean of the others)."""
+        (tokens a tokenizer gained) and any rows added past them are set to the mean of the other rows, so a new
+        token starts as an average one (the mean input embedding; an output logit that is the mean of the others)."""
         old, new_ids = self.embed_tokens.weight.shape[0], list(new_ids)
         if not new_ids and vocab_size <= old:
             return
@@ -700,7 +700,7 @@ class Decoder(nn.Module):
         def grown(w):
             out = w.new_empty(rows, w.shape[1])
             out[:old] = w
-            out[new_ids] = w[kept[:old]].mean(0)
+            out[~kept] = w[kept[:old]].mean(0)  # the added tokens' rows, and any new padded rows
             return nn.Parameter(out, requires_grad=w.requires_grad)
         self.embed_tokens.weight = grown(self.embed_tokens.weight)
         self.embed_tokens.num_embeddings = self.config.vocab_size = rows
@@ -734,6 +734,16 @@ def next_token_targets(labels, cu_seqlens):
     targets = torch.roll(labels, -1)
     targets[cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
     return targets
+
+
+def next_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Greedy (temperature 0), or a draw from softmax(logits / temperature) within the smallest set of tokens
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019, §3.1). logits [B, V] -> [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)
+    probs[probs.cumsum(-1) - probs >= top_p] = 0  # past the nucleus: the tokens before already reach top_p
+    return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
 class MLLM(nn.Module):
@@ -822,10 +832,13 @@ class MLLM(nn.Module):
         return balance
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens, stop_ids=()):
-        """Greedy decoding of every prompt in the packed batch at once with a KV cache. Returns the new
-        tokens per prompt, up to (not including) the first stop id. Positions continue per sample from its
-        largest position + 1 (for M-RoPE all three sections alike, as Qwen2-VL does)."""
+    def generate(self, batch, max_new_tokens, stop_ids=(), vocab_size=None, temperature=0.0, top_p=1.0,
+                 generator=None, on_token=None):
+        """Decoding of every prompt in the packed batch at once with a KV cache: greedy, or sampled (next_tokens).
+        Returns the new tokens per prompt, up to (not including) the first stop id; `on_token(sample, id)` sees
+        each as it comes (streaming). Ids at or past `vocab_size` (the embedding's padded rows: no token of the
+        tokenizer) are never chosen. Positions continue per sample from its largest position + 1 (for M-RoPE
+        all three sections alike, as Qwen2-VL does)."""
         cu = batch.cu_seqlens
         lens = cu[1:] - cu[:-1]
         if (lens == 0).any():
@@ -841,11 +854,16 @@ class MLLM(nn.Module):
         one_each = torch.arange(B + 1, dtype=torch.int32, device=cu.device)
         out, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
-            tokens = self.decoder.lm_head(hidden).argmax(-1)
+            logits = self.decoder.lm_head(hidden).float()
+            if vocab_size is not None and vocab_size < logits.shape[-1]:
+                logits[:, vocab_size:] = float("-inf")
+            tokens = next_tokens(logits, temperature, top_p, generator)
             for b, t in enumerate(tokens.tolist()):
                 done[b] = done[b] or t in stop
                 if not done[b]:
                     out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
             if all(done) or step == max_new_tokens - 1:
                 break
             pos = next_pos + step

@@ -166,8 +166,8 @@ def test_data_parallel_equals_one_process_and_rank_0_writes(data_parallel, one_p
     ckpt = train.checkpoint_dir(str(out / "stage2"))
     assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "train_state.pt"]  # no per-rank shards
     assert set(os.listdir(out)) == {".lock", "stage2"}
-    assert set(os.listdir(out / "stage2")) - {"loss.png"} == {"args.json", "latest", "metrics.jsonl",
-                                                              os.path.basename(ckpt)}
+    assert set(os.listdir(out / "stage2")) - {"loss.png"} == {"args.json", "first_samples.jsonl", "latest",
+                                                              "metrics.jsonl", os.path.basename(ckpt)}
     for step in range(1, STEPS + 1):  # one progress line per step: the other rank prints nothing
         assert log.count(f"stage 2 step {step:5d}/{STEPS}") == 1, log
     assert train.load_train_state(ckpt)["loader"][1]["batches"] == STEPS  # both ranks' data positions kept

@@ -198,7 +198,9 @@ def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     res = report["checkpoints"]["stage3"]["results"]["colors"]
     assert res["n"] == 12 and res["metric"] == "vqa" and 0 <= res["score"] <= 1
     # 20 steps teach the reply format (a colour word, then <|im_end|>), not yet the colours themselves
-    assert all(e["pred"] in ("red", "green", "blue") for e in res["examples"])
+    predictions = [json.loads(x) for x in open(tmp_path / "predictions.jsonl")]
+    assert len(predictions) == 12 and {"id", "prompt", "prediction", "reference", "score"} <= set(predictions[0])
+    assert all(p["prediction"] in ("red", "green", "blue") for p in predictions[:3])
     assert "| stage3 |" in capsys.readouterr().out
 
 
