@@ -125,3 +125,36 @@ def test_an_export_that_cannot_be_made_says_why(tmp_path):
     with pytest.raises(ValueError, match=r"M-RoPE with a qwen3 decoder.*--text-mrope-section none"):
         convert.export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), data.Tokenizer())
     assert not os.path.exists(tmp_path / "out")
+
+
+MOE_DECODERS = {
+    "deepseek_v3": {},  # the tiny-moe preset: MLA, a dense first layer, shared + group-routed experts
+    "qwen3_moe": {"text.attention": "gqa", "text.num_kv_heads": 2, "text.head_dim": 32, "text.qk_norm": True,
+                  "text.n_shared_experts": 0, "text.first_k_dense": 0, "text.n_group": 1, "text.topk_group": 1,
+                  "text.scoring": "softmax", "text.seq_aux_loss_coef": 0.0, "text.family": "qwen3_moe"},
+}
+
+
+@pytest.mark.parametrize("family", list(MOE_DECODERS))
+def test_moe_compositions_export_with_remote_code(tmp_path, family):
+    torch.manual_seed(0)
+    ours = M.MLLM(M.config_from_preset("tiny-moe", **MOE_DECODERS[family])).eval()
+    with torch.no_grad():
+        for name, p in ours.decoder.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0, 0.5)  # routing far from near-ties
+    ours.save_pretrained(tmp_path / "ckpt")
+    tok = data.Tokenizer()
+    convert.export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), tok, pixels=(3136, 3136))
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert json.load(open(tmp_path / "hf" / "config.json"))["text_config"]["model_type"] == family
+    image = Image.new("RGB", (56, 84), (200, 40, 40))
+    record = {"format": "conversation", "images": [image],
+              "conversations": [{"from": "human", "value": "<image>" + QUESTION}]}
+    sample = data.encode(record, tok, 3136, 3136, for_generation=True)
+    batch = data.collate([sample])
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(sample.tokens)[None], pixel_values=hf_pixels(batch.pixel_patches),
+                  image_grid_thw=batch.image_grid).logits[0]
+        got = ours.logits(batch)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() < 1e-5
