@@ -10,10 +10,10 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
-    _assign_state, _named_state, _read_json, is_our_checkpoint, read_safetensors, replaced
+    _assign_state, _named_state, _read_json, check_output_dir, is_our_checkpoint, read_safetensors, replaced, \
+    save_safetensors, write_json
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
@@ -426,7 +426,7 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     os.makedirs(path, exist_ok=True)
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        save_safetensors(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
@@ -441,6 +441,7 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                       "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
 HF_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+EXPORT_MARKER = "exported_from.json"  # marks a directory export_hf wrote, so a later export may replace it
 
 
 def is_hf_dir(path):
@@ -454,8 +455,7 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
     weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
     Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
     copied. ValueError names what the transformers class cannot express."""
-    if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
-        raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
+    check_output_dir(out, "--export-hf", EXPORT_MARKER, is_export_file, inputs=[ckpt] + ([source] if source else []))
     model = MLLM.from_pretrained(ckpt)
     if decoder_only:
         config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
@@ -474,4 +474,13 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
         save_hf(tmp, config, tensors, max_shard_bytes)
         for f in copied:
             shutil.copy(os.path.join(source, f), tmp)
+        write_json({"checkpoint": ckpt, "decoder_only": decoder_only, "copied_from": source},
+                   os.path.join(tmp, EXPORT_MARKER))
     return copied
+
+
+def is_export_file(name):
+    """A file export_hf writes (its earlier output may be replaced; anything else in the directory may not)."""
+    return name in HF_TOKENIZER_FILES + HF_PREPROCESSOR_FILES + (EXPORT_MARKER, "config.json",
+                                                                  "model.safetensors.index.json") \
+        or (name.startswith("model") and name.endswith(".safetensors"))

@@ -22,7 +22,8 @@ import torch
 import data
 from convert import export_hf, is_hf_dir
 from kernels import detect_device
-from model import MLLM, checkpoint_dir, read_safetensors, replaced, write_checkpoint, write_json
+from model import MLLM, check_output_dir, checkpoint_dir, cli, read_safetensors, replaced, write_checkpoint, \
+    write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -248,12 +249,18 @@ def read_config(ckpt):
         return json.load(f)
 
 
+AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json")  # what average_checkpoints writes
+
+
 def average_checkpoints(ckpts, weights=None, out=None):
     """MindVL §3 (model merging): the element-wise weighted mean of the checkpoints' weights (weights are
     normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
-    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename) and returns the state."""
+    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
+    is new, empty or an earlier average) and returns the state."""
     if len(ckpts) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
+    if out is not None:
+        check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, inputs=ckpts)
     weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
@@ -533,15 +540,21 @@ def main(argv=None):
     if args.average:
         if not args.out:
             p.error("--average needs --out DIR")
-        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-        average_checkpoints(args.average, weights, args.out)
-        print(f"wrote the average of {len(args.average)} checkpoints to {args.out}")
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        except ValueError:
+            p.error(f"--weights {args.weights}: expected comma-separated numbers")
+        ckpts = [one_checkpoint(p, path, "--average") for path in args.average]
+        average_checkpoints(ckpts, weights, args.out)
+        print(f"wrote the average of {', '.join(ckpts)} to {args.out}")
         if not args.ckpt:
             return
         args.ckpt.append(args.out)
     if not args.ckpt:
         p.error("give --ckpt (or --average ... --out)")
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        p.error(f"--out {out}: is a file, not a directory")
     os.makedirs(out, exist_ok=True)  # made before the evaluation, so a missing --out costs no work
     ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
     tasks = parse_tasks(p, args.tasks, bool(args.data))
@@ -577,15 +590,24 @@ def parse_tasks(p, spec, have_data):
 
 def export_main(p, args):
     """--export-hf: one checkpoint out; tokenizer files from --tokenizer (a directory) or the HF origin."""
-    ckpts = [c for path in args.ckpt for _, c in resolve_checkpoints(path)]
-    if len(ckpts) != 1:
-        p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
+    if len(args.ckpt) != 1:
+        p.error(f"--export-hf takes one checkpoint; --ckpt gives {args.ckpt or 'none'}")
+    ckpts = [one_checkpoint(p, args.ckpt[0], "--ckpt")]
     source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
     tokenizer = data.load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
         os.path.join(source, "tokenizer.json")) else None))
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
                        torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
     print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
+
+
+def one_checkpoint(p, path, flag):
+    """The one checkpoint a checkpoint or stage directory names (a run directory holds several: a usage error)."""
+    found = resolve_checkpoints(path)
+    if len(found) != 1:
+        p.error(f"{flag} {path}: a run directory of {len(found)} stages ({', '.join(n for n, _ in found)}); "
+                "name a stage or checkpoint directory")
+    return found[0][1]
 
 
 def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
@@ -600,4 +622,4 @@ def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

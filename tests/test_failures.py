@@ -51,8 +51,8 @@ def done_run(tmp_path_factory):
 def refused(cfg, match, overrides=SMALL, error=SystemExit):
     """Run cfg, expect an error matching `match`, and check the run directory did not change."""
     before = tree_hash(cfg.out)
-    with pytest.raises(error, match=match):
-        train.run(cfg, overrides, **QUIET)
+    with pytest.raises(error, match=match):  # even when told to start over, checks come before any deletion
+        train.run(replace(cfg, overwrite=not cfg.resume), overrides, **QUIET)
     assert tree_hash(cfg.out) == before
 
 
@@ -76,7 +76,7 @@ def test_second_run_on_the_same_out_is_refused(done_run):
         refused(done_run, rf"--out .* in use .*pid {os.getpid()} on ")
     finally:
         holder.close()
-    train.run(replace(done_run, max_steps=1), SMALL, **QUIET)  # released: the directory is usable again
+    train.run(replace(done_run, max_steps=1, overwrite=True), SMALL, **QUIET)  # released: usable again
 
 
 def test_torn_metrics_line_is_dropped_on_resume_and_resume_is_exact(tmp_path):
