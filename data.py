@@ -42,7 +42,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 IGNORE = -100
 IMAGE_TAG = "<image>"
 UTF8_BOM = b"\xef\xbb\xbf"
-# a sample --truncate left without a loss token: trains nothing, so the loader drops and counts it (never raises)
+# a sample --truncate left without a loss token trains nothing: the loader drops and counts it, never raises
 REPLY_CUT = "reply cut away by --truncate"
 
 
@@ -1069,7 +1069,9 @@ class PackedLoader:
                 raise
             self.skips[name, e.reason] = self.skips.get((name, e.reason), 0) + 1
             self.last_error, self.since_good = str(e), self.since_good + 1
-        bad, reads = sum(k for (src, _), k in self.skips.items() if src == name), self.source_reads[name]
+        # samples --truncate left without a reply are dropped by the user's choice, not bad data: not in the rate
+        bad = sum(k for (src, reason), k in self.skips.items() if src == name and reason != REPLY_CUT)
+        reads = self.source_reads[name]
         if reads >= self.MIN_READS and bad / reads > self.max_skip_rate:
             raise DataError(f"data source {name!r}: {bad} of {reads} samples skipped ({100 * bad / reads:.0f}%), "
                             f"more than --max-skip-rate {self.max_skip_rate:g} ({self.skip_summary()}); "

@@ -609,7 +609,7 @@ def check_resume_flags(cfg, overrides, saved, ckpt, log=print):
         raise SystemExit(f"--resume: {ckpt} fixes the model; this command changes {', '.join(model_flags)}: drop "
                          "those flags, or train the new model in another --out")
     now = asdict(cfg)
-    taken = [f"{flag(k)} {now[k]} (was {then[k]})" for k in now
+    taken = [f"{flag(k)} {now[k]} (was {'the default' if then[k] is None else then[k]})" for k in now
              if k in then and k not in ("resume", "overwrite", "out", "init_from") and not same(now[k], then[k])]
     if taken:
         log(f"--resume: taking the changed flags {', '.join(taken)}")
@@ -749,6 +749,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
         if dist.is_main:
             keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), st.step, log)
     st.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
+    if st.loader.skipped and not resume_ckpt:
+        log(f"stage {stage_num}: warning: skipped {st.loader.skipped} samples at start ({st.loader.skip_summary()})")
     if dist.is_main:  # ... before anything on disk changes
         prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
                                                                   "model_overrides": overrides}, log=log)
