@@ -12,7 +12,7 @@ import shutil
 import torch
 
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
-    _assign_state, _named_state, _read_json, check_output_dir, is_our_checkpoint, read_safetensors, replaced, \
+    _assign_state, _named_state, _read_json, check_output_dir, is_our_checkpoint, output_dir, read_safetensors, \
     save_safetensors, write_json
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
@@ -449,13 +449,16 @@ def is_hf_dir(path):
     return os.path.isfile(os.path.join(path, "config.json")) and not is_our_checkpoint(path)
 
 
-def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30):
+def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30,
+              overwrite=False):
     """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole
     MLLM as Qwen2.5-VL, or (decoder_only) its decoder as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM,
     weights cast to `dtype` if given, plus the tokenizer (whole model: and preprocessor) files of `source`, the
-    Hugging Face directory the weights came from. Written under a temp name, then renamed; returns the files
+    Hugging Face directory the weights came from. Written under a temp name, then renamed (only over a new or
+    empty directory or an earlier export; with overwrite beside other files, which are kept); returns the files
     copied. ValueError names what the transformers class cannot express."""
-    check_output_dir(out, "--export-hf", EXPORT_MARKER, is_export_file, inputs=[ckpt] + ([source] if source else []))
+    others = check_output_dir(out, "--export-hf", EXPORT_MARKER, is_export_file, [ckpt] + ([source] if source else []),
+                              overwrite)
     model = MLLM.from_pretrained(ckpt)
     if decoder_only:
         config, tensors = text_config_to_hf(model.config.text), hf_decoder_tensors(model.decoder, ckpt)
@@ -470,7 +473,7 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
     if dtype is not None:  # DeepSeek-V3 keeps its routing bias in fp32, as published
         tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
     copied = [f for f in files if source and os.path.isfile(os.path.join(source, f))]
-    with replaced(out) as tmp:
+    with output_dir(out, is_export_file, keep_others=bool(others)) as tmp:
         save_hf(tmp, config, tensors, max_shard_bytes)
         for f in copied:
             shutil.copy(os.path.join(source, f), tmp)

@@ -22,7 +22,7 @@ import torch
 import data
 from convert import export_hf, is_hf_dir
 from kernels import detect_device
-from model import MLLM, check_output_dir, checkpoint_dir, cli, read_safetensors, replaced, write_checkpoint, \
+from model import MLLM, check_output_dir, checkpoint_dir, cli, output_dir, read_safetensors, write_checkpoint, \
     write_json
 
 # ----------------------------------------------------------------------------- scorers
@@ -146,6 +146,8 @@ def file_eval_set(path, image_root):
     """Every record of a data file (any format data.FileDataset reads); a bad record is an error."""
     ds = data.FileDataset(path, image_root)
     records = [ds[i] for i in range(len(ds))]
+    if not records:
+        raise ValueError(f"--data {path}: the file holds no records")
     bad = [r["id"] for r in records if r["format"] != "conversation"]
     if bad:
         raise ValueError(f"{path}: eval records must be conversations ending with a gpt reply; not: {bad[:3]}")
@@ -249,18 +251,19 @@ def read_config(ckpt):
         return json.load(f)
 
 
-AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json")  # what average_checkpoints writes
+# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
+AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png")
 
 
-def average_checkpoints(ckpts, weights=None, out=None):
+def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
     """MindVL §3 (model merging): the element-wise weighted mean of the checkpoints' weights (weights are
     normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
     fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
-    is new, empty or an earlier average) and returns the state."""
+    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
     if len(ckpts) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
     if out is not None:
-        check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, inputs=ckpts)
+        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
     weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
@@ -282,7 +285,7 @@ def average_checkpoints(ckpts, weights=None, out=None):
             acc += (w / total) * s[name].double()
         avg[name] = acc.to(t0.dtype)
     if out is not None:
-        with replaced(out) as tmp:
+        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
             write_checkpoint(tmp, avg, configs[0])
             write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
     return avg
@@ -529,6 +532,8 @@ def build_parser():
     p.add_argument("--decoder-only", action="store_true",
                    help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
+    p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
+                   "files: replace only the files this command writes, keep the others")
     return p
 
 
@@ -545,7 +550,7 @@ def main(argv=None):
         except ValueError:
             p.error(f"--weights {args.weights}: expected comma-separated numbers")
         ckpts = [one_checkpoint(p, path, "--average") for path in args.average]
-        average_checkpoints(ckpts, weights, args.out)
+        average_checkpoints(ckpts, weights, args.out, args.overwrite)
         print(f"wrote the average of {', '.join(ckpts)} to {args.out}")
         if not args.ckpt:
             return
@@ -597,7 +602,8 @@ def export_main(p, args):
     tokenizer = data.load_tokenizer(args.tokenizer or (source if source and os.path.isfile(
         os.path.join(source, "tokenizer.json")) else None))
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
-                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30))
+                       torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30),
+                       args.overwrite)
     print(f"wrote {args.export_hf} from {ckpts[0]}" + (f"; copied {', '.join(copied)} from {source}" if copied else ""))
 
 

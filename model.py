@@ -931,10 +931,11 @@ def checkpoint_damage(ckpt, files=("config.json", "model.safetensors")):
     return None
 
 
-def check_output_dir(out, flag, marker, ours, inputs=()):
-    """Before a command replaces directory `out` with what it writes: `out` is new, empty, or this command's own
-    earlier output (it holds `marker` and only names `ours(name)` accepts), and neither holds an input nor lies
-    in one, so nothing the command did not write is ever deleted. An error names the flag and what is there."""
+def check_output_dir(out, flag, marker, ours, inputs=(), overwrite=False):
+    """Before a command writes its output directory `out`: `out` is new, empty, or this command's own earlier
+    output (it holds `marker` and only names `ours(name)` accepts), or with `overwrite` holds other files too
+    (kept; see output_dir); never an input nor a directory holding one, so nothing the command did not write is
+    deleted. Returns the names in `out` that are not the command's; an error names the flag and what is there."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{flag} {out}: is a file, not a directory; not overwriting it")
     real = os.path.realpath(out)
@@ -942,10 +943,34 @@ def check_output_dir(out, flag, marker, ours, inputs=()):
         if os.path.commonpath([real, os.path.realpath(p)]) in (real, os.path.realpath(p)):
             raise ValueError(f"{flag} {out}: overlaps the input {p}; write to another directory")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    foreign = [e for e in entries if not ours(e)]
-    if entries and (marker not in entries or foreign):
-        raise FileExistsError(f"{flag} {out}: holds what this command did not write ({', '.join((foreign or entries)[:5])}"
-                              f"{', ...' if len(foreign or entries) > 5 else ''}); choose a new or empty directory")
+    foreign = [e for e in entries if not ours(e)] + ([marker] if entries and marker not in entries else [])
+    if foreign and not overwrite:
+        shown = [e for e in foreign if e != marker] or entries
+        raise FileExistsError(f"{flag} {out}: holds what this command did not write ({', '.join(shown[:5])}"
+                              f"{', ...' if len(shown) > 5 else ''}); not overwriting it: choose a new or empty "
+                              "directory, or --overwrite to replace only the files this command writes")
+    return [e for e in foreign if e != marker]
+
+
+@contextlib.contextmanager
+def output_dir(out, ours, keep_others=False):
+    """Yields a temporary directory to write a command's output to, which then becomes `out` by a rename
+    (see replaced); with keep_others, the files `ours(name)` accepts are replaced in `out` and the others kept."""
+    if not keep_others:
+        with replaced(out) as tmp:
+            yield tmp
+        return
+    tmp = out.rstrip("/") + ".tmp"
+    _remove(tmp)
+    try:
+        yield tmp
+        for name in os.listdir(out):  # the command's earlier files (e.g. other shards) go, the others stay
+            if ours(name):
+                _remove(os.path.join(out, name))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        _remove(tmp)
 
 
 def is_our_checkpoint(path):

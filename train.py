@@ -739,11 +739,11 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
     """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
     weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
     stage, plan, dist, log = STAGES[stage_num], Plan.of(cfg, STAGES[stage_num]), ctx.dist, ctx.log
-    resume_ckpt, saved = resume_point(stage_dir, log) if cfg.resume else (None, None)
-    overrides = check_resume_flags(cfg, ctx.overrides, saved, resume_ckpt, log) if resume_ckpt else ctx.overrides
+    resume_ckpt, resumed = resume_point(stage_dir, log) if cfg.resume else (None, None)
+    overrides = check_resume_flags(cfg, ctx.overrides, resumed, resume_ckpt, log) if resume_ckpt else ctx.overrides
     st = StageState(*build_stage(cfg, ctx, stage_num, plan, resume_ckpt or init))
     if resume_ckpt:
-        resume_stage(st, resume_ckpt, saved, stage_num, ctx)
+        resume_stage(st, resume_ckpt, resumed, stage_num, ctx)
         if st.step >= plan.total:
             return StageResult(resume_ckpt, st.step, st.bad_total, "done", 0.0)
         if dist.is_main:

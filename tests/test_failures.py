@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -349,7 +350,8 @@ def test_average_never_replaces_what_it_did_not_write(checkpointed, tmp_path):
                        (str(data_dir), r"holds what this command did not write \(train.jsonl\)"),
                        (a, "overlaps the input"), (stage, "overlaps the input")]:
         before = tree_hash(out)
-        assert one_line_error(evaluate.main, ["--average", a, b, "--out", out]).startswith(f"error: --out {out}: ")
+        message = one_line_error(evaluate.main, ["--average", a, b, "--out", out])
+        assert message.startswith(f"error: --out {out}: ") and re.search(match, message), message
         assert tree_hash(out) == before
     assert "train.jsonl: is a file" in one_line_error(evaluate.main, ["--average", a, b, "--out",
                                                                      str(data_dir / "train.jsonl")])
@@ -363,6 +365,9 @@ def test_average_never_replaces_what_it_did_not_write(checkpointed, tmp_path):
                for k in mean)
     (tmp_path / "avg" / "notes.txt").write_text("mine")
     assert "did not write (notes.txt)" in one_line_error(evaluate.main, ["--average", a, b, "--out", out])
+    evaluate.main(["--average", a, b, "--out", out, "--overwrite"])  # only its own files are replaced
+    assert (tmp_path / "avg" / "notes.txt").read_text() == "mine"
+    assert json.load(open(tmp_path / "avg" / "averaged_from.json"))["checkpoints"] == [a, b]
 
 
 def test_export_hf_never_replaces_a_downloaded_model(done_run, tmp_path):
