@@ -340,13 +340,14 @@ def test_existing_run_needs_resume_or_overwrite(done_run):
         train.run(replace(done_run, resume=True, overwrite=True), SMALL, **QUIET)
 
 
-def test_average_never_replaces_what_it_did_not_write(checkpointed, tmp_path):
+def test_average_never_replaces_what_it_did_not_write(checkpointed, done_run, tmp_path):
     stage = os.path.join(checkpointed.out, "stage1")
     a, b = os.path.join(stage, "step-000002"), os.path.join(stage, "step-000003")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "train.jsonl").write_text("{}\n")
-    for out, match in [(checkpointed.out, r"holds what this command did not write \(\.lock, stage1\)"),
+    for out, match in [(done_run.out, r"holds what this command did not write \(\.lock, stage1\)"),
+                       (checkpointed.out, "overlaps the input"),
                        (str(data_dir), r"holds what this command did not write \(train.jsonl\)"),
                        (a, "overlaps the input"), (stage, "overlaps the input")]:
         before = tree_hash(out)
