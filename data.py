@@ -1023,7 +1023,8 @@ class PackedLoader:
     position, so load_state_dict re-encodes the buffer and reproduces the uninterrupted batches.
     `efficiency` is the filled fraction of the token budget over all batches so far. Bad samples
     (DataError: unreadable image, too long without truncate) raise, or with on_bad="skip" are
-    counted (samples truncation left without a loss token are always skipped and counted) in `skips` by (source, reason) (last message in `last_error`); a source that skips more
+    counted in `skips` by (source, reason) (last message in `last_error`); samples truncation left without a
+    loss token are always skipped and counted, outside the rate. A source that skips more
     than max_skip_rate of its samples (judged after MIN_READS of them), or a loader that reads
     `patience` samples in a row without a usable one, raises DataError instead of going on."""
 

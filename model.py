@@ -943,13 +943,13 @@ def check_output_dir(out, flag, marker, ours, inputs=(), overwrite=False):
         if os.path.commonpath([real, os.path.realpath(p)]) in (real, os.path.realpath(p)):
             raise ValueError(f"{flag} {out}: overlaps the input {p}; write to another directory")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    foreign = [e for e in entries if not ours(e)] + ([marker] if entries and marker not in entries else [])
-    if foreign and not overwrite:
-        shown = [e for e in foreign if e != marker] or entries
+    others = [e for e in entries if not ours(e)]
+    if entries and (others or marker not in entries) and not overwrite:
+        shown = others or entries
         raise FileExistsError(f"{flag} {out}: holds what this command did not write ({', '.join(shown[:5])}"
                               f"{', ...' if len(shown) > 5 else ''}); not overwriting it: choose a new or empty "
                               "directory, or --overwrite to replace only the files this command writes")
-    return [e for e in foreign if e != marker]
+    return others
 
 
 @contextlib.contextmanager

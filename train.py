@@ -813,12 +813,12 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
     # the loss is a sum over loss tokens divided by their global count: every token weighs the same
     # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
     divisor = float(n_loss) / dist.world_size
-    # no loss token in the whole step (every reply cut away by --truncate): nothing to learn, the update is
-    # skipped and counted; one process also skips a micro-batch without one (ranks must run the same forwards)
+    # no loss token in the whole step (on any rank): nothing to learn and nothing to divide by; every rank skips
+    # the forwards and the update alike, and it is counted (a micro-batch without one in a step with some adds 0)
     empty, loss_sum, n_model_tokens = float(n_loss) == 0, 0.0, 0
     for b in batches:
-        if empty or (dist.world_size == 1 and loss_tokens(b) == 0):
-            continue
+        if empty:
+            break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             loss, stats = model(b.to(device), loss_divisor=divisor)
         loss.backward()
