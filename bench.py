@@ -36,7 +36,7 @@ import data
 import kernels
 import train
 from convert import load_hf
-from model import MLLM, config_from_preset, count_parameters, model_flops
+from model import MLLM, cli, config_from_preset, count_parameters, model_flops
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -820,4 +820,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

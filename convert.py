@@ -10,12 +10,12 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 import data
 
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
-    _assign_state, _named_state, read_json, is_our_checkpoint, read_safetensors, replaced
+    _assign_state, _named_state, check_output_dir, is_our_checkpoint, output_dir, read_json, read_safetensors, \
+    save_safetensors, write_json
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
@@ -479,7 +479,7 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     os.makedirs(path, exist_ok=True)
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        save_safetensors(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
@@ -493,6 +493,7 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                       "added_tokens.json", "chat_template.json", "chat_template.jinja")
+EXPORT_MARKER = "exported_from.json"  # marks a directory export_hf wrote, so a later export may replace it
 
 
 def is_hf_dir(path):
@@ -501,16 +502,18 @@ def is_hf_dir(path):
 
 
 def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None, max_shard_bytes=5 * 2 ** 30,
-              pixels=None):
+              pixels=None, overwrite=False):
     """Write checkpoint `ckpt` as a Hugging Face directory `out` for transformers' from_pretrained: the whole MLLM
     (mllm_config_to_hf: Qwen2.5-VL, or trust_remote_code with modeling_nanomindvl.py), or (decoder_only) its
     decoder as its family's causal LM; weights cast to `dtype` if given; `tokenizer`'s files (the run's: chat
     template, added tokens) and the other tokenizer files of `source` (the Hugging Face directory the weights
     came from); bos/eos/pad ids in config.json and generation_config.json; for the whole model a
-    preprocessor_config.json at `pixels` = (min_pixels, max_pixels). Written under a temp name, then renamed;
-    returns the files written beside the weights. ValueError names what the transformers classes cannot express."""
-    if os.path.isdir(out) and os.listdir(out) and not is_hf_dir(out):
-        raise FileExistsError(f"--export-hf {out}: exists and is not a Hugging Face directory; not overwriting it")
+    preprocessor_config.json at `pixels` = (min_pixels, max_pixels). Written under a temp name, then renamed
+    (only over a new or empty directory or an earlier export; with overwrite beside other files, which are
+    kept); returns the files written beside the weights. ValueError names what the transformers classes cannot
+    express."""
+    others = check_output_dir(out, "--export-hf", EXPORT_MARKER, is_export_file, [ckpt] + ([source] if source else []),
+                              overwrite)
     model = MLLM.from_pretrained(ckpt)
     ids = special_token_ids(tokenizer)
     if decoder_only:
@@ -526,7 +529,7 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
         tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(dtype) for k, t in tensors.items()}
     copied = [f for f in HF_TOKENIZER_FILES if source and os.path.isfile(os.path.join(source, f))
               and f not in tokenizer.files]
-    with replaced(out) as tmp:
+    with output_dir(out, is_export_file, keep_others=bool(others)) as tmp:
         save_hf(tmp, config, tensors, max_shard_bytes)
         for f in copied:
             shutil.copy(os.path.join(source, f), tmp)
@@ -545,4 +548,14 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
+        write_json({"checkpoint": ckpt, "decoder_only": decoder_only, "copied_from": source},
+                   os.path.join(tmp, EXPORT_MARKER))
     return list(dict.fromkeys(written + list(files)))
+
+
+def is_export_file(name):
+    """A file export_hf writes (its earlier output may be replaced; anything else in the directory may not)."""
+    return name in HF_TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, data.TIKTOKEN_FILE, "config.json",
+                                         "generation_config.json", "preprocessor_config.json",
+                                         "model.safetensors.index.json") \
+        or (name.startswith("model") and name.endswith(".safetensors"))

@@ -45,6 +45,9 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 IGNORE = -100
 IMAGE_TAG = "<image>"
+UTF8_BOM = b"\xef\xbb\xbf"
+# a sample --truncate left without a loss token trains nothing: the loader drops and counts it, never raises
+REPLY_CUT = "reply cut away by --truncate"
 
 
 class DataError(ValueError):
@@ -921,23 +924,32 @@ class FileDataset:
         self.path, self.image_root, self.task = path, image_root, os.path.splitext(os.path.basename(path))[0]
         self.allow_outside_root, self.need_reply = allow_outside_root, need_reply  # False: questions to answer
         with open(path, "rb") as f:
-            head = f.read(4096)
-        if head.startswith(b"PAR1"):
-            import pyarrow.parquet as pq  # here: only Parquet files need pyarrow
-            self.format, self.parquet, self.groups = "parquet", pq.ParquetFile(path), collections.OrderedDict()
-            meta = self.parquet.metadata  # row i is in the row group g with starts[g] <= i < starts[g + 1]
-            self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        elif head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file or stream (datasets' save_to_disk)
-            import pyarrow as pa
-            reader = (pa.ipc.open_file if head.startswith(b"ARROW1") else pa.ipc.open_stream)(pa.memory_map(path))
-            self.format, self.table = "arrow", reader.read_all()  # memory-mapped: rows are read where they lie
-            self.starts = np.array([0, self.table.num_rows])
+            head = f.read(4096).removeprefix(UTF8_BOM)
+        if head.startswith((b"PAR1", b"ARROW1", b"\xff\xff\xff\xff")):
+            import pyarrow as pa  # here: only Parquet and Arrow files need pyarrow
+            try:
+                self._open_arrow(path, head)
+            except (pa.ArrowException, OSError) as e:  # a truncated or corrupt file: pyarrow's message names none
+                raise DataError(f"{path}: cannot read the {'Parquet' if head.startswith(b'PAR1') else 'Arrow'} "
+                                f"file ({e}); it may be truncated or still being written") from None
         elif head.lstrip()[:1] == b"[":
             self.format = "json"
             self.text, self.starts, self.ends, self.linenos = _json_array_index(path)
         else:
             self.format = "jsonl"
             self.starts, self.linenos = _line_index(path)
+
+    def _open_arrow(self, path, head):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if head.startswith(b"PAR1"):
+            self.format, self.parquet, self.groups = "parquet", pq.ParquetFile(path), collections.OrderedDict()
+            meta = self.parquet.metadata  # row i is in the row group g with starts[g] <= i < starts[g + 1]
+            self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        else:  # Arrow IPC file or stream (datasets' save_to_disk)
+            reader = (pa.ipc.open_file if head.startswith(b"ARROW1") else pa.ipc.open_stream)(pa.memory_map(path))
+            self.format, self.table = "arrow", reader.read_all()  # memory-mapped: rows are read where they lie
+            self.starts = np.array([0, self.table.num_rows])
 
     def __len__(self):
         return int(self.starts[-1]) if self.format in ("parquet", "arrow") else len(self.starts)
@@ -970,7 +982,12 @@ class FileDataset:
         so shuffled reads of a file that fits decode each group once, not once per row."""
         table = self.groups.pop(g, None)
         if table is None:
-            table = self.parquet.read_row_group(g)
+            import pyarrow as pa
+            try:
+                table = self.parquet.read_row_group(g)
+            except (pa.ArrowException, OSError) as e:  # data pages cut short or corrupt
+                raise DataError(f"{self.path}:row {self.starts[g]}: cannot read row group {g} ({e}); the file may be "
+                                "truncated", reason="unreadable file") from None
             while self.groups and sum(t.nbytes for t in self.groups.values()) + table.nbytes > PARQUET_CACHE_BYTES:
                 self.groups.popitem(last=False)
         self.groups[g] = table
@@ -1041,8 +1058,13 @@ def _line_index(path, chunk=1 << 20):
 def _json_array_index(path):
     """A JSON array file's text and each element's start and end offsets and line: parsed once here to find
     the elements (json's C scanner), decoded again when read."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read().removeprefix(UTF8_BOM)  # a byte-order mark, as some editors write, is not JSON
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); a JSON file must be UTF-8") from None
     decoder, space, sep = json.JSONDecoder(), re.compile(r"\s*"), re.compile(r"\s*([,\]])")
     starts, ends, linenos, line, counted = array.array("q"), array.array("q"), array.array("q"), 1, 0
     i = space.match(text).end() + 1  # past the "["
@@ -1276,6 +1298,9 @@ def fit(sample, max_tokens, truncate=False):
         raise DataError(f"sample {sample.id} ({sample.task}): its images alone reach token {images_end} > "
                         f"the packing length {max_tokens}; text-only truncation cannot fit it "
                         "(raise --packing-length or lower --max-pixels)", reason="too long")
+    if all(label == IGNORE for label in sample.labels[1:max_tokens]):  # position 0 is never a target
+        raise DataError(f"sample {sample.id} ({sample.task}): --truncate to the packing length {max_tokens} cuts "
+                        f"away its whole reply ({n} tokens)", reason=REPLY_CUT)
     return Sample(sample.tokens[:max_tokens], sample.labels[:max_tokens], sample.images, sample.task,
                   sample.answer, sample.id, sample.image_starts)
 
@@ -1315,7 +1340,8 @@ class PackedLoader:
     position, so load_state_dict re-encodes the buffer and reproduces the uninterrupted batches.
     `efficiency` is the filled fraction of the token budget over all batches so far. Bad samples
     (DataError: unreadable image, too long without truncate) raise, or with on_bad="skip" are
-    counted in `skips` by (source, reason) (last message in `last_error`); a source that skips more
+    counted in `skips` by (source, reason) (last message in `last_error`); samples truncation left without a
+    loss token are always skipped and counted, outside the rate. A source that skips more
     than max_skip_rate of its samples (judged after MIN_READS of them), or a loader that reads
     `patience` samples in a row without a usable one, raises DataError instead of going on."""
 
@@ -1357,11 +1383,13 @@ class PackedLoader:
             self.since_good = 0
             return
         except DataError as e:
-            if self.on_bad == "raise":
+            if self.on_bad == "raise" and e.reason != REPLY_CUT:
                 raise
             self.skips[name, e.reason] = self.skips.get((name, e.reason), 0) + 1
             self.last_error, self.since_good = str(e), self.since_good + 1
-        bad, reads = sum(k for (src, _), k in self.skips.items() if src == name), self.source_reads[name]
+        # samples --truncate left without a reply are dropped by the user's choice, not bad data: not in the rate
+        bad = sum(k for (src, reason), k in self.skips.items() if src == name and reason != REPLY_CUT)
+        reads = self.source_reads[name]
         if reads >= self.MIN_READS and bad / reads > self.max_skip_rate:
             raise DataError(f"data source {name!r}: {bad} of {reads} samples skipped ({100 * bad / reads:.0f}%), "
                             f"more than --max-skip-rate {self.max_skip_rate:g} ({self.skip_summary()}); "

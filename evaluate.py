@@ -22,7 +22,8 @@ import torch
 import data
 from convert import export_hf, is_hf_dir
 from kernels import detect_device
-from model import MLLM, checkpoint_dir, read_json, read_safetensors, replaced, write_checkpoint, write_json
+from model import MLLM, check_output_dir, checkpoint_dir, cli, output_dir, read_json, read_safetensors, replaced, \
+    write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -146,6 +147,8 @@ def file_eval_set(path, image_root):
     (answered, not scored) or with its reference reply (answered and scored); a bad record is an error."""
     ds = data.FileDataset(path, image_root, need_reply=False)
     records = [ds[i] for i in range(len(ds))]
+    if not records:
+        raise ValueError(f"--data {path}: the file holds no records")
     bad = [r["id"] for r in records if r["format"] != "conversation"]
     if bad:
         raise ValueError(f"{path}: eval records must be conversations (a question, and its reply if there is a "
@@ -263,12 +266,19 @@ def read_config(ckpt):
         return json.load(f)
 
 
-def average_checkpoints(ckpts, weights=None, out=None):
+# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
+AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png")
+
+
+def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
     """MindVL §3 (model merging): the element-wise weighted mean of the checkpoints' weights (weights are
     normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
-    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename) and returns the state."""
+    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
+    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
     if len(ckpts) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
+    if out is not None:
+        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
     weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
@@ -290,7 +300,7 @@ def average_checkpoints(ckpts, weights=None, out=None):
             acc += (w / total) * s[name].double()
         avg[name] = acc.to(t0.dtype)
     if out is not None:
-        with replaced(out) as tmp:
+        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
             write_checkpoint(tmp, avg, configs[0])
             data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
             write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
@@ -548,6 +558,8 @@ def build_parser():
     p.add_argument("--decoder-only", action="store_true",
                    help="--export-hf: the decoder alone, as a Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 causal LM")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
+    p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
+                   "files: replace only the files this command writes, keep the others")
     return p
 
 
@@ -559,15 +571,21 @@ def main(argv=None):
     if args.average:
         if not args.out:
             p.error("--average needs --out DIR")
-        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-        average_checkpoints(args.average, weights, args.out)
-        print(f"wrote the average of {len(args.average)} checkpoints to {args.out}")
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        except ValueError:
+            p.error(f"--weights {args.weights}: expected comma-separated numbers")
+        ckpts = [one_checkpoint(p, path, "--average") for path in args.average]
+        average_checkpoints(ckpts, weights, args.out, args.overwrite)
+        print(f"wrote the average of {', '.join(ckpts)} to {args.out}")
         if not args.ckpt:
             return
         args.ckpt.append(args.out)
     if not args.ckpt:
         p.error("give --ckpt (or --average ... --out)")
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        p.error(f"--out {out}: is a file, not a directory")
     os.makedirs(out, exist_ok=True)  # made before the evaluation, so a missing --out costs no work
     ckpts = [c for path in args.ckpt for c in resolve_checkpoints(path)]
     tasks = parse_tasks(p, args.tasks, bool(args.data))
@@ -604,16 +622,16 @@ def parse_tasks(p, spec, have_data):
 
 def export_main(p, args):
     """--export-hf: one checkpoint out; tokenizer files from --tokenizer (a directory) or the HF origin."""
-    ckpts = [c for path in args.ckpt for _, c in resolve_checkpoints(path)]
-    if len(ckpts) != 1:
-        p.error(f"--export-hf takes one checkpoint; --ckpt gives {ckpts or 'none'}")
+    if len(args.ckpt) != 1:
+        p.error(f"--export-hf takes one checkpoint; --ckpt gives {args.ckpt or 'none'}")
+    ckpts = [one_checkpoint(p, args.ckpt[0], "--ckpt")]
     source = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else hf_origin(ckpts[0])
     own = data.load_tokenizer(ckpts[0])  # the tokenizer the run trained with, saved in its checkpoints
     tokenizer = data.load_tokenizer(args.tokenizer) if args.tokenizer else own if own.files else data.load_tokenizer(
         source if source and os.path.isfile(os.path.join(source, "tokenizer.json")) else None)
     copied = export_hf(ckpts[0], args.export_hf, tokenizer, args.decoder_only, source,
                        torch.bfloat16 if args.dtype == "bf16" else None, int(args.max_shard_gb * 2 ** 30),
-                       pixels=searched_budget(ckpts[0]) or trained_budget(ckpts[0]))
+                       pixels=searched_budget(ckpts[0]) or trained_budget(ckpts[0]), overwrite=args.overwrite)
     print(f"wrote {args.export_hf} from {ckpts[0]}" + (f" with {', '.join(copied)}" if copied else ""))
 
 
@@ -643,6 +661,15 @@ def searched_budget(ckpt):
     return None
 
 
+def one_checkpoint(p, path, flag):
+    """The one checkpoint a checkpoint or stage directory names (a run directory holds several: a usage error)."""
+    found = resolve_checkpoints(path)
+    if len(found) != 1:
+        p.error(f"{flag} {path}: a run directory of {len(found)} stages ({', '.join(n for n, _ in found)}); "
+                "name a stage or checkpoint directory")
+    return found[0][1]
+
+
 def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
     """(dev sets, test sets) for the resolution search: synthetic dev/test splits, data-file sets halved."""
     dev = build_eval_sets(tasks, "dev", dev_n, seed)
@@ -655,4 +682,4 @@ def resolution_eval_sets(tasks, dev_n, test_n, seed, files=(), image_root="."):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

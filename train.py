@@ -28,6 +28,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -46,9 +47,9 @@ import evaluate
 import parallel
 import convert
 from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
-from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_dir, \
-    config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, update_expert_bias, write_checkpoint, \
-    write_json
+from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_damage, \
+    checkpoint_dir, cli, config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, stage_checkpoints, \
+    update_expert_bias, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -129,6 +130,7 @@ class TrainConfig:
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoints"})
+    overwrite: bool = field(default=False, metadata={"help": "start over: replace the stages an earlier run left in --out (their checkpoints are deleted)"})
     init_from: typing.Optional[str] = field(default=None, metadata={"help": "start from our checkpoint/stage dir, or a whole Hugging Face Qwen2.5-VL dir"})
     init_vision_from: typing.Optional[str] = field(default=None, metadata={"help": "MindVL's start: the ViT from a Hugging Face Qwen2.5-VL dir (its visual.* weights) or our checkpoint; with --init-text-from"})
     init_text_from: typing.Optional[str] = field(default=None, metadata={"help": "MindVL's start: the LLM (and its tokenizer and chat template) from a Hugging Face causal-LM dir (qwen2, qwen3, qwen3_moe, deepseek_v3, llama, mistral) or our checkpoint; a new connector joins it to the ViT"})
@@ -265,6 +267,16 @@ def check_config(cfg, overrides):
                          "drop --resume to start a new run")
 
 
+def check_fresh_start(cfg):
+    """Without --resume, the stages of an earlier run in --out are replaced only when --overwrite says so."""
+    existing = [d for d in stage_dirs(cfg) if os.path.isdir(os.path.join(cfg.out, d))]
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise SystemExit(f"--out {cfg.out} holds a run ({', '.join(existing)}): --resume continues it, --overwrite "
+                         "starts over and deletes those stages, or choose another --out")
+
+
 def check_init(cfg):
     """--init-from names a checkpoint: ours or a whole Qwen2.5-VL (an LLM alone would leave the ViT random)."""
     path = source_dir(cfg.init_from, "--init-from")
@@ -383,6 +395,8 @@ def data_specs(cfg):
             raise SystemExit(f"--data: the name {name!r} is given {names.count(name)} times; names must differ")
         if not os.path.isfile(path):
             raise SystemExit(f"--data {name}={path}: no such file")
+    if specs and not any(w > 0 for _, _, w in specs):
+        raise SystemExit(f"--data: every weight is 0 ({', '.join(cfg.data)}); give at least one dataset a weight > 0")
     return specs
 
 
@@ -460,10 +474,18 @@ def runtime_of(cfg):
 
 def tokenizer_source(cfg):
     """Where the run's tokenizer comes from: --tokenizer, else the checkpoint or directory the weights start
-    from (--init-from, else --init-text-from; a checkpoint without tokenizer files means byte-level); None:
-    byte-level."""
+    from (--init-from, else --init-text-from), else (--resume) the run's own checkpoints; a checkpoint without
+    tokenizer files, or None, means byte-level."""
     start = cfg.init_from or cfg.init_text_from
-    return cfg.tokenizer or (checkpoint_dir(start) if start else None)
+    if cfg.tokenizer or start:
+        return cfg.tokenizer or checkpoint_dir(start)
+    for d in stage_dirs(cfg) if cfg.resume else ():  # the run's own checkpoints keep its tokenizer
+        if os.path.isfile(os.path.join(cfg.out, d, "latest")):
+            try:
+                return checkpoint_dir(os.path.join(cfg.out, d))
+            except FileNotFoundError:
+                continue
+    return None
 
 
 def build_tokenizer(cfg, model_config=None):
@@ -499,6 +521,8 @@ def build_source(cfg, stage_num, stage):
         for name, path, weight in data_specs(cfg):
             sources[name] = data.FileDataset(path, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root)
             weights[name] = weight
+            if len(sources[name]) == 0:
+                raise SystemExit(f"--data {name}={path}: the file holds no records")
         return data.Mixture(sources, weights, seed)
     sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
@@ -642,10 +666,10 @@ def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokeniz
             parallel.barrier(dist)
         elif dist.is_main:
             model.save_pretrained(tmp)
-        if dist.is_main:
+        if dist.is_main:  # through a Python file: a full disk is OSError 28, not a C++ stream error
             tokenizer.save(tmp)  # the run's tokenizer and chat format travel with every checkpoint
-            torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()},
-                       os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
+                torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()}, f)
     if dist.is_main:
         with replaced(os.path.join(stage_dir, "latest")) as latest, open(latest, "w") as f:
             f.write(name)
@@ -685,8 +709,62 @@ def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=p
 
 
 def load_train_state(ckpt):
-    # our own file: optimizer tensors plus Python RNG state and loader positions
-    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+    """train_state.pt (our own file: optimizer tensors plus Python RNG state and loader positions); a truncated
+    or corrupt one is a ValueError naming it."""
+    file = os.path.join(ckpt, "train_state.pt")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{file}: cannot read the training state ({' '.join(str(e).split()[:12])}); the file "
+                         "may be truncated") from None
+
+
+def resume_point(stage_dir, log=print):
+    """(checkpoint, train state) a stage resumes from: the one `latest` names or, when `latest` is missing or
+    names a missing or damaged checkpoint, the newest complete one (a line says which and why); (None, None)
+    for a stage killed before its first checkpoint (it restarts at step 0). All damaged: refused, named."""
+    candidates, problems = stage_checkpoints(stage_dir), []
+    if candidates and not os.path.isfile(os.path.join(stage_dir, "latest")):
+        problems.append(f"{stage_dir} has no `latest` file")
+    for ckpt in candidates:
+        why = checkpoint_damage(ckpt, ("config.json", "model.safetensors", "train_state.pt"))
+        try:
+            state = load_train_state(ckpt) if why is None else None
+        except ValueError as e:
+            why = str(e)
+        if why is None:
+            if problems:
+                log(f"--resume: {'; '.join(problems)}; resuming from {ckpt}, the newest complete checkpoint")
+            return ckpt, state
+        problems.append(f"{ckpt}: {why}")
+    if candidates:
+        raise SystemExit(f"--resume: {stage_dir} has no complete checkpoint ({'; '.join(problems)}); start over "
+                         "with --overwrite")
+    return None, None
+
+
+def check_resume_flags(cfg, overrides, saved, ckpt, log=print):
+    """--resume keeps the checkpoint's model: changed model flags or preset are refused, naming them; other
+    changed flags are taken, and a line names them. Returns the model flags of the run (as first given)."""
+    then = saved["train_config"]
+    then_overrides = saved.get("model_overrides")
+    if then_overrides is None:  # checkpoints written before train_state.pt kept them: the stage's args.json
+        with open(os.path.join(os.path.dirname(ckpt), "args.json")) as f:
+            then_overrides = json.load(f)["model_overrides"]
+    same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 (tuples = lists)
+    model_flags = [f"--preset {cfg.preset} (was {then['preset']})"] if cfg.preset != then["preset"] else []
+    model_flags += [f"{flag(k.replace('.', '_'))} {v} (was {then_overrides.get(k, 'the preset')})"
+                    for k, v in overrides.items() if not same(v, then_overrides.get(k))]
+    if model_flags:
+        raise SystemExit(f"--resume: {ckpt} fixes the model; this command changes {', '.join(model_flags)}: drop "
+                         "those flags, or train the new model in another --out")
+    now = asdict(cfg)
+    taken = [f"{flag(k)} {now[k]} (was {'the default' if then[k] is None else then[k]})" for k in now
+             if k in then and k not in ("resume", "overwrite", "out", "init_from", "init_vision_from", "init_text_from",
+                                        "random_vision", "keep_vision_merger") and not same(now[k], then[k])]
+    if taken:
+        log(f"--resume: taking the changed flags {', '.join(taken)}")
+    return then_overrides
 
 
 def keep_metrics_until(path, step, log=print):
@@ -805,25 +883,28 @@ class StageState:
     step: int = 0
     bad_total: int = 0   # non-finite-loss steps skipped in all
     bad_run: int = 0     # ... in a row (--max-bad-steps)
+    empty_total: int = 0  # steps without a loss token, skipped
 
 
 def train_stage(cfg, ctx, stage_num, stage_dir, init):
     """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
     weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
     stage, plan, dist, log = STAGES[stage_num], Plan.of(cfg, STAGES[stage_num]), ctx.dist, ctx.log
-    resume = cfg.resume and os.path.isfile(os.path.join(stage_dir, "latest"))
-    resume_ckpt = checkpoint_dir(stage_dir) if resume else None
+    resume_ckpt, resumed = resume_point(stage_dir, log) if cfg.resume else (None, None)
+    overrides = check_resume_flags(cfg, ctx.overrides, resumed, resume_ckpt, log) if resume_ckpt else ctx.overrides
     st = StageState(*build_stage(cfg, ctx, stage_num, plan, resume_ckpt or init))
     if resume_ckpt:
-        resume_stage(st, resume_ckpt, stage_num, plan, ctx)
+        resume_stage(st, resume_ckpt, resumed, stage_num, ctx)
         if st.step >= plan.total:
             return StageResult(resume_ckpt, st.step, st.bad_total, "done", 0.0)
         if dist.is_main:
             keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), st.step, log)
     st.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
+    if st.loader.skipped and not resume_ckpt:
+        log(f"stage {stage_num}: warning: skipped {st.loader.skipped} samples at start ({st.loader.skip_summary()})")
     if dist.is_main:  # ... before anything on disk changes
         prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
-                                                                  "model_overrides": ctx.overrides}, log=log)
+                                                                  "model_overrides": overrides}, log=log)
         write_first_samples(st.loader, ctx.tokenizer, stage_dir, log)
     meter = StageLog(cfg, stage_num, plan, stage_dir, ctx)
     params = [p for g in st.optimizer.param_groups for p in g["params"]]
@@ -831,7 +912,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
         f"x {plan.length} tokens; peak lr {plan.peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
         f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters")
     save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
-                                                train_state(cfg, stage_num, plan, st, loader_state), ctx.tokenizer)
+                                                train_state(cfg, overrides, stage_num, plan, st, loader_state),
+                                                ctx.tokenizer)
     status, saved = "done", st.step
     with StopRequested() as stop:
         while st.step < plan.total:
@@ -844,7 +926,7 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
                         "fixing it)")
                 raise
             s = train_step(st.model, params, batches, cfg, dist, stop, st.loader.skipped)
-            lr_mult = optimizer_step(st, s["finite"], plan, stage, dist)
+            lr_mult = optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
             status = meter.record(st, s, batches, lr_mult, time.perf_counter() - t0)
             if status != "done":
                 break
@@ -855,21 +937,22 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
     return meter.finish(st, status, ckpt)
 
 
-def train_state(cfg, stage_num, plan, st, loader_state):
+def train_state(cfg, overrides, stage_num, plan, st, loader_state):
     """train_state.pt's contents besides the optimizer: counters, RNG state, data position(s) and the flags."""
     return {"stage": stage_num, "step": st.step, "total_steps": plan.total, "bad_steps": st.bad_total,
-            "bad_run": st.bad_run, "rng": rng_state(), "loader": loader_state, "train_config": asdict(cfg)}
+            "bad_run": st.bad_run, "empty_steps": st.empty_total, "rng": rng_state(), "loader": loader_state,
+            "train_config": asdict(cfg), "model_overrides": overrides}
 
 
-def resume_stage(st, ckpt, stage_num, plan, ctx):
-    """Optimizer, data position, RNG and counters from the checkpoint the weights were loaded from."""
-    saved = load_train_state(ckpt)
-    if saved["stage"] != stage_num or saved["total_steps"] != plan.total:
-        raise SystemExit(f"--resume: {ckpt} is stage {saved['stage']} of {saved['total_steps']} steps, "
-                         f"this run is stage {stage_num} of {plan.total}")
+def resume_stage(st, ckpt, saved, stage_num, ctx):
+    """Optimizer, data position, RNG and counters from the checkpoint the weights were loaded from (a changed
+    --max-steps is taken: the schedule runs over the new total)."""
+    if saved["stage"] != stage_num:
+        raise SystemExit(f"--resume: {ckpt} is stage {saved['stage']}, this run is stage {stage_num}")
     resume_optimizer_and_data(st.model, st.optimizer, st.loader, saved, ckpt, ctx.dist, ctx.log)
     set_rng_state(saved["rng"])
     st.step, st.bad_total, st.bad_run = saved["step"], saved["bad_steps"], saved["bad_run"]
+    st.empty_total = saved.get("empty_steps", 0)
     ctx.log(f"stage {stage_num}: resumed from {ckpt} at step {st.step}")
 
 
@@ -883,8 +966,12 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
     # the loss is a sum over loss tokens divided by their global count: every token weighs the same
     # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
     divisor = float(n_loss) / dist.world_size
-    loss_sum, n_model_tokens = 0.0, 0
+    # no loss token in the whole step (on any rank): nothing to learn and nothing to divide by; every rank skips
+    # the forwards and the update alike, and it is counted (a micro-batch without one in a step with some adds 0)
+    empty, loss_sum, n_model_tokens = float(n_loss) == 0, 0.0, 0
     for b in batches:
+        if empty:
+            break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             loss, stats = model(b.to(device), loss_divisor=divisor)
         loss.backward()
@@ -894,9 +981,10 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
         raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
                            f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
                            "which labels are targets")
-    if dist.world_size > 1 and not cfg.fsdp:  # data parallel: mean gradient (experts: see shard_experts)
+    if dist.world_size > 1 and not cfg.fsdp and not empty:  # data parallel: mean gradient (experts: see shard_experts)
         parallel.all_reduce_grads(model, dist)
-    norm = parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist, replicated=not cfg.fsdp)
+    norm = 0.0 if empty else \
+        parallel.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"), dist, replicated=not cfg.fsdp)
     finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
     tokens, stopping = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested
     if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
@@ -906,14 +994,16 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
         loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
         tokens, skipped = int(agreed[3]), int(agreed[4])
     return {"loss": loss_sum, "norm": float(norm), "finite": finite, "tokens": tokens, "loss_tokens": int(n_loss),
-            "skipped": skipped, "stopping": stopping}
+            "skipped": skipped, "stopping": stopping, "empty": empty}
 
 
-def optimizer_step(st, finite, plan, stage, dist):
-    """The update at the schedule's lr, or (a non-finite loss or norm) none, weights and optimizer state kept;
-    then the MoE routing biases and the step count. Returns the lr multiplier of this step."""
+def optimizer_step(st, finite, plan, stage, dist, empty=False):
+    """The update at the schedule's lr, or (a non-finite loss or norm; no loss token) none, weights and optimizer
+    state kept; then the MoE routing biases and the step count. Returns the lr multiplier of this step."""
     lr_mult = lr_factor(st.step, plan.total, plan.warmup)
-    if finite:
+    if empty:
+        st.empty_total += 1
+    elif finite:
         for g in st.optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
         st.optimizer.step()
@@ -921,8 +1011,8 @@ def optimizer_step(st, finite, plan, stage, dist):
     else:
         st.bad_total, st.bad_run = st.bad_total + 1, st.bad_run + 1
     # DeepSeek-V3 §2.1.2: MoE routing biases follow the step's expert loads (a frozen decoder keeps them)
-    update_expert_bias(st.model, st.model.config.text.bias_update_speed if finite and "decoder" in stage.trains
-                       else 0.0, lambda t: parallel.all_reduce_sum(t, dist))
+    update_expert_bias(st.model, st.model.config.text.bias_update_speed if finite and not empty and "decoder" in
+                       stage.trains else 0.0, lambda t: parallel.all_reduce_sum(t, dist))
     st.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     return lr_mult
@@ -943,7 +1033,7 @@ class StageLog:
 
     def record(self, st, s, batches, lr_mult, dt):
         """Log the step just taken; returns "done" to go on, else why the stage stops."""
-        cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"]
+        cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"] and not s["empty"]
         self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
         flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
         mfu = flops * self.dist.world_size / dt / self.peak
@@ -951,11 +1041,15 @@ class StageLog:
         row = {"stage": self.stage_num, "step": step, "loss": s["loss"] if finite else None, "lr": lr,
                "grad_norm": s["norm"] if finite else None, "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
                "tokens_per_s": s["tokens"] / dt, "mfu": mfu, "mem_gb": peak_memory_gb(self.dist.device),
-               "skipped": not finite, "bad_steps": st.bad_total, "skipped_samples": s["skipped"],
+               "skipped": not finite, "bad_steps": st.bad_total, "empty_steps": st.empty_total,
+               "skipped_samples": s["skipped"],
                "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start}
         if self.metrics is not None:
             os.write(self.metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
-        if not finite:
+        if s["empty"]:
+            self.log(f"stage {self.stage_num} step {step}: no loss tokens in the step's batches (replies cut away "
+                     f"by --truncate?); update skipped ({st.empty_total} such steps)")
+        elif not finite:
             self.log(f"stage {self.stage_num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
                      f"update skipped ({st.bad_run} in a row, {st.bad_total} in all)")
         if step % cfg.log_every == 0 or step == total or step == 1:
@@ -981,7 +1075,7 @@ class StageLog:
             if plot_loss(os.path.join(self.stage_dir, "metrics.jsonl"), png):
                 self.log(f"wrote {png}")
         self.log(f"stage {self.stage_num}: {status} at step {st.step} in {wall:.0f}s ({st.bad_total} skipped "
-                 f"steps); checkpoint {ckpt}")
+                 f"steps{f', {st.empty_total} without loss tokens' if st.empty_total else ''}); checkpoint {ckpt}")
         return StageResult(ckpt, st.step, st.bad_total, status, wall)
 
 
@@ -1001,9 +1095,10 @@ def write_first_samples(loader, tokenizer, stage_dir, log):
 
 
 def prepare_stage_dir(stage_dir, fresh, args, log):
-    """The stage directory with this run's args.json; a fresh start replaces an earlier run's directory."""
+    """The stage directory with this run's args.json; a fresh start (--overwrite, or --resume of a stage that
+    had no checkpoint yet) replaces an earlier run's directory."""
     if fresh and os.path.isdir(stage_dir):
-        log(f"starting over in {stage_dir} (without --resume its old contents are removed)")
+        log(f"starting over in {stage_dir}: its old contents are removed")
         shutil.rmtree(stage_dir)
     os.makedirs(stage_dir, exist_ok=True)
     write_json(args, os.path.join(stage_dir, "args.json"))
@@ -1070,15 +1165,34 @@ def run(cfg, overrides, log=print):
     if cfg.ep > 1 and cfg.fsdp == "torch":
         raise SystemExit(f"--ep {cfg.ep} composes with our FSDP (--fsdp / --fsdp ours), not --fsdp torch")
     ctx = RunContext(build_tokenizer(cfg), dist, overrides or {}, log if dist.is_main else (lambda *a, **k: None))
+    check_fresh_start(cfg)
     with run_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
-        return train_recipe(cfg, ctx)
+        try:
+            return train_recipe(cfg, ctx)
+        except OSError as e:  # a full disk, a directory gone read-only: say what is kept
+            e.add_note(kept_checkpoints(cfg))
+            raise
+
+
+def kept_checkpoints(cfg):
+    """What a run stopped by a failed write keeps: each stage's newest complete checkpoint (a phrase)."""
+    kept = [next((c for c in stage_checkpoints(os.path.join(cfg.out, d)) if checkpoint_damage(c) is None), None)
+            for d in stage_dirs(cfg)]
+    kept = [c for c in kept if c]
+    return (f"kept: {', '.join(kept)} (complete; --resume continues from there)" if kept else
+            f"kept: no checkpoint of this run in {cfg.out} yet")
 
 
 def run_lock(out):
     """An exclusive lock on out/.lock held while a run uses the directory (flock: the OS drops it when the
     process dies, even on kill -9), so a second run on the same --out stops at once, naming the holder."""
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a+")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:  # read-only, no permission
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1143,10 +1257,7 @@ def main(argv=None):
     cfg, overrides = parse_args(argv)
     if cfg.dry_run:
         return print_memory_plan(cfg, overrides)
-    try:
-        summary = run(cfg, overrides)
-    except data.DataError as e:  # bad data: the message names file and line; the last checkpoint is kept
-        sys.exit(f"error: {e}")
+    summary = run(cfg, overrides)  # a bad record stops it naming file and line; the last checkpoint is kept
     parallel.close_distributed()
     # a run stopped by SIGINT / SIGTERM exits 0: its checkpoint is complete and --resume continues it
     failed = [f"{k}: {r.status}" for k, r in summary["stages"].items() if r.status not in ("done", "interrupted")]
@@ -1156,4 +1267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
+import model
 import train
 from data import DataError, FileDataset, PackedLoader, Tokenizer, encode
 
@@ -51,8 +54,8 @@ def done_run(tmp_path_factory):
 def refused(cfg, match, overrides=SMALL, error=SystemExit):
     """Run cfg, expect an error matching `match`, and check the run directory did not change."""
     before = tree_hash(cfg.out)
-    with pytest.raises(error, match=match):
-        train.run(cfg, overrides, **QUIET)
+    with pytest.raises(error, match=match):  # even when told to start over, checks come before any deletion
+        train.run(replace(cfg, overwrite=not cfg.resume), overrides, **QUIET)
     assert tree_hash(cfg.out) == before
 
 
@@ -76,7 +79,7 @@ def test_second_run_on_the_same_out_is_refused(done_run):
         refused(done_run, rf"--out .* in use .*pid {os.getpid()} on ")
     finally:
         holder.close()
-    train.run(replace(done_run, max_steps=1), SMALL, **QUIET)  # released: the directory is usable again
+    train.run(replace(done_run, max_steps=1, overwrite=True), SMALL, **QUIET)  # released: usable again
 
 
 def test_torn_metrics_line_is_dropped_on_resume_and_resume_is_exact(tmp_path):
@@ -301,3 +304,259 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     # resuming with the record skipped continues from that checkpoint
     out = train.run(replace(cfg, resume=True, on_bad="skip", max_skip_rate=0.5), SMALL, **QUIET)
     assert out["stages"]["stage1"].steps == 200
+
+
+# ----------------------------------------------------------------------------- outputs never replace what others wrote
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A finished 3-step stage-1 run with a checkpoint after every step (step-000001..3)."""
+    cfg = config(tmp_path_factory.mktemp("ckpts"), stage="1", max_steps=3, ckpt_every=1, keep_last=3)
+    train.run(cfg, SMALL, **QUIET)
+    return cfg
+
+
+def copy_of(cfg, tmp_path):
+    shutil.copytree(cfg.out, tmp_path / "run")
+    return replace(cfg, out=str(tmp_path / "run"))
+
+
+def one_line_error(main, argv):
+    """The message of the SystemExit model.cli ends `main(argv)` with (what the user sees): one line."""
+    with pytest.raises(SystemExit) as e:
+        model.cli(main, argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_existing_run_needs_resume_or_overwrite(done_run):
+    before = tree_hash(done_run.out)
+    with pytest.raises(SystemExit, match=r"--out .*run holds a run \(stage1\): --resume continues it, --overwrite "
+                                         r"starts over"):
+        train.run(done_run, SMALL, **QUIET)
+    assert tree_hash(done_run.out) == before
+    with pytest.raises(SystemExit, match="give one of them"):
+        train.run(replace(done_run, resume=True, overwrite=True), SMALL, **QUIET)
+
+
+def test_average_never_replaces_what_it_did_not_write(checkpointed, done_run, tmp_path):
+    stage = os.path.join(checkpointed.out, "stage1")
+    a, b = os.path.join(stage, "step-000002"), os.path.join(stage, "step-000003")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "train.jsonl").write_text("{}\n")
+    for out, match in [(done_run.out, r"holds what this command did not write \(\.lock, stage1\)"),
+                       (checkpointed.out, "overlaps the input"),
+                       (str(data_dir), r"holds what this command did not write \(train.jsonl\)"),
+                       (a, "overlaps the input"), (stage, "overlaps the input")]:
+        before = tree_hash(out)
+        message = one_line_error(evaluate.main, ["--average", a, b, "--out", out])
+        assert message.startswith(f"error: --out {out}: ") and re.search(match, message), message
+        assert tree_hash(out) == before
+    assert "train.jsonl: is a file" in one_line_error(evaluate.main, ["--average", a, b, "--out",
+                                                                     str(data_dir / "train.jsonl")])
+    # stage directories (README's example) and a rerun over its own earlier output both work
+    out = str(tmp_path / "avg")
+    for _ in range(2):
+        evaluate.main(["--average", stage, a, "--out", out])
+    mean = load_file(os.path.join(out, "model.safetensors"))
+    wa, wb = (load_file(os.path.join(c, "model.safetensors")) for c in (b, a))  # stage1's latest is step 3
+    assert all(torch.allclose(mean[k], (wa[k].double() / 2 + wb[k].double() / 2).to(mean[k].dtype), atol=1e-7)
+               for k in mean)
+    (tmp_path / "avg" / "notes.txt").write_text("mine")
+    assert "did not write (notes.txt)" in one_line_error(evaluate.main, ["--average", a, b, "--out", out])
+    evaluate.main(["--average", a, b, "--out", out, "--overwrite"])  # only its own files are replaced
+    assert (tmp_path / "avg" / "notes.txt").read_text() == "mine"
+    assert json.load(open(tmp_path / "avg" / "averaged_from.json"))["checkpoints"] == [a, b]
+
+
+def test_export_hf_never_replaces_a_downloaded_model(done_run, tmp_path):
+    ckpt = train.checkpoint_dir(os.path.join(done_run.out, "stage1"))
+    downloaded = tmp_path / "Qwen2-0.5B"  # what a user fetched from the Hub: files export_hf does not write
+    downloaded.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md", "generation_config.json"):
+        (downloaded / name).write_text("{}")
+    before = tree_hash(downloaded)
+    message = one_line_error(evaluate.main, ["--export-hf", str(downloaded), "--ckpt", ckpt, "--decoder-only"])
+    assert "holds what this command did not write (README.md" in message and tree_hash(downloaded) == before
+    out = str(tmp_path / "hf")
+    for _ in range(2):  # its own earlier export is replaced
+        evaluate.main(["--export-hf", out, "--ckpt", os.path.join(done_run.out, "stage1"), "--decoder-only"])
+    assert json.load(open(os.path.join(out, "exported_from.json")))["checkpoint"] == ckpt
+
+
+# ----------------------------------------------------------------------------- --resume never starts over
+
+@pytest.mark.parametrize("damage", ["no latest", "latest names a deleted checkpoint", "truncated train_state.pt",
+                                    "truncated model.safetensors"])
+def test_resume_continues_from_the_newest_complete_checkpoint(checkpointed, tmp_path, damage):
+    cfg = copy_of(checkpointed, tmp_path)
+    stage = os.path.join(cfg.out, "stage1")
+    newest = os.path.join(stage, "step-000003")
+    want = {k: v.clone() for k, v in load_file(os.path.join(newest, "model.safetensors")).items()}  # not the mmap
+    if damage == "no latest":
+        os.remove(os.path.join(stage, "latest"))
+    elif damage == "latest names a deleted checkpoint":
+        shutil.rmtree(newest)
+    else:
+        file = os.path.join(newest, damage.split()[-1])
+        blob = open(file, "rb").read()
+        open(file, "wb").write(blob[:len(blob) // 2])
+    lines = []
+    result = train.run(replace(cfg, resume=True), SMALL, log=lines.append)["stages"]["stage1"]
+    took = "step-000003" if damage == "no latest" else "step-000002"
+    said = [line for line in lines if line.startswith("--resume: ") and f"resuming from {os.path.join(stage, took)}"
+            in line]
+    assert len(said) == 1, lines
+    assert {"no latest": "has no `latest` file", "latest names a deleted checkpoint": "no such directory",
+            "truncated train_state.pt": "train_state.pt: cannot read the training state",
+            "truncated model.safetensors": "damaged"}[damage] in said[0]
+    assert not any("starting over" in line for line in lines) and result.steps == 3
+    # continued exactly: step 3 retrained from step 2 equals the step 3 the uninterrupted run wrote
+    got = load_file(os.path.join(result.checkpoint, "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [json.loads(x)["step"] for x in open(os.path.join(stage, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused_and_deletes_nothing(checkpointed, tmp_path):
+    cfg = copy_of(checkpointed, tmp_path)
+    for step in (1, 2, 3):
+        open(os.path.join(cfg.out, "stage1", f"step-00000{step}", "train_state.pt"), "wb").write(b"")
+    refused(replace(cfg, resume=True), r"--resume: .*stage1 has no complete checkpoint \(.*step-000003/train_state.pt:"
+            r" cannot read the training state.*; start over with --overwrite")
+
+
+def test_resume_refuses_changed_model_flags_and_names_the_flags_it_takes(checkpointed, tmp_path):
+    cfg = copy_of(checkpointed, tmp_path)
+    refused(replace(cfg, resume=True), r"fixes the model; this command changes --text-hidden-size 128 \(was the "
+            r"preset\)", {**SMALL, "text.hidden_size": 128})
+    refused(replace(cfg, resume=True, preset="tiny-moe"), r"changes --preset tiny-moe \(was tiny\)")
+    refused(replace(cfg, resume=True), r"--text-num-layers 3 \(was 2\)", {**SMALL, "text.num_layers": 3})
+    lines = []
+    train.run(replace(cfg, resume=True, lr=1e-3, max_steps=4), {}, log=lines.append)  # model flags may be left out
+    taken = [line for line in lines if "--resume: taking the changed flags" in line]
+    assert len(taken) == 1 and "--max-steps 4 (was 3)" in taken[0] and "--lr 0.001 (was the default)" in taken[0]
+    args = json.load(open(os.path.join(cfg.out, "stage1", "args.json")))
+    assert args["train_config"]["lr"] == 1e-3 and args["model_overrides"]["text.num_layers"] == 2
+    state = train.load_train_state(train.checkpoint_dir(os.path.join(cfg.out, "stage1")))
+    assert state["step"] == 4 and state["total_steps"] == 4
+
+
+# ----------------------------------------------------------------------------- no loss tokens
+
+def test_a_step_without_loss_tokens_is_skipped_and_counted(tmp_path):
+    """No target in the step (every reply cut away): no update, no ZeroDivisionError, counted apart."""
+    cfg = config(tmp_path, stage="3")
+    m = train.build_model("tiny", None, SMALL, 0)
+    sample = data.encode({"task": "t", "format": "text", "text": "some text"}, Tokenizer())
+    batch = data.collate([sample])
+    batch.labels[:] = data.IGNORE
+    loss, stats = m(batch, loss_divisor=0.0)  # the model alone: 0, not 0 / 0
+    assert float(loss.detach()) == 0.0 and stats["n_loss_tokens"] == 0
+    plan, stage = train.Plan.of(cfg, train.STAGES[3]), train.STAGES[3]
+    st = train.StageState(m, train.build_optimizer(m, stage, 1e-3, cfg, "cpu"), None)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    dist = train.parallel.Dist(0, 1)
+    s = train.train_step(m, [p for g in st.optimizer.param_groups for p in g["params"]], [batch, batch], cfg, dist,
+                         train.StopRequested(), 0)
+    train.optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
+    assert s["empty"] and s["loss_tokens"] == 0 and st.empty_total == 1 and st.bad_total == 0 and st.step == 1
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_samples_whose_reply_truncate_cuts_away_are_dropped_and_reported(tmp_path):
+    path = make_jsonl(tmp_path, 12)
+    long_prompt = {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\n" + "why? " * 300},
+                                                        {"from": "gpt", "value": "red"}]}
+    with open(path, "a") as f:
+        f.writelines(json.dumps(long_prompt) + "\n" for _ in range(2))
+    lines = []
+    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"c={path}"], image_root=str(tmp_path / "img"),
+                 truncate=True, log_every=1)
+    result = train.run(cfg, SMALL, log=lines.append)["stages"]["stage3"]
+    assert result.status == "done"
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
+    assert all(r["loss_tokens"] > 0 and r["loss"] is not None for r in rows) and rows[-1]["skipped_samples"] > 0
+    assert any(f"c: reply cut away by --truncate x{rows[-1]['skipped_samples']}" in line for line in lines)
+    with pytest.raises(DataError, match=r"cuts away its whole reply"):
+        data.fit(data.encode(FileDataset(path, str(tmp_path / "img"))[12], Tokenizer()), 256, truncate=True)
+
+
+# ----------------------------------------------------------------------------- one line, naming the file
+
+def test_disk_full_says_so_and_what_is_kept(checkpointed, tmp_path, monkeypatch):
+    cfg = copy_of(checkpointed, tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # the train_state.pt write of the next checkpoint meets a full disk
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    argv = ["--stage", "1", "--max-steps", "5", "--resume", "--out", cfg.out, "--device", "cpu", "--packing-length",
+            "256", "--peak-tflops", "1", "--ckpt-every", "1", "--keep-last", "3", "--text-num-layers", "2",
+            "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
+    message = one_line_error(train.main, argv)
+    monkeypatch.setattr(torch, "save", real_save)
+    stage = os.path.join(cfg.out, "stage1")
+    assert message.startswith("error: no space left on device") and \
+        f"kept: {os.path.join(stage, 'step-000003')} (complete; --resume continues from there)" in message
+    assert not [d for d in os.listdir(stage) if d.startswith(".tmp")]  # the half-written checkpoint is removed
+    assert train.checkpoint_dir(stage) == os.path.join(stage, "step-000003")
+
+
+def test_train_and_evaluate_errors_are_one_line(done_run, tmp_path):
+    ckpt = train.checkpoint_dir(os.path.join(done_run.out, "stage1"))
+    stage_copy = tmp_path / "stage1"
+    shutil.copytree(os.path.dirname(ckpt), stage_copy)
+    (stage_copy / "latest").write_text("step-000099")  # a `latest` naming a deleted checkpoint: the newest one
+    assert evaluate.resolve_checkpoints(str(stage_copy))[0][1] == str(stage_copy / os.path.basename(ckpt))
+    (tmp_path / "file").write_text("x")
+    train_argv = ["--stage", "1", "--max-steps", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"--out .*file: is a file"):
+        train.main(train_argv + ["--out", str(tmp_path / "file")])
+    shutil.copytree(ckpt, tmp_path / "cut")
+    blob = open(tmp_path / "cut" / "model.safetensors", "rb").read()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(blob[:100])
+    assert "cut/model.safetensors: cannot read" in one_line_error(
+        evaluate.main, ["--ckpt", str(tmp_path / "cut"), "--tasks", "vqa_color", "--n", "1", "--out", str(tmp_path)])
+    assert "not a checkpoint, stage directory or run directory" in one_line_error(
+        evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--tasks", "vqa_color"])
+    (tmp_path / "bad.json").write_bytes(b'[{"text": "caf\xe9"}]')
+    assert "bad.json:1: not UTF-8 (byte 0xe9)" in one_line_error(
+        evaluate.main, ["--ckpt", ckpt, "--tasks", "", "--data", f"b={tmp_path / 'bad.json'}", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback (the exception itself) comes through
+        model.cli(evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--debug"])
+
+
+# ----------------------------------------------------------------------------- data files
+
+def test_json_array_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "one"}, {"text": "two"}], indent=1).encode())
+    ds = FileDataset(str(path))
+    assert ds.format == "json" and [ds[i]["text"] for i in range(2)] == ["one", "two"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "one"}\n')
+    assert FileDataset(str(tmp_path / "bom.jsonl"))[0]["text"] == "one"
+
+
+def test_bad_files_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "latin1.json").write_bytes(b'[{"text": "one"},\n {"text": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin1.json:2: not UTF-8 \(byte 0xe9\)"):
+        FileDataset(str(tmp_path / "latin1.json"))
+    pq.write_table(pa.table({"text": ["x" * 50] * 100}), tmp_path / "d.parquet", row_group_size=10)
+    blob = (tmp_path / "d.parquet").read_bytes()
+    (tmp_path / "d.parquet").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(DataError, match=r"d.parquet: cannot read the Parquet file .*truncated"):
+        FileDataset(str(tmp_path / "d.parquet"))
+
+
+def test_empty_file_and_zero_weights_name_the_flag(done_run, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    good = make_jsonl(tmp_path, 3)
+    refused(replace(done_run, data=[f"e={tmp_path / 'empty.jsonl'}", f"c={good}"], image_root=str(tmp_path / "img")),
+            r"--data e=.*empty.jsonl: the file holds no records")
+    refused(replace(done_run, data=[f"c={good}:0"], image_root=str(tmp_path / "img")),
+            r"--data: every weight is 0 \(c=.*:0\)")
