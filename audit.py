@@ -51,33 +51,37 @@ def parse_args(argv=None):
 
 
 def run_seed(args, cfg, overrides, seed, log=print):
-    """Train the recipe and the no-stage-2 arm for one seed, score every checkpoint per sample, keep scores.json."""
+    """Train the recipe and the compute-matched no-stage-2 arm for one seed, score every checkpoint per sample
+    (each stage-3 length, their equal average, the average at the weight chosen on dev, each with and without the
+    resolution search), keep scores.json."""
     out = os.path.join(args.out, f"seed-{seed}")
     cfg = replace(cfg, seed=seed, out=out, stage="all", eval=False)
     train_to_end(cfg, overrides, log)
     length, steps = train.stage3_runs(cfg)[0]
+    stage2_steps = cfg.max_steps if cfg.max_steps is not None else train.STAGES[2].steps
     train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
-                         packing_length=length, max_steps=steps), {}, log)  # the shape comes from stage 1
+                         packing_length=length, max_steps=steps + stage2_steps), {}, log)  # stage 2's steps added
     tasks = [t for t in args.tasks.split(",") if t]
     device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
-    tokenizer, test = train.build_tokenizer(cfg), evaluate.build_eval_sets(tasks, "test", args.eval_n, seed)
-    runs = {f"stage3-{n}": f"stage3-{n}" for n, _ in train.stage3_runs(cfg)} | {"stage3-avg": "stage3-avg",
-                                                                                "no-stage2": "no-stage2/stage3"}
-    results = {}
+    tokenizer, budget = train.build_tokenizer(cfg), train.eval_budget(cfg)
+    test, dev = (evaluate.build_eval_sets(tasks, split, n, seed) for split, n in (("test", args.eval_n),
+                                                                                   ("dev", cfg.eval_dev_n)))
+    lengths = [n for n, _ in train.stage3_runs(cfg)]
+    averaging = averaging_study(out, lengths, tokenizer, dev, budget, device, log)
+    runs = {f"stage3-{n}": f"stage3-{n}" for n in lengths} | {"stage3-avg": "stage3-avg", "no-stage2": "no-stage2/stage3",
+                                                            "stage3-avg (dev weight)": "stage3-avg-dev"}
+    resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
+    scores, chosen = {}, {}
     for name, path in runs.items():
         model = evaluate.load_model(train.checkpoint_dir(os.path.join(out, path)), device)
-        results[name] = evaluate.evaluate_model(model, tokenizer, test, cfg.min_pixels, cfg.eval_max_pixels,
-                                               device=device)
-        log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in results[name].items()))
-    scores = {name: {t: r["scores"] for t, r in res.items()} for name, res in results.items()}
-    dev = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, seed)
-    averaging = averaging_study(out, [n for n, _ in train.stage3_runs(cfg)], tokenizer, dev, cfg, device, log)
-    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
-    model = evaluate.load_model(os.path.join(out, "stage3-avg"), device)
-    search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, cfg.eval_max_pixels, cfg.min_pixels,
-                                        log=log, test_default=results["stage3-avg"], device=device)
-    scores["stage3-avg + resolution search"] = search["test_searched_scores"]
-    result = {"seed": seed, "scores": scores, "chosen": search["chosen"], "averaging": averaging}
+        res = evaluate.evaluate_model(model, tokenizer, test, *budget, device=device)
+        scores[name] = {t: r["scores"] for t, r in res.items()}
+        log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
+        if name.startswith("stage3-") and "dev weight" not in name:
+            search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, budget, log=log,
+                                                test_default=res, device=device)
+            scores[f"{name} + resolution search"], chosen[name] = search["test_searched_scores"], search["chosen"]
+    result = {"seed": seed, "scores": scores, "chosen": chosen, "averaging": averaging}
     evaluate.write_json(result, os.path.join(out, "scores.json"))
     return result
 
@@ -95,10 +99,11 @@ def train_to_end(cfg, overrides, log=print):
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def averaging_study(out, lengths, tokenizer, dev, cfg, device, log=print):
-    """Why averaging the stage-3 runs helps or not (MindVL §3): how far the first two runs moved from their
-    common stage-2 start and how aligned those moves are, and the dev reply loss (teacher forced, in the
-    stage-3 format) along the straight line between them: w(alpha) = (1 - alpha) w_first + alpha w_second."""
+def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
+    """What averaging the stage-3 runs does: how far the first two runs moved from their common stage-2 start and
+    how aligned those moves are, and the dev reply loss (teacher forced, in the stage-3 format) along the straight
+    line between them, w(alpha) = (1 - alpha) w_first + alpha w_second. The inner alpha of least dev loss is
+    written as OUT/stage3-avg-dev: the average with its weight chosen on dev."""
     def weights(path):
         return model_lib.read_safetensors(os.path.join(train.checkpoint_dir(os.path.join(out, path)),
                                                        "model.safetensors"))
@@ -111,11 +116,16 @@ def averaging_study(out, lengths, tokenizer, dev, cfg, device, log=print):
     for alpha in ALPHAS:  # each point written as a weighted average (evaluate.average_checkpoints), then scored
         point = os.path.join(out, "interpolated")
         evaluate.average_checkpoints(ends, [1 - alpha, alpha], out=point)
-        study["dev_loss"].append(evaluate.reply_loss(evaluate.load_model(point, device), tokenizer, records,
-                                                     cfg.min_pixels, cfg.max_pixels, device))  # the training budget
+        study["dev_loss"].append(evaluate.reply_loss(evaluate.load_model(point, device), tokenizer, records, *budget,
+                                                     device))
         shutil.rmtree(point)
+    inner = [(loss, a) for a, loss in zip(ALPHAS, study["dev_loss"]) if 0 < a < 1]
+    study["dev_alpha"] = min(inner)[1]
+    evaluate.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, "stage3-avg-dev"),
+                                 overwrite=True)
     log("averaging: " + ", ".join(f"alpha {a} loss {v:.4f}" for a, v in zip(ALPHAS, study["dev_loss"]))
-        + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}")
+        + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}; "
+        f"dev picks alpha {study['dev_alpha']}")
     return study
 
 
@@ -153,27 +163,29 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
     return [json.load(open(scores_path(args, s))) for s in seeds]
 
 
-def comparisons(seeds, lengths, default):
+def comparisons(seeds, lengths):
     """[(label, A, B, task)] of the recipe's elements: A is the recipe's choice, B what it is compared with, over
-    every task (task None) or one; the search gets a row of its own for each task where it left `default`."""
-    first = f"stage3-{lengths[0]}"
+    every task (task None); the better single length is picked on the test scores (the average's hardest rival)."""
     means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][f"stage3-{n}"].values()]) for s in seeds])
              for n in lengths}
-    better = f"stage3-{max(lengths, key=means.get)}"  # picked on the test scores: the average's hardest rival
-    searched = "stage3-avg + resolution search"
-    rows = [("stage 2 (multitask pre-training) vs stage 3 straight from stage 1", first, "no-stage2", None)]
-    rows += [(f"stage 3 at {a} vs {b} tokens", f"stage3-{a}", f"stage3-{b}", None) for a, b in zip(lengths, lengths[1:])]
+    better = f"stage3-{max(lengths, key=means.get)}"
+    search = " + resolution search"
+    rows = [("stage 2 vs stage 3 from stage 1 given stage 2's steps too (compute-matched)", f"stage3-{lengths[0]}",
+             "no-stage2", None)]
+    rows += [(f"stage 3 at {b} vs {a} tokens", f"stage3-{b}", f"stage3-{a}", None) for a, b in zip(lengths, lengths[1:])]
     rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}", None) for n in lengths]
-    rows += [(f"average vs the better single length ({better})", "stage3-avg", better, None),
-             ("resolution search vs the default resolution", searched, "stage3-avg", None)]
-    moved = [t for t in seeds[0]["chosen"] if any(s["chosen"][t] != default for s in seeds)]
-    return rows + [(f"resolution search vs the default, {t} alone", searched, "stage3-avg", t) for t in moved]
+    return rows + [
+        (f"average vs the better single length ({better})", "stage3-avg", better, None),
+        (f"average, weight chosen on dev, vs {better}", "stage3-avg (dev weight)", better, None),
+        ("resolution search on the average vs the average", "stage3-avg" + search, "stage3-avg", None),
+        (f"resolution search on {better} vs {better}", better + search, better, None),
+        (f"average + search vs {better} + search (the combination)", "stage3-avg" + search, better + search, None)]
 
 
-def audit_table(seeds, lengths, default):
+def audit_table(seeds, lengths):
     """Per comparison: both means, the paired difference and its 95% interval (macro-mean over tasks, in %)."""
     table = []
-    for label, a, b, task in comparisons(seeds, lengths, default):
+    for label, a, b, task in comparisons(seeds, lengths):
         tasks = [task] if task else list(seeds[0]["scores"][a])
         diffs = [{t: np.asarray(s["scores"][a][t]) - np.asarray(s["scores"][b][t]) for t in tasks} for s in seeds]
         mean = lambda name: float(np.mean([np.mean([np.mean(s["scores"][name][t]) for t in tasks])  # noqa: E731
@@ -200,13 +212,15 @@ def markdown(table, n_seeds):
 
 
 def averaging_markdown(seeds, lengths):
-    """The averaging study per seed: how far each run moved from stage 2, how aligned, and the dev loss along the line."""
+    """The averaging study per seed: how far each run moved from stage 2, how aligned, the dev loss along the line
+    and the weight dev picked."""
     lines = [f"| seed | moved, {lengths[0]} / {lengths[1]} (of the stage-2 weights' norm) | cosine of the two moves | "
-             + " | ".join(f"dev loss at alpha {a}" for a in ALPHAS) + " |", "|---" * (3 + len(ALPHAS)) + "|"]
+             + " | ".join(f"dev loss at alpha {a}" for a in ALPHAS) + " | alpha dev picks |",
+             "|---" * (4 + len(ALPHAS)) + "|"]
     for s in seeds:
         st = s["averaging"]
         lines.append(f"| {s['seed']} | {st['moved_first']:.3f} / {st['moved_second']:.3f} | {st['cosine']:.3f} | "
-                     + " | ".join(f"{v:.4f}" for v in st["dev_loss"]) + " |")
+                     + " | ".join(f"{v:.4f}" for v in st["dev_loss"]) + f" | {st['dev_alpha']} |")
     return "\n".join(lines)
 
 
@@ -234,11 +248,13 @@ def main(argv=None):
     if args.seed_only:
         return
     lengths = [n for n, _ in train.stage3_runs(cfg)]
-    table = audit_table(seeds, lengths, cfg.eval_max_pixels)
+    table = audit_table(seeds, lengths)
     text = markdown(table, len(seeds)) + f"\n\ntest scores in %, the mean over {len(seeds)} seeds:\n\n" + task_means(seeds)
-    chosen = {t: sorted({s["chosen"][t] for s in seeds}) for t in seeds[0]["chosen"]}
-    text += "\n\nresolution search chose (max_pixels per task, over seeds): " + \
-        ", ".join(f"{t} {'/'.join(map(str, px))}" for t, px in chosen.items())
+    chosen = {run: {t: sorted({s["chosen"][run][t] for s in seeds}) for t in seeds[0]["chosen"][run]}
+              for run in seeds[0]["chosen"]}
+    for run, picks in chosen.items():
+        text += f"\n\nresolution search on {run} chose (min:max pixels per task, over seeds): " + \
+            ", ".join(f"{t} {' / '.join(px)}" for t, px in picks.items())
     text += f"\n\naveraging, along w(alpha) = (1 - alpha) stage3-{lengths[0]} + alpha stage3-{lengths[1]}:\n\n" \
         + averaging_markdown(seeds, lengths)
     evaluate.write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))

@@ -512,6 +512,8 @@ class Sample:
     answer: str = None  # reference reply (for_generation=True)
     id: str = ""  # where the sample came from (file:line or synthetic/split/seed/index), for errors
     image_starts: list = field(default_factory=list)  # token index of each image's first pad
+    turn_ends: list = field(default_factory=list)  # token index just past each reply (and its end-of-turn token)
+    cut_from: int = 0  # the token count before fit() cut the sample (0: not cut)
 
 
 def check_record(record, need_reply=True):
@@ -565,7 +567,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     if record["format"] == "conversation" and tokenizer.chat is not None:
         return encode_chat(record, tokenizer, images, for_generation)
     tok = tokenizer
-    tokens, labels, starts, queue = [], [], [], iter(images)
+    tokens, labels, starts, ends, queue = [], [], [], [], iter(images)
 
     def add(ids, loss):
         tokens.extend(ids)
@@ -591,6 +593,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
             add([tok.im_start_id] + tok.encode(CHAT_ROLES[t["from"]] + "\n", special=False), False)
             add_text(t["value"], reply)
             add([tok.im_end_id], reply)
+            ends += [len(tokens)] if reply else []
             add(tok.encode("\n", special=False), False)
         if for_generation:
             add([tok.im_start_id] + tok.encode("assistant\n", special=False), False)
@@ -600,7 +603,7 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
         add([tok.bos_id] if tok.bos_id is not None else [], False)
         add_text(record["text"], True)
         add([tok.eos_id], True)
-    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts)
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
 
 
 CHAT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -640,7 +643,8 @@ def encode_chat(record, tok, images, for_generation=False):
         raise DataError(f"{rid}: the chat template wrote {ids.count(tok.image_pad_id)} image pads for "
                         f"{len(images)} images")
     image_ids = {tok.vision_start_id, tok.vision_end_id, tok.image_pad_id}
-    tokens, labels, starts, queue = [], [], [], iter(images)
+    tokens, labels, starts, ends, queue = [], [], [], [], iter(images)
+    span_ends = [e for _, e in spans]
     for k, t in enumerate(ids):
         n = 1
         if t == tok.image_pad_id:
@@ -650,7 +654,10 @@ def encode_chat(record, tok, images, for_generation=False):
         loss = t not in image_ids and any(offsets[k] < e and offsets[k + 1] > s for s, e in spans)
         tokens += [t] * n
         labels += [t if loss else IGNORE] * n
-    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts)
+        ends += [len(tokens)] if span_ends and offsets[k] < span_ends[0] <= offsets[k + 1] else []
+        while span_ends and span_ends[0] <= offsets[k + 1]:
+            span_ends.pop(0)
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
 
 
 def reply_spans(tok, messages, text, rid):
@@ -715,6 +722,9 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "
 SHAPES = ["circle", "square", "triangle"]
 SPLITS = {"train": 0, "dev": 1, "test": 2}
 SIZES = {"train": 1_000_000, "dev": 256, "test": 256}
+# stage 3's conversations have 1..MAX_TURNS turns (60-1,000 tokens): about a fifth outgrow 512 tokens, so a run
+# at 512 trains on their first turns only (fit) while one at 1,024 sees them whole
+MAX_TURNS = 10
 SCENE_GRIDS = (2, 3)  # a scene is a 2x2 or 3x3 grid of one-token (FACTOR-px) cells: 56 or 84 px, 4 or 9 tokens
 OCR_LETTERS = "AEHKOSTX"  # eight letters of distinct outline: 26 letters, 4-10 long, stayed at 0 after 300 steps (docs/LOG.md)
 OCR_GRID = (8, 2)  # a text image is 8x2 one-letter cells, 224x56 px: more pixels than the default test budget
@@ -857,12 +867,13 @@ def content_hash(images, text):
 
 class SyntheticTasks:
     """The built-in curriculum: scenes of coloured shapes drawn with Pillow. record(index) is a pure
-    function of (seed, split, index): index i is task tasks[i % len(tasks)], instance i // len(tasks).
+    function of (seed, split, index): index i is task tasks[i % len(tasks)], record i // len(tasks).
     style="pretrain" gives caption/interleaved/text records (loss on all text, stage 2);
-    style="instruct" gives single-turn conversations (loss on the reply only).
+    style="instruct" gives conversations (loss on the replies only) of 1 to max_turns turns, each turn a
+    question about images of its own (so a longer conversation holds more images and more tokens).
     A content hash assigns every possible instance to exactly one split (drawn by rejection)."""
 
-    def __init__(self, tasks=SYNTHETIC_TASKS, split="train", seed=0, style="instruct", size=None):
+    def __init__(self, tasks=SYNTHETIC_TASKS, split="train", seed=0, style="instruct", size=None, max_turns=1):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if style not in ("pretrain", "instruct"):
@@ -870,8 +881,10 @@ class SyntheticTasks:
         unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
         if unknown or not tasks:
             raise ValueError(f"unknown synthetic tasks {unknown}; known: {SYNTHETIC_TASKS}")
+        if max_turns < 1:
+            raise ValueError(f"max_turns {max_turns}: must be >= 1")
         self.tasks, self.split, self.seed, self.style = list(tasks), split, seed, style
-        self.size = SIZES[split] if size is None else size
+        self.size, self.max_turns = SIZES[split] if size is None else size, max_turns
 
     def __len__(self):
         return self.size
@@ -879,23 +892,29 @@ class SyntheticTasks:
     def __getitem__(self, index):
         return self.record(index)
 
-    def record(self, index):
-        task = self.tasks[index % len(self.tasks)]
+    def instance(self, task, n):
+        """(images, question, answer, statement) of the task's n-th instance in this split."""
         for attempt in range(1000):
-            rng = np.random.default_rng([self.seed, SPLITS[self.split], zlib.crc32(task.encode()),
-                                         index // len(self.tasks), attempt])
+            rng = np.random.default_rng([self.seed, SPLITS[self.split], zlib.crc32(task.encode()), n, attempt])
             images, question, answer, statement = _make(task, rng)
             if _split_of(content_hash(images, task + "|" + question + "|" + answer)) == self.split:
-                break
-        else:
-            raise RuntimeError(f"synthetic {task}: no {self.split} instance in 1000 draws")  # each split >= 10%
-        rec = {"task": task, "images": images, "id": f"synthetic/{self.split}/{self.seed}/{index}"}
-        if self.style == "instruct":
-            rec.update(format="conversation", conversations=[{"from": "human", "value": question},
-                                                             {"from": "gpt", "value": answer}])
-        else:
-            rec.update(format="text" if not images else "caption" if len(images) == 1 else "interleaved",
-                       text=statement)
+                return images, question, answer, statement
+        raise RuntimeError(f"synthetic {task}: no {self.split} instance in 1000 draws")  # each split >= 10%
+
+    def record(self, index):
+        task, n = self.tasks[index % len(self.tasks)], index // len(self.tasks)
+        rec = {"task": task, "id": f"synthetic/{self.split}/{self.seed}/{index}"}
+        if self.style == "pretrain":
+            images, _, _, statement = self.instance(task, n)
+            return rec | {"images": images, "text": statement,
+                          "format": "text" if not images else "caption" if len(images) == 1 else "interleaved"}
+        turns = 1 + int(np.random.default_rng([self.seed, SPLITS[self.split], zlib.crc32(task.encode()), n, 1000])
+                        .integers(self.max_turns))
+        rec |= {"format": "conversation", "images": [], "conversations": []}
+        for j in range(turns):  # instance numbers never shared between records
+            images, question, answer, _ = self.instance(task, n * self.max_turns + j)
+            rec["images"] += images
+            rec["conversations"] += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return rec
 
 
@@ -1284,14 +1303,20 @@ def collate(samples, mrope=False):
 
 
 def fit(sample, max_tokens, truncate=False):
-    """The sample if it fits max_tokens; with truncate, its text cut from the end (never an image);
-    otherwise DataError naming the sample."""
+    """The sample if it fits max_tokens; with truncate, a conversation keeps the whole turns that fit (the later
+    turns and their images dropped: every reply it keeps is whole), other samples their text cut from the end
+    (never an image); otherwise DataError naming the sample. A cut sample records its length in cut_from."""
     n = len(sample.tokens)
     if n <= max_tokens:
         return sample
     if not truncate:
         raise DataError(f"sample {sample.id} ({sample.task}) has {n} tokens > the packing length {max_tokens} "
                         "(raise --packing-length, or --truncate to cut its text)", reason="too long")
+    cut = max((e for e in sample.turn_ends if e <= max_tokens), default=None)
+    if cut is not None:
+        keep = sum(start < cut for start in sample.image_starts)
+        return Sample(sample.tokens[:cut], sample.labels[:cut], sample.images[:keep], sample.task, sample.answer,
+                      sample.id, sample.image_starts[:keep], [e for e in sample.turn_ends if e <= cut], n)
     images_end = max((st + g[1] * g[2] // MERGE ** 2 + 1 for st, (_, g) in zip(sample.image_starts, sample.images)),
                      default=0)
     if images_end > max_tokens:
@@ -1302,7 +1327,7 @@ def fit(sample, max_tokens, truncate=False):
         raise DataError(f"sample {sample.id} ({sample.task}): --truncate to the packing length {max_tokens} cuts "
                         f"away its whole reply ({n} tokens)", reason=REPLY_CUT)
     return Sample(sample.tokens[:max_tokens], sample.labels[:max_tokens], sample.images, sample.task,
-                  sample.answer, sample.id, sample.image_starts)
+                  sample.answer, sample.id, sample.image_starts, [e for e in sample.turn_ends if e <= max_tokens], n)
 
 
 def best_fit_decreasing(lengths, capacity):
@@ -1381,6 +1406,7 @@ class PackedLoader:
         try:
             self.buffer.append((self.reads - 1, self._sample(self.reads - 1)))
             self.since_good = 0
+            self.truncated += bool(self.buffer[-1][1].cut_from)  # cut to the packing length (fit)
             return
         except DataError as e:
             if self.on_bad == "raise" and e.reason != REPLY_CUT:
@@ -1425,12 +1451,13 @@ class PackedLoader:
     def state_dict(self):
         return {"reads": self.reads, "buffer": [j for j, _ in self.buffer], "batches": self.batches,
                 "tokens": self.tokens, "skips": [[src, r, k] for (src, r), k in self.skips.items()],
-                "source_reads": dict(self.source_reads), "since_good": self.since_good}
+                "source_reads": dict(self.source_reads), "since_good": self.since_good, "truncated": self.truncated}
 
     def load_state_dict(self, state):
         self.reads, self.batches, self.tokens = state["reads"], state["batches"], state["tokens"]
         self.skips, self.last_error = {(src, r): k for src, r, k in state["skips"]}, None
         self.source_reads, self.since_good = dict(state["source_reads"]), state.get("since_good", 0)
+        self.truncated = state.get("truncated", 0)
         self.buffer = [(j, self._sample(j)) for j in state["buffer"]]
 
 
@@ -1443,7 +1470,7 @@ def reshard_loader_states(states, world_size):
     frontier = max(r + s["reads"] * old for r, s in enumerate(states))  # no rank has read from here on
     pending = sorted({r + j * old for r, s in enumerate(states) for j in s["buffer"]}
                      | {p for r, s in enumerate(states) for p in range(r + s["reads"] * old, frontier, old)})
-    total = lambda key: sum(s[key] for s in states)  # noqa: E731
+    total = lambda key: sum(s.get(key, 0) for s in states)  # noqa: E731
     skips, reads = {}, {}  # the skip counts, pooled on the new rank 0
     for s in states:
         for src, reason, k in s["skips"]:
@@ -1454,4 +1481,5 @@ def reshard_loader_states(states, world_size):
              "buffer": [p // world_size for p in pending if p % world_size == r],
              "batches": total("batches") // world_size, "tokens": total("tokens") // world_size,
              "skips": [[src, reason, k] for (src, reason), k in skips.items()] if r == 0 else [],
+             "truncated": total("truncated") if r == 0 else 0,
              "source_reads": reads if r == 0 else {}} for r in range(world_size)]

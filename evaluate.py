@@ -134,9 +134,10 @@ DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not
 # ----------------------------------------------------------------------------- eval sets
 
 
-def synthetic_eval_set(task, split, n, seed=0):
-    """The first n instruction-style records of one synthetic task in the dev or test split."""
-    source = data.SyntheticTasks([task], split=split, seed=seed, style="instruct")
+def synthetic_eval_set(task, split, n, seed=0, max_turns=1):
+    """The first n instruction-style records of one synthetic task in the dev or test split: conversations of
+    1..max_turns turns as stage 3 trains on, the last reply the one to generate."""
+    source = data.SyntheticTasks([task], split=split, seed=seed, style="instruct", max_turns=max_turns)
     if n > len(source):
         raise ValueError(f"{task}: {n} eval samples asked, the {split} split has {len(source)}")
     return [source[i] for i in range(n)]
@@ -160,10 +161,10 @@ def metric_of(task):
     return data.TASK_METRIC.get(task, DEFAULT_METRIC)
 
 
-def build_eval_sets(tasks, split, n, seed=0, files=(), image_root="."):
+def build_eval_sets(tasks, split, n, seed=0, files=(), image_root=".", max_turns=1):
     """{name: records}: each synthetic task's `split` slice of n, then each data file's eval set (name, path)
     in full; the dev/test distinction for data files is made by resolution_search (halves)."""
-    sets = {t: synthetic_eval_set(t, split, n, seed) for t in tasks}
+    sets = {t: synthetic_eval_set(t, split, n, seed, max_turns) for t in tasks}
     for name, path in files:
         sets[name] = file_eval_set(path, image_root)
     return sets
@@ -271,7 +272,8 @@ AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval
 
 
 def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
-    """MindVL §3 (model merging): the element-wise weighted mean of the checkpoints' weights (weights are
+    """Model weight averaging (MindVL's abstract: of checkpoints trained at different sequence lengths; the
+    element-wise weighted mean is our reading): the mean of the checkpoints' weights (weights are
     normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
     fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
     is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
@@ -347,9 +349,9 @@ def parse_resolution(s):
 
 
 def select_resolutions(dev_scores, default, level=0.95):
-    """Per task, the default max_pixels unless another beats it on dev beyond noise: the lower end of the
+    """Per task, the default budget unless another beats it on dev beyond noise: the lower end of the
     paired bootstrap interval of (candidate - default) over the dev samples lies above zero. Among those,
-    the best dev mean wins (ties: the smaller, cheaper one). dev_scores: {max_pixels: {task: [per sample]}}.
+    the best dev mean wins (ties: the smaller, cheaper one). dev_scores: {budget: {task: [per sample]}}.
     A one-sample dev difference is a coin toss, not a finding: it never moves the choice."""
     chosen = {}
     for task in dev_scores[default]:
@@ -378,29 +380,48 @@ def bootstrap_ci(diffs, n_boot=2000, level=0.95, seed=0):
     return {"mean": mean, "lo": float(lo), "hi": float(hi)}
 
 
-def resolution_search(model, tokenizer, dev_sets, test_sets, resolutions, default_max_pixels, min_pixels,
-                      log=print, test_default=None, **eval_kwargs):
-    """MindVL §3 test-time resolution search: score every max_pixels in `resolutions` (plus the default) on
-    the dev sets, keep per task the one that beats the default beyond noise (select_resolutions), then score
-    the test sets at the chosen resolution beside the default one (`test_default`: evaluate_model's results
-    at the default when already computed). Returns {"dev": {px: {task: score}}, "chosen": {task: px},
-    "test_default", "test_searched": {task: score}, "test_searched_scores": {task: per-sample scores}}."""
-    candidates = sorted(set(resolutions) | {default_max_pixels})
+def resolution_search(model, tokenizer, dev_sets, test_sets, budgets, default, log=print, test_default=None,
+                      **eval_kwargs):
+    """Test-time resolution search (MindVL's abstract names it; the procedure here is ours): score every pixel
+    budget (min_pixels, max_pixels) in `budgets` (plus the default) on the dev sets, keep per task the one that
+    beats the default beyond noise (select_resolutions), then score the test sets at the chosen budget beside
+    the default one (`test_default`: evaluate_model's results at the default when already computed). A min_pixels
+    above an image's size upscales it. Returns {"dev": {budget: {task: score}}, "chosen": {task: budget},
+    "test_default", "test_searched": {task: score}, "test_searched_scores": {task: per-sample scores}}, budgets
+    written "min:max"."""
+    candidates = sorted(set(budgets) | {default})
     dev, dev_samples = {}, {}
-    for px in candidates:
-        res = evaluate_model(model, tokenizer, dev_sets, min_pixels, px, **eval_kwargs)
-        dev[px], dev_samples[px] = scores_of(res), {t: r["scores"] for t, r in res.items() if r["score"] is not None}
-        log(f"resolution search: dev at max_pixels={px}: " + ", ".join(f"{t} {s:.3f}" for t, s in dev[px].items()))
-    chosen = select_resolutions(dev_samples, default_max_pixels)
+    for b in candidates:
+        res = evaluate_model(model, tokenizer, dev_sets, *b, **eval_kwargs)
+        dev[budget_label(b)] = scores_of(res)
+        dev_samples[b] = {t: r["scores"] for t, r in res.items() if r["score"] is not None}
+        log(f"resolution search: dev at {budget_label(b)} pixels: "
+            + ", ".join(f"{t} {s:.3f}" for t, s in dev[budget_label(b)].items()))
+    chosen = select_resolutions(dev_samples, default)
     if test_default is None:  # the caller may already have the test scores at the default resolution
-        test_default = evaluate_model(model, tokenizer, test_sets, min_pixels, default_max_pixels, **eval_kwargs)
+        test_default = evaluate_model(model, tokenizer, test_sets, *default, **eval_kwargs)
     searched = {}
-    for px in sorted(set(chosen.values()) - {default_max_pixels}):
-        tasks = {t: test_sets[t] for t, p in chosen.items() if p == px}
-        searched.update(evaluate_model(model, tokenizer, tasks, min_pixels, px, **eval_kwargs))
+    for b in sorted(set(chosen.values()) - {default}):
+        tasks = {t: test_sets[t] for t, p in chosen.items() if p == b}
+        searched.update(evaluate_model(model, tokenizer, tasks, *b, **eval_kwargs))
     searched = {t: searched.get(t, test_default[t]) for t in test_default}
-    return {"dev": dev, "chosen": chosen, "test_default": scores_of(test_default), "test_searched": scores_of(searched),
+    return {"dev": dev, "chosen": {t: budget_label(b) for t, b in chosen.items()},
+            "test_default": scores_of(test_default), "test_searched": scores_of(searched),
             "test_searched_scores": {t: r["scores"] for t, r in searched.items()}}
+
+
+def parse_budget(s, min_pixels):
+    """A pixel budget (min_pixels, max_pixels): 'MIN:MAX' (e.g. 112x112:1M, which upscales smaller images), or
+    'MAX' with the given min_pixels; each side as parse_resolution reads it."""
+    lo, sep, hi = s.partition(":")
+    budget = (parse_resolution(lo), parse_resolution(hi)) if sep else (min_pixels, parse_resolution(s))
+    if budget[0] > budget[1]:
+        raise ValueError(f"resolution {s!r}: min_pixels {budget[0]} above max_pixels {budget[1]}")
+    return budget
+
+
+def budget_label(budget):
+    return f"{budget[0]}:{budget[1]}"
 
 
 def split_halves(sets):
@@ -506,7 +527,7 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
         (name, ckpt), (dev_sets, search_sets, resolutions) = ckpts[-1], search
         same = search_sets is test_sets  # then the default resolution's scores are those just computed
         found = resolution_search(load_model(ckpt, kw["device"]), tokenizer, dev_sets, search_sets, resolutions,
-                                  max_pixels, min_pixels, log=log,
+                                  (min_pixels, max_pixels), log=log,
                                   test_default=report["checkpoints"][name]["results"] if same else None, **kw)
         report["resolution_search"] = {"checkpoint": ckpt, **found}
         if not same:
@@ -540,7 +561,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
     p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image pixel floor (smart resize)")
     p.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel budget = the default resolution")
-    p.add_argument("--resolutions", default="", help="test-time resolution search over these max_pixels, e.g. 0.1M,0.2M,0.4M")
+    p.add_argument("--resolutions", default="", help="test-time resolution search over these pixel budgets, "
+                   "MAX or MIN:MAX (a MIN above an image's size upscales it), e.g. 56x56:56x56,112x112:1M")
     p.add_argument("--dev-n", type=int, default=64, help="dev samples per task for the resolution search")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
@@ -597,7 +619,8 @@ def main(argv=None):
     if args.resolutions:
         dev, search_test = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
         same = not files and args.split == "test"  # then the search's test sets are the ones just built
-        search = (dev, test_sets if same else search_test, [parse_resolution(r) for r in args.resolutions.split(",")])
+        search = (dev, test_sets if same else search_test,
+                  [parse_budget(r, args.min_pixels) for r in args.resolutions.split(",")])
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = data.load_tokenizer(args.tokenizer or ckpts[0][1])  # default: the run's own (saved in it)
     evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.max_pixels,
@@ -640,9 +663,10 @@ def trained_budget(ckpt):
     checkpoint: its first source's; the processor's defaults when none is found)."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.abspath(ckpt)):
         args = os.path.join(d, "args.json")
-        if os.path.isfile(args):
-            cfg = read_json(args)["train_config"]
-            return cfg["min_pixels"], cfg["max_pixels"]
+        if os.path.isfile(args):  # the budget it trained at (older runs: their flags)
+            saved = read_json(args)
+            return tuple(saved.get("pixels") or (saved["train_config"]["min_pixels"],
+                                                 saved["train_config"]["max_pixels"] or data.MAX_PIXELS))
     sources = os.path.join(ckpt, "averaged_from.json")
     if os.path.isfile(sources):
         return trained_budget(read_json(sources)["checkpoints"][0])
@@ -651,13 +675,13 @@ def trained_budget(ckpt):
 
 def searched_budget(ckpt):
     """(min_pixels, max_pixels) the resolution search picked for the checkpoint (the eval.json of its run:
-    the max_pixels most tasks chose), or None when no search ran on it."""
+    the budget most tasks chose), or None when no search ran on it."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))):
         report = os.path.join(d, "eval.json")
         search = read_json(report).get("resolution_search") if os.path.isfile(report) else None
         if search and os.path.abspath(search["checkpoint"]) == os.path.abspath(ckpt):
             picks = list(search["chosen"].values())
-            return trained_budget(ckpt)[0], max(set(picks), key=picks.count)
+            return tuple(int(x) for x in max(set(picks), key=picks.count).split(":"))
     return None
 
 

@@ -740,7 +740,7 @@ def next_token_targets(labels, cu_seqlens):
 
 def next_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
     """Greedy (temperature 0), or a draw from softmax(logits / temperature) within the smallest set of tokens
-    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019, §3.1). logits [B, V] -> [B]."""
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020). logits [B, V] -> [B]."""
     if temperature == 0:
         return logits.argmax(-1)
     probs, order = torch.softmax(logits / temperature, -1).sort(-1, descending=True)

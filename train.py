@@ -65,6 +65,8 @@ class Stage:
     packing_length: int  # tokens per packed micro-batch
     style: str           # data.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
     mix: dict            # synthetic task -> sampling weight (ignored when --data is given)
+    max_turns: int = 1   # synthetic conversations of 1..max_turns turns, cut at whole turns to the packing length
+    image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: MAX_PIXELS)
 
 
 MODULE_GROUPS = ("vision", "connector", "decoder")
@@ -73,8 +75,9 @@ ALL_TASKS = {t: 1.0 for t in data.SYNTHETIC_TASKS}
 # the tiny run's weak spots, upweighted: colour/shape/count, and reading (at weight 1 OCR scored 5 ANLS; docs/LOG.md)
 PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0, "ocr": 3.0}
 
-# MindVL (arXiv 2509.11662) §3, three phases. Learning rates, steps and lengths are sized for the tiny preset
-# training from scratch on the synthetic curriculum on a 2-core CPU (the paper's are for 8B/671B models).
+# MindVL's abstract (arXiv 2509.11662) names three phases: warm-up, multitask training, supervised instruction
+# tuning; what each row trains, on what data, is our choice (docs/DESIGN.md). Learning rates, steps and lengths
+# are sized for the tiny preset training from scratch on the synthetic curriculum on a 2-core CPU.
 # Peak lrs stay at or below 3e-4: at 3e-3..1e-2 Adam grows the connector's output in one shared direction
 # (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone
 # (docs/LOG.md, 2026-11-29: what made the image path learn).
@@ -93,14 +96,16 @@ STAGES = {
     # 3. supervised instruction tuning: all parameters, conversations, loss on the replies only
     3: Stage("instruction tuning", trains=MODULE_GROUPS, lr=3e-4,
              lr_mult={"vision": 0.5, "connector": 1.0, "decoder": 1.0}, steps=600, warmup=30,
-             packing_length=512, style="instruct", mix=ALL_TASKS | PERCEPTION),
+             packing_length=512, style="instruct", mix=ALL_TASKS | PERCEPTION, max_turns=data.MAX_TURNS,
+             image_share=1 / 64),
 }
-# MindVL §3: train the last stage at different sequence lengths from the same checkpoint and average them;
-# runs keep the stage's token budget (steps scale as the table's packing length / length)
+# MindVL's abstract: checkpoints trained with different sequence lengths, averaged. Here stage 3 runs at each
+# length from the same stage-2 checkpoint with the stage's token budget (steps scale as 512 / length); the
+# longer run sees whole the conversations the shorter one cuts (data.MAX_TURNS)
 STAGE3_LENGTHS = "512,1024"
-# evaluation of the default run: samples per task, the test-time pixel budget (every scene fits 84x84, the
-# 224x56 text images do not) and the resolution search's candidates (MindVL §3: fewer and more pixels)
-EVAL_N, EVAL_DEV_N, EVAL_MAX_PIXELS, RESOLUTIONS = 64, 64, 84 * 84, "56x56,112x112"
+# evaluation of the default run: samples per task, the test budget (the one stage 3 trained at) and the
+# resolution search's candidates, min:max pixels: fewer pixels, and small images upscaled 2x (our choice)
+EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 64, "56x56:56x56,112x112:1M"
 MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
 
 
@@ -126,7 +131,7 @@ class TrainConfig:
     max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
     truncate: bool = field(default=False, metadata={"help": "cut the text of samples longer than --packing-length (else they are bad samples)"})
     min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
-    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "image pixel budget for smart resize"})
+    max_pixels: typing.Optional[int] = field(default=None, metadata={"help": "image pixel budget for smart resize (default: the stage table's: a share of the packing length in stage 3, else the processor's)"})
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoints"})
@@ -154,8 +159,8 @@ class TrainConfig:
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
     eval_dev_n: int = field(default=EVAL_DEV_N, metadata={"help": "dev samples per task for the resolution search"})
-    eval_max_pixels: int = field(default=EVAL_MAX_PIXELS, metadata={"help": "test-time image pixel budget of --stage all's evaluation (the resolution search's default)"})
-    resolutions: str = field(default=RESOLUTIONS, metadata={"help": "max_pixels candidates of the resolution search ('' = none)"})
+    eval_max_pixels: typing.Optional[int] = field(default=None, metadata={"help": "test-time image pixel budget of --stage all's evaluation, the resolution search's default (default: --max-pixels, the budget stage 3 trained at)"})
+    resolutions: str = field(default=RESOLUTIONS, metadata={"help": "pixel budgets the resolution search tries: MAX or MIN:MAX, comma-separated ('' = none)"})
     # how the model runs, not its shape (not in config.json; free to change with --init-from and --resume)
     z_loss: float = field(default=0.0, metadata={"help": "MM1 z-loss coefficient on logsumexp^2"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward to save memory"})
@@ -248,7 +253,7 @@ def check_config(cfg, overrides):
     if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
         raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
     for name in ("max_pixels", "eval_max_pixels"):
-        if getattr(cfg, name) < cfg.min_pixels:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < cfg.min_pixels:
             raise SystemExit(f"{flag(name)} {getattr(cfg, name)} is below --min-pixels {cfg.min_pixels}")
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
@@ -524,7 +529,8 @@ def build_source(cfg, stage_num, stage):
             if len(sources[name]) == 0:
                 raise SystemExit(f"--data {name}={path}: the file holds no records")
         return data.Mixture(sources, weights, seed)
-    sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix}
+    sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style, max_turns=stage.max_turns)
+               for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
 
 
@@ -790,16 +796,26 @@ def keep_metrics_until(path, step, log=print):
 
 
 def plot_loss(metrics_path, out_png):
-    """loss.png from metrics.jsonl; False when matplotlib (in requirements.txt) is missing."""
+    """loss.png from metrics.jsonl: the raw loss, its exponential moving average over it (what a reader follows)
+    and the learning rate on a second axis; False when matplotlib (in requirements.txt) is missing."""
     plt = evaluate.pyplot()
     if plt is None:
         return False
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
     ok = [r for r in rows if r["loss"] is not None]
+    steps, losses, smooth = [r["step"] for r in ok], [r["loss"] for r in ok], []
+    for x in losses:  # debiased EMA (as in Adam): the first points are not pulled towards zero
+        smooth.append(0.9 * (smooth[-1] if smooth else 0.0) + 0.1 * x)
+    smooth = [s / (1 - 0.9 ** (k + 1)) for k, s in enumerate(smooth)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in ok], [r["loss"] for r in ok])
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
+    ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="loss, EMA 0.9")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.dirname(metrics_path)))
+    lr = ax.twinx()
+    lr.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, label="lr")
+    lr.set_ylabel("learning rate", color="tab:orange")
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
@@ -860,18 +876,23 @@ class RunContext:
 
 @dataclass
 class Plan:
-    """A stage's steps, packing length, warm-up and peak lr: the stage table's unless a flag overrides them."""
+    """A stage's steps, packing length, warm-up, peak lr and image pixel budget: the stage table's unless a flag
+    overrides them. The budget grows with the packing length where the stage says so (image_share): as a real
+    run sizes its images to its sequence length, a shorter run sees images shrunk that a longer one sees whole."""
     total: int
     length: int
     warmup: int
     peak_lr: float
+    max_pixels: int
 
     @staticmethod
     def of(cfg, stage):
-        total = cfg.max_steps if cfg.max_steps is not None else stage.steps
-        return Plan(total, cfg.packing_length or stage.packing_length,
-                    min(cfg.warmup if cfg.warmup is not None else stage.warmup, total),
-                    cfg.lr if cfg.lr is not None else stage.lr)
+        total, length = cfg.max_steps if cfg.max_steps is not None else stage.steps, cfg.packing_length or \
+            stage.packing_length
+        budget = max(cfg.min_pixels, int(length * stage.image_share) * data.FACTOR ** 2) if stage.image_share else \
+            MAX_PIXELS
+        return Plan(total, length, min(cfg.warmup if cfg.warmup is not None else stage.warmup, total),
+                    cfg.lr if cfg.lr is not None else stage.lr, cfg.max_pixels or budget)
 
 
 @dataclass
@@ -904,7 +925,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
         log(f"stage {stage_num}: warning: skipped {st.loader.skipped} samples at start ({st.loader.skip_summary()})")
     if dist.is_main:  # ... before anything on disk changes
         prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
-                                                                  "model_overrides": overrides}, log=log)
+                                                                  "model_overrides": overrides,
+                                                                  "pixels": [cfg.min_pixels, plan.max_pixels]}, log=log)
         write_first_samples(st.loader, ctx.tokenizer, stage_dir, log)
     meter = StageLog(cfg, stage_num, plan, stage_dir, ctx)
     params = [p for g in st.optimizer.param_groups for p in g["params"]]
@@ -1043,7 +1065,8 @@ class StageLog:
                "tokens_per_s": s["tokens"] / dt, "mfu": mfu, "mem_gb": peak_memory_gb(self.dist.device),
                "skipped": not finite, "bad_steps": st.bad_total, "empty_steps": st.empty_total,
                "skipped_samples": s["skipped"],
-               "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start}
+               "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start,
+               **sequence_stats(batches, st.model.config.image_pad_id), "truncated_samples": st.loader.truncated}
         if self.metrics is not None:
             os.write(self.metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
         if s["empty"]:
@@ -1094,6 +1117,13 @@ def write_first_samples(loader, tokenizer, stage_dir, log):
             f"  {text[:1500] if cut else text}{cut}")
 
 
+def sequence_stats(batches, image_pad_id):
+    """What a step's micro-batches held: the longest sample (tokens) and the share of tokens that are image tokens."""
+    tokens = sum(b.input_ids.numel() for b in batches)
+    return {"longest_sample": max(int((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).max()) for b in batches),
+            "image_token_share": sum(int((b.input_ids == image_pad_id).sum()) for b in batches) / max(tokens, 1)}
+
+
 def prepare_stage_dir(stage_dir, fresh, args, log):
     """The stage directory with this run's args.json; a fresh start (--overwrite, or --resume of a stage that
     had no checkpoint yet) replaces an earlier run's directory."""
@@ -1125,8 +1155,9 @@ def build_stage(cfg, ctx, stage_num, plan, init):
     optimizer = build_optimizer(model, stage, plan.peak_lr, cfg, device.type)
     loader = data.PackedLoader(build_source(cfg, stage_num, stage), ctx.tokenizer, plan.length,
                                seed=cfg.seed + stage_num, rank=dist.rank, world_size=dist.world_size,
-                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                               mrope=model.config.text.mrope_section is not None, truncate=cfg.truncate,
+                               min_pixels=cfg.min_pixels, max_pixels=plan.max_pixels,
+                               mrope=model.config.text.mrope_section is not None,
+                               truncate=cfg.truncate or (not cfg.data and stage.max_turns > 1),
                                on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
     return model, optimizer, loader
 
@@ -1230,7 +1261,7 @@ def train_recipe(cfg, ctx):
         if dist.is_main:
             evaluate.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
                                          out=os.path.join(cfg.out, "stage3-avg"))
-            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}  (MindVL §3)")
+            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}")
     train_wall = time.time() - t0
     summary = {"stages": results, "train_wall_s": train_wall}
     if cfg.stage == "all" and cfg.eval and dist.is_main:
@@ -1241,16 +1272,32 @@ def train_recipe(cfg, ctx):
     return summary
 
 
+def eval_budget(cfg):
+    """(min_pixels, max_pixels) of the default run's evaluation: the budget of the longest stage-3 run (the largest
+    the averaged runs trained at; the shorter runs' budgets are search candidates) unless --eval-max-pixels."""
+    longest = max(n for n, _ in stage3_runs(cfg))
+    return cfg.min_pixels, cfg.eval_max_pixels or Plan.of(replace(cfg, packing_length=longest), STAGES[3]).max_pixels
+
+
 def evaluate_recipe(cfg, tokenizer, device, log=print):
-    """Every checkpoint of the run on the synthetic test split, then the resolution search on the final
-    (averaged) one; the table is logged and written to eval.json, results.md and results.png in --out."""
-    tasks = data.SYNTHETIC_TASKS
+    """The stage-3 checkpoints of the run (each length and their average) on the synthetic test split, then the
+    resolution search on the average; the table is logged and written to eval.json, results.md and results.png
+    in --out. Stages 1 and 2 trained on pre-training text and never saw an instruction prompt, so they are not
+    scored on replies: their teacher-forced loss on the dev conversations is reported instead."""
+    tasks, budget = data.SYNTHETIC_TASKS, eval_budget(cfg)
+    dev = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed)
     test_sets = evaluate.build_eval_sets(tasks, "test", cfg.eval_n, cfg.seed)
-    resolutions = [evaluate.parse_resolution(r) for r in cfg.resolutions.split(",") if r]
-    search = (evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed), test_sets, resolutions) \
-        if resolutions else None
-    return evaluate.evaluate_run(evaluate.resolve_checkpoints(cfg.out), tokenizer, test_sets, cfg.out, cfg.min_pixels,
-                                 cfg.eval_max_pixels, search, log=log, device=device, dtype=compute_dtype(cfg))
+    resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
+    ckpts = evaluate.resolve_checkpoints(cfg.out)
+    earlier = {name: evaluate.reply_loss(evaluate.load_model(ckpt, device), tokenizer, sum(dev.values(), []), *budget,
+                                         device=device) for name, ckpt in ckpts if not name.startswith("stage3")}
+    if earlier:
+        log("not scored on replies (trained on pre-training text only); dev reply loss: "
+            + ", ".join(f"{name} {loss:.3f}" for name, loss in earlier.items()))
+    return evaluate.evaluate_run([c for c in ckpts if c[0].startswith("stage3")], tokenizer, test_sets, cfg.out,
+                                 *budget, (dev, test_sets, resolutions) if resolutions else None,
+                                 report={"dev_reply_loss_not_scored": earlier}, log=log, device=device,
+                                 dtype=compute_dtype(cfg))
 
 
 def main(argv=None):
