@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -147,9 +148,25 @@ def _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqle
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
+_HOST_LISTS = {}  # id(cu_seqlens) -> (weakref, version, list): see host_list
+
+
+def host_list(cu):
+    """cu_seqlens as a Python list, synced from the device once per tensor: every layer of a forward (and its
+    backward) gets the same cu_seqlens tensor, so a batch costs one host sync, not one per attention call.
+    Keyed by identity and checked against the tensor's version counter, so an in-place edit is seen."""
+    hit = _HOST_LISTS.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    values = cu.tolist()
+    key = id(cu)
+    _HOST_LISTS[key] = (weakref.ref(cu, lambda _: _HOST_LISTS.pop(key, None)), cu._version, values)
+    return values
+
+
 def _sample_bounds(cu_q, cu_k):
-    """Per-sample (q_start, q_end, k_start, k_end) as Python ints (one host sync)."""
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+    """Per-sample (q_start, q_end, k_start, k_end) as Python ints (host_list's one sync per batch)."""
+    cq, ck = host_list(cu_q), host_list(cu_k)
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens for q ({len(cq)}) and k ({len(ck)}) differ in sample count")
     return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
@@ -331,16 +348,33 @@ def _npu_causal_mask(device):
     return torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=device), diagonal=1)
 
 
+# npu_fusion_attention's limit on the sample count in "TND" (varlen) mode: actual_seq_qlen/kvlen hold at most
+# 1,024 entries (torch_npu API reference, npu_fusion_attention constraints). The ViT's windows exceed it from
+# ~16k visual tokens per micro-batch on.
+NPU_MAX_SAMPLES = 1024
+
+
 def _npu_attention(q, k, v, cu_q, cu_k, causal, scale):
     """torch_npu.npu_fusion_attention on packed "TND" tokens; torch_npu supplies the backward.
     actual_seq_(kv)len are host lists of cumulative lengths without the leading 0; sparse_mode 3 is
-    causal per sample aligned bottom-right, 0 with no mask is full attention; head_num = query heads."""
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens for q ({len(cu_q)}) and k ({len(cu_k)}) differ in sample count")
-    return _torch_npu().npu_fusion_attention(
-        q, k, v, q.shape[1], "TND", atten_mask=_npu_causal_mask(q.device) if causal else None,
-        scale=scale, actual_seq_qlen=cu_q[1:].tolist(), actual_seq_kvlen=cu_k[1:].tolist(),
-        sparse_mode=3 if causal else 0)[0]
+    causal per sample aligned bottom-right, 0 with no mask is full attention; head_num = query heads.
+    More than NPU_MAX_SAMPLES samples are attended NPU_MAX_SAMPLES at a time, outputs concatenated."""
+    cq, ck = host_list(cu_q), host_list(cu_k)
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens for q ({len(cq)}) and k ({len(ck)}) differ in sample count")
+    npu, outs = _torch_npu(), []
+    for s in range(0, len(cq) - 1, NPU_MAX_SAMPLES):
+        e = min(s + NPU_MAX_SAMPLES, len(cq) - 1)
+        (q0, q1), (k0, k1) = (cq[s], cq[e]), (ck[s], ck[e])
+        if q1 == q0:  # only empty samples: nothing to attend, nothing to pass the op
+            outs.append(q[q0:q1])
+            continue
+        outs.append(npu.npu_fusion_attention(
+            q[q0:q1], k[k0:k1], v[k0:k1], q.shape[1], "TND",
+            atten_mask=_npu_causal_mask(q.device) if causal else None, scale=scale,
+            actual_seq_qlen=[c - q0 for c in cq[s + 1:e + 1]], actual_seq_kvlen=[c - k0 for c in ck[s + 1:e + 1]],
+            sparse_mode=3 if causal else 0)[0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _triton_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -679,7 +713,7 @@ def apply_rope(x, cos, sin):
 def swiglu(gate, up):
     """SwiGLU (Shazeer 2020): silu(gate) * up. npu_swiglu takes [gate, up] concatenated; on CUDA it
     stays plain torch (elementwise, left to torch.compile), like apply_rope."""
-    if _on_npu(gate):
+    if _on_npu(gate) and gate.numel():  # npu_swiglu refuses an empty tensor (an EP rank with no routed rows)
         return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
     return F.silu(gate) * up
 
@@ -712,23 +746,31 @@ def _grouped_mm(x, w, counts):
 class NpuGroupedMM(torch.autograd.Function):
     """npu_grouped_matmul has no autograd of its own: forward groups x's rows (group_type 0);
     backward is dx = grouped(dy, w^T) and dw[e] = x_e^T dy_e, a grouping of the contraction axis
-    (group_type 2). group_list_type 1: per-expert counts."""
+    (group_type 2). The group list is cumulative ends (group_list_type 0): per-expert counts
+    (type 1) are refused for a single group, which a rank holding one expert has."""
 
     @staticmethod
     def forward(ctx, x, w, counts):
-        ctx.save_for_backward(x, w, counts)
-        return _torch_npu().npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0,
-                                               group_list_type=1)[0]
+        ends = torch.cumsum(counts, 0, dtype=torch.int64)
+        ctx.save_for_backward(x, w, counts, ends)
+        if not x.shape[0]:  # a rank with no routed rows: nothing reaches the op
+            return x.new_empty(0, w.shape[2])
+        return _torch_npu().npu_grouped_matmul([x], [w], group_list=ends, split_item=2, group_type=0,
+                                               group_list_type=0)[0]
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, counts = ctx.saved_tensors
+        x, w, counts, ends = ctx.saved_tensors
+        if not x.shape[0]:
+            return torch.zeros_like(x), torch.zeros_like(w), None
         npu = _torch_npu()
-        dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=counts, split_item=2,
-                                    group_type=0, group_list_type=1)[0]
-        dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=counts, split_item=3, group_type=2,
-                                    group_list_type=1)[0]
-        return dx, dw, None
+        dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=ends, split_item=2,
+                                    group_type=0, group_list_type=0)[0]
+        dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=ends, split_item=3, group_type=2,
+                                    group_list_type=0)[0]
+        # the op leaves an expert with no rows unwritten (its output is allocated uninitialised): an idle
+        # expert's gradient is zero by selection, not by whatever memory it got
+        return dx, torch.where((counts > 0)[:, None, None], dw, 0), None
 
 
 # ----------------------------------------------------------------------------- cross-entropy
