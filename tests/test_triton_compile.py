@@ -1,0 +1,86 @@
+"""Every Triton kernel compiled (not run: no GPU here) for A100 (sm_80) and H100 (sm_90) by triton's own ptxas,
+with exactly the launch configuration kernels.py picks there: the shared memory it asks for at launch within
+the device's limit, and at most a small register spill. Triton's CPU interpreter checks neither, so without
+this a kernel that cannot launch on a GPU passes every other test. Compiling needs a process without
+TRITON_INTERPRET (the interpreter replaces the kernels), hence the subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# cudaDevAttrMaxSharedMemoryPerBlockOptin (CUDA C++ Programming Guide, compute capability tables): 163 KB on
+# sm_80, 99 KB on sm_86, 227 KB on sm_90; kept here apart from kernels.SHARED_MEMORY so a wrong table shows
+LIMIT = {80: 166_912, 86: 101_376, 90: 232_448}
+MAX_STACK = 256  # bytes of per-thread stack (register spills); FlashAttention-2's tiles spill 0.6-2.1 KB here
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+
+
+def without_interpreter():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+
+
+def launcher_config(name, dim, capability):
+    """What kernels.py launches `name` with: its launcher's pick, plus the constexprs compile_triton fixes."""
+    if name.startswith("rms"):
+        return kernels.rms_norm_launch(dim)
+    part = name.removeprefix("attn_").removeprefix("bwd_")
+    return {**kernels.attention_launch(torch.bfloat16, dim, capability)[part], "GROUPS": 1, "CAUSAL": True}
+
+
+def assert_fits(r):
+    where = f"{r['kernel']} dim {r['dim']} on sm_{r['capability']} with {r['config']}"
+    assert r["shared"] <= LIMIT[r["capability"]], f"{where}: {r['shared']} B of shared memory"
+    assert r["stack"] <= MAX_STACK, f"{where}: {r['stack']} B of stack (register spills)"
+
+
+@pytest.mark.slow
+def test_every_triton_kernel_fits_a100_and_h100(tmp_path):
+    """bench.py --what triton: every kernel at every preset head dim / RMSNorm width, bf16, for sm_80 and sm_90."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--what", "triton", "--out", str(out)],
+                          cwd=ROOT, env=without_interpreter(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["triton"]
+    got = {(r["kernel"], r["dim"], r["capability"]): r for r in rows}
+    assert set(got) == {(name, dim, cap) for name in kernels.TRITON_KERNELS for cap in (80, 90)
+                        for dim in bench.TRITON["widths" if name.startswith("rms") else "head_dims"]}
+    for (name, dim, cap), r in got.items():
+        assert r["config"] == launcher_config(name, dim, cap)
+        assert r["fits"] == (r["shared"] <= r["shared_limit"]) and r["shared_limit"] == LIMIT[cap]
+        assert_fits(r)
+
+
+@pytest.mark.slow
+def test_held_out_head_dims_and_a_99_kb_gpu():
+    """Configurations the tiles were not chosen on: head dims 96 and 160, and an RTX 30-series card (sm_86,
+    99 KB of shared memory) at the head dims that ask for the most."""
+    cases = [(name, dim, cap) for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+             for dim, cap in ((96, 90), (160, 80), (256, 86), (128, 86))]
+    script = ("import json, sys, torch, kernels; print(json.dumps([kernels.compile_triton(n, torch.bfloat16, d, c) "
+              f"for n, d, c in {cases!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=without_interpreter(), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (name, dim, cap), r in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+        assert (r["kernel"], r["dim"], r["capability"]) == (name, dim, cap)
+        assert r["config"] == launcher_config(name, dim, cap)
+        assert_fits(r)
+
+
+def test_launcher_refuses_what_it_cannot_fit():
+    """One table serves every GPU from sm_80 on (the 99 KB cards included, held out above); older GPUs and fp32
+    are refused with a line naming the way out rather than failing at launch."""
+    assert kernels.attention_launch(torch.bfloat16, 256, 86) == kernels.attention_launch(torch.bfloat16, 256, 90)
+    assert kernels.attention_launch(torch.bfloat16, 80, 90)["fwd"]["BLOCK_D"] == 128
+    with pytest.raises(ValueError, match="--attn-backend sdpa"):
+        kernels.attention_launch(torch.float16, 128, 75)
+    with pytest.raises(ValueError, match="SDPA"):
+        kernels.attention_launch(torch.float32, 128, 80)
