@@ -77,6 +77,9 @@ def matmul_flops(device, dtype, clock=time.perf_counter):
         a @ a
         sync()
         best = max(best, 2 * n ** 3 / (clock() - t0))
+    del a
+    if device.type != "cpu":  # the probe's matrices are not training's: peak memory counts from here on
+        getattr(torch, device.type).reset_peak_memory_stats(device)
     return best
 
 
