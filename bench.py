@@ -265,17 +265,17 @@ def bench_triton(device):
     return rows
 
 
-def triton_vs_sdpa(head_dim, lengths=(700, 300, 24)):
-    """Our Triton attention on the GPU at `head_dim` (bf16, causal, GQA 2:1) against SDPA on the same inputs."""
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(lengths), 4, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(sum(lengths), 2, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def triton_vs_sdpa(head_dim, lengths=(700, 300, 24), device="cuda", dtype=torch.bfloat16):
+    """Our Triton attention at `head_dim` (causal, GQA 2:1) against SDPA on the same inputs."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    q = torch.randn(sum(lengths), 4, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), 2, head_dim, device=device, dtype=dtype, requires_grad=True)
             for _ in range(2))
     dout = torch.randn_like(q)
     got, ref = (kernels.varlen_attention(q, k, v, cu, max(lengths), backend=b) for b in ("triton", "sdpa"))
     err = [(a.float() - b.float()).abs().max().item() for a, b in zip(
         (got, *torch.autograd.grad(got, (q, k, v), dout)), (ref, *torch.autograd.grad(ref, (q, k, v), dout)))]
-    return dict(kernel="attention on device", dtype="bf16", dim=head_dim,
+    return dict(kernel="attention on device", dtype=str(dtype).removeprefix("torch."), dim=head_dim,
                 capability=kernels.cuda_capability(q.device), max_err_out=err[0], max_err_grad=max(err[1:]))
 
 

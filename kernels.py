@@ -94,12 +94,13 @@ ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "npu")
 
 
 def default_backend(device_type):
-    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton or before sm_80), cpu -> SDPA (its
-    fused CPU kernel: 1.2x our tiled reference per tiny training step, bench.py --what step)."""
+    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton or before sm_80),
+    cpu -> SDPA (its fused CPU kernel: 1.2x our tiled reference per tiny training step, bench.py --what step)."""
     if device_type == "npu":
         return "npu"
     if device_type == "cuda":  # our Triton kernels need sm_80 (attention_launch)
-        return "triton" if triton is not None and torch.cuda.get_device_capability()[0] >= 8 else "sdpa"
+        old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8
+        return "triton" if triton is not None and not old_gpu else "sdpa"
     return "sdpa"
 
 
