@@ -159,7 +159,10 @@ _HOST_LISTS = {}  # id(cu_seqlens) -> (weakref, version, list): see host_list
 def host_list(cu):
     """cu_seqlens as a Python list, synced from the device once per tensor: every layer of a forward (and its
     backward) gets the same cu_seqlens tensor, so a batch costs one host sync, not one per attention call.
-    Keyed by identity and checked against the tensor's version counter, so an in-place edit is seen."""
+    Keyed by identity and checked against the tensor's version counter, so an in-place edit is seen
+    (inference-mode tensors have none: they are copied every time)."""
+    if cu.is_inference():
+        return cu.tolist()
     hit = _HOST_LISTS.get(id(cu))
     if hit is not None and hit[0]() is cu and hit[1] == cu._version:
         return hit[2]

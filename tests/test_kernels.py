@@ -195,6 +195,8 @@ def test_host_lists_synced_once_per_batch(monkeypatch):
     assert len(calls) == 1
     cu[1] = 4
     assert kernels.host_list(cu) == [0, 4, 8] and len(calls) == 2
+    with torch.inference_mode():  # no version counter to check: read every time
+        assert kernels.host_list(torch.tensor([0, 2])) == [0, 2]
 
 
 def test_npu_small_ops(fake_npu):
