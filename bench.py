@@ -1,7 +1,8 @@
 """Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
 (kernels.py's path vs plain torch vs torch.compile), the training loss's memory (chunked vs full logits), a
 training step per attention backend (tokens/s, MFU, peak memory), packing vs padding the same samples (useful
-tokens/s), and (only when asked) data files' start-up cost (--what data) and our step and generation against
+tokens/s), on cuda (or when asked) each Triton kernel compiled for sm_80/sm_90 with its resource use (--what
+triton), and (only when asked) data files' start-up cost (--what data) and our step and generation against
 transformers' Qwen2.5-VL (--what peer).
 
     python bench.py                                  # every part but peer on the best device (npu > cuda > cpu)
@@ -9,6 +10,7 @@ transformers' Qwen2.5-VL (--what peer).
     python bench.py --device cpu --what peer         # against transformers on the same weights and samples
     python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
     python bench.py --what data                      # time and memory to the first batch of 1M-record files
+    python bench.py --device cpu --what triton       # the Triton kernels compiled for A100/H100, no GPU needed
 
 Timing: median of --reps calls after warm-up; device events on cuda/npu; on cpu the process's CPU time when
 torch runs one thread (OMP_NUM_THREADS=1: immune to other jobs sharing the cores), else wall time.

@@ -75,6 +75,30 @@ def test_held_out_head_dims_and_a_99_kb_gpu():
         assert_fits(r)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="launches the kernels in the interpreter")
+def test_kernels_launch_with_the_launchers_pick(monkeypatch):
+    """What the compile tests check is what TritonAttention launches: each kernel gets attention_launch's pick."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, f"_attn_{name}_kernel")
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen[self.name] = {k: v for k, v in kwargs.items() if k not in ("GROUPS", "CAUSAL")}
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
+        monkeypatch.setattr(kernels, f"_attn_{name}_kernel", Recorder(name))
+    q = torch.randn(24, 2, 80, dtype=torch.float16, requires_grad=True)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    kernels.varlen_attention(q, q, q, cu, 14, backend="triton").sum().backward()
+    pick = kernels.attention_launch(torch.float16, 80, None)
+    assert seen == {"fwd": pick["fwd"], "bwd_dkdv": pick["dkdv"], "bwd_dq": pick["dq"]}
+
+
 def test_launcher_refuses_what_it_cannot_fit():
     """One table serves every GPU from sm_80 on (the 99 KB cards included, held out above); older GPUs and fp32
     are refused with a line naming the way out rather than failing at launch."""
