@@ -826,7 +826,8 @@ def main(argv=None):
     p.add_argument("--loss-impls", default="chunked,full", help="loss part: chunked (ours), full (fp32 logits)")
     args = p.parse_args(argv)
     device = kernels.resolve_device(args.device)
-    what = args.what or "attention,ops,loss,step,packing" + (",triton" if device == "cuda" else "")
+    on_gpu = device == "cuda" and kernels.triton is not None
+    what = args.what or "attention,ops,loss,step,packing" + (",triton" if on_gpu else "")
     parts = [w.strip() for w in what.split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
     if unknown or not parts:
