@@ -257,8 +257,10 @@ def bench_triton(device):
     rows = []
     for cap in triton_capabilities(device):
         for name in kernels.TRITON_KERNELS:
-            for dim in TRITON["widths" if name.startswith("rms") else "head_dims"]:
-                r = kernels.compile_triton(name, torch.bfloat16, dim, cap)
+            # MHA (the ViT, MLA) and GQA compile differently only where the kernel loops over a kv head's queries
+            for dim, groups in itertools.product(TRITON["widths" if name.startswith("rms") else "head_dims"],
+                                                 (1, 2) if name == "attn_bwd_dkdv" else (1,)):
+                r = kernels.compile_triton(name, torch.bfloat16, dim, cap, groups)
                 c = r["config"]
                 r["tiles"] = f"{c['BLOCK_M']}x{c['BLOCK_N']}" if "BLOCK_M" in c else str(c["BLOCK_D"])
                 rows.append({**r, "warps": c["num_warps"], "fits": r["shared"] <= r["shared_limit"]})
@@ -759,8 +761,8 @@ COLUMNS = {
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
     "data": ["format", "records", "file_mib", "index_s", "first_batch_s", "peak_mib"],
-    "triton": ["kernel", "dtype", "dim", "capability", "tiles", "warps", "shared", "shared_limit", "fits", "regs",
-               "stack", "max_err_out", "max_err_grad"],
+    "triton": ["kernel", "dtype", "dim", "groups", "capability", "tiles", "warps", "shared", "shared_limit", "fits",
+               "regs", "stack", "max_err_out", "max_err_grad"],
 }
 
 

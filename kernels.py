@@ -415,7 +415,7 @@ SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100
 
 # Attention launch configurations for 16-bit q/k/v: padded head dim (BLOCK_D) -> kernel -> (BLOCK_M, BLOCK_N,
 # num_warps, num_stages). Chosen by compiling candidates with triton 3.9 for sm_80 and sm_90: the largest
-# tiles that spill at most 200 B of registers; each asks for <= 96 KB of shared memory, so one table fits
+# tiles that spill at most 240 B of registers; each asks for <= 96 KB of shared memory, so one table fits
 # every GPU from sm_80 on (tests/test_triton_compile.py, figures in docs/DESIGN.md). FlashAttention-2's
 # 128x64 at head_dim 128 spills 608 B on sm_80; 128x64 at 256 needs 1.6 KB of stack.
 ATTENTION_TILES = {64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
@@ -753,12 +753,13 @@ _ARG_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", 
               **dict.fromkeys(("scale", "scale_log2", "eps"), "fp32")}
 
 
-def compile_triton(name, dtype, dim, capability):
+def compile_triton(name, dtype, dim, capability, groups=1):
     """Compile one of TRITON_KERNELS ahead of time for an NVIDIA GPU of compute capability `capability` (80, 90;
     no GPU needed, triton ships ptxas) with exactly the launch configuration its launcher picks there, `dim`
-    being the head dim (attention) or the row width (RMSNorm). Returns the shared memory per block it asks for
-    at launch (bytes, against SHARED_MEMORY), registers per thread and stack bytes (register spills), as
-    cuobjdump -res-usage reads them from the cubin. Needs a process without TRITON_INTERPRET=1."""
+    being the head dim (attention) or the row width (RMSNorm), `groups` the query heads per kv head (1 folds
+    the dK/dV kernel's loop over them; any larger count compiles alike). Returns the shared memory per block
+    it asks for at launch (bytes, against SHARED_MEMORY), registers per thread and stack bytes (register
+    spills), as cuobjdump -res-usage reads them from the cubin. Needs a process without TRITON_INTERPRET=1."""
     import re
     import subprocess
     import tempfile
@@ -770,7 +771,7 @@ def compile_triton(name, dtype, dim, capability):
               if name.startswith("attn") else rms_norm_launch(dim))
     options = {k: launch.pop(k) for k in ("num_warps", "num_stages") if k in launch}
     if name.startswith("attn"):
-        launch.update(GROUPS=1, CAUSAL=True)
+        launch.update(GROUPS=groups, CAUSAL=True)
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     signature = {arg: "constexpr" if arg in launch else _ARG_TYPES.get(arg, "i32").format(ty)
                  for arg in kernel.arg_names}
@@ -782,7 +783,8 @@ def compile_triton(name, dtype, dim, capability):
         usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return dict(kernel=name, dtype=ty, dim=dim, capability=capability, shared=compiled.metadata.shared,
+    return dict(kernel=name, dtype=ty, dim=dim, capability=capability, groups=launch.get("GROUPS"),
+                shared=compiled.metadata.shared,
                 shared_limit=SHARED_MEMORY[capability], regs=int(regs), stack=int(stack),
                 config={**launch, **options})
 

@@ -27,12 +27,12 @@ def without_interpreter():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
 
 
-def launcher_config(name, dim, capability):
+def launcher_config(name, dim, capability, groups=1):
     """What kernels.py launches `name` with: its launcher's pick, plus the constexprs compile_triton fixes."""
     if name.startswith("rms"):
         return kernels.rms_norm_launch(dim)
     part = name.removeprefix("attn_").removeprefix("bwd_")
-    return {**kernels.attention_launch(torch.bfloat16, dim, capability)[part], "GROUPS": 1, "CAUSAL": True}
+    return {**kernels.attention_launch(torch.bfloat16, dim, capability)[part], "GROUPS": groups, "CAUSAL": True}
 
 
 def assert_fits(r):
@@ -43,35 +43,37 @@ def assert_fits(r):
 
 @pytest.mark.slow
 def test_every_triton_kernel_fits_a100_and_h100(tmp_path):
-    """bench.py --what triton: every kernel at every preset head dim / RMSNorm width, bf16, for sm_80 and sm_90."""
+    """bench.py --what triton: every kernel at every preset head dim / RMSNorm width, bf16, for sm_80 and sm_90,
+    the dK/dV kernel for MHA and GQA."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--what", "triton", "--out", str(out)],
                           cwd=ROOT, env=without_interpreter(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["triton"]
-    got = {(r["kernel"], r["dim"], r["capability"]): r for r in rows}
-    assert set(got) == {(name, dim, cap) for name in kernels.TRITON_KERNELS for cap in (80, 90)
-                        for dim in bench.TRITON["widths" if name.startswith("rms") else "head_dims"]}
-    for (name, dim, cap), r in got.items():
-        assert r["config"] == launcher_config(name, dim, cap)
+    got = {(r["kernel"], r["dim"], r["capability"], r["groups"]): r for r in rows}
+    assert set(got) == {(name, dim, cap, groups) for name in kernels.TRITON_KERNELS for cap in (80, 90)
+                        for dim in bench.TRITON["widths" if name.startswith("rms") else "head_dims"]
+                        for groups in ((None,) if name.startswith("rms") else (1, 2) if "dkdv" in name else (1,))}
+    for (name, dim, cap, groups), r in got.items():
+        assert r["config"] == launcher_config(name, dim, cap, groups)
         assert r["fits"] == (r["shared"] <= r["shared_limit"]) and r["shared_limit"] == LIMIT[cap]
         assert_fits(r)
 
 
 @pytest.mark.slow
 def test_held_out_head_dims_and_a_99_kb_gpu():
-    """Configurations the tiles were not chosen on: head dims 96 and 160, and an RTX 30-series card (sm_86,
-    99 KB of shared memory) at the head dims that ask for the most."""
-    cases = [(name, dim, cap) for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
-             for dim, cap in ((96, 90), (160, 80), (256, 86), (128, 86))]
-    script = ("import json, sys, torch, kernels; print(json.dumps([kernels.compile_triton(n, torch.bfloat16, d, c) "
-              f"for n, d, c in {cases!r}]))")
+    """Configurations the tiles were not chosen on: head dims 96 and 160, GQA 4:1 and 8:1, and an RTX 30-series
+    card (sm_86, 99 KB of shared memory) at the head dims that ask for the most."""
+    cases = [(name, dim, cap, groups) for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+             for dim, cap, groups in ((96, 90, 1), (160, 80, 4), (256, 86, 8), (128, 86, 1))]
+    script = ("import json, sys, torch, kernels; print(json.dumps([kernels.compile_triton(n, torch.bfloat16, d, c, g) "
+              f"for n, d, c, g in {cases!r}]))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=without_interpreter(), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for (name, dim, cap), r in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+    for (name, dim, cap, groups), r in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
         assert (r["kernel"], r["dim"], r["capability"]) == (name, dim, cap)
-        assert r["config"] == launcher_config(name, dim, cap)
+        assert r["config"] == launcher_config(name, dim, cap, groups)
         assert_fits(r)
 
 
