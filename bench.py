@@ -1,7 +1,8 @@
 """Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
 (kernels.py's path vs plain torch vs torch.compile), the training loss's memory (chunked vs full logits), a
 training step per attention backend (tokens/s, MFU, peak memory), packing vs padding the same samples (useful
-tokens/s), and (only when asked) data files' start-up cost (--what data) and our step and generation against
+tokens/s), on cuda (or when asked) each Triton kernel compiled for sm_80/sm_90 with its resource use (--what
+triton), and (only when asked) data files' start-up cost (--what data) and our step and generation against
 transformers' Qwen2.5-VL (--what peer).
 
     python bench.py                                  # every part but peer on the best device (npu > cuda > cpu)
@@ -9,6 +10,7 @@ transformers' Qwen2.5-VL (--what peer).
     python bench.py --device cpu --what peer         # against transformers on the same weights and samples
     python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
     python bench.py --what data                      # time and memory to the first batch of 1M-record files
+    python bench.py --device cpu --what triton       # the Triton kernels compiled for A100/H100, no GPU needed
 
 Timing: median of --reps calls after warm-up; device events on cuda/npu; on cpu the process's CPU time when
 torch runs one thread (OMP_NUM_THREADS=1: immune to other jobs sharing the cores), else wall time.
@@ -74,6 +76,10 @@ STEP = {  # model (preset + overrides), tokens per packed micro-batch, samples f
     "quick": dict(model="tiny", length=256, packing_samples=24),
 }
 MODELS = {"tiny": {}, "dense-0.6b": DENSE_0_6B}
+# Triton kernels compiled ahead of time: the presets' head dims (Qwen2 64, the ViT's 80, Qwen3 128, DeepSeek-V3
+# MLA 192, and the 256 the kernels accept), the RMSNorm widths (qk-norm 128, MLA latents 512/1536, ViT 1280,
+# decoders 4096/7168), for A100 and H100 (and the device's own capability on cuda); bf16, train.py's GPU dtype
+TRITON = dict(head_dims=(64, 80, 128, 192, 256), widths=(128, 512, 1280, 1536, 4096, 7168), capabilities=(80, 90))
 
 # dense bf16 peak per device, from the vendors' datasheets (NVIDIA H100/H200 SXM: 989 TFLOP/s, H100 PCIe:
 # 756, A100: 312); Ascend 910B: ~313 as commonly quoted (Huawei publishes 256 fp16 for the first Ascend 910,
@@ -232,6 +238,49 @@ def bench_attention(device, size, warmup, reps):
             r["ours"] = r["backend"] == ours
         rows += shape_rows
     return rows
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+def triton_capabilities(device):
+    own = [kernels.cuda_capability(torch.device(device))] if device == "cuda" else []
+    return sorted({*TRITON["capabilities"], *(c for c in own if c in kernels.SHARED_MEMORY)})
+
+
+def bench_triton(device):
+    """Each Triton kernel compiled for each capability with the launch configuration kernels.py picks there:
+    shared memory against the device's limit, registers and spills (compile_triton). On cuda each head dim
+    is also run forward and backward against SDPA (max abs error of output and gradients)."""
+    if kernels.triton is None:
+        raise RuntimeError("--what triton needs the triton package")
+    rows = []
+    for cap in triton_capabilities(device):
+        for name in kernels.TRITON_KERNELS:
+            # MHA (the ViT, MLA) and GQA compile differently only where the kernel loops over a kv head's queries
+            for dim, groups in itertools.product(TRITON["widths" if name.startswith("rms") else "head_dims"],
+                                                 (1, 2) if name == "attn_bwd_dkdv" else (1,)):
+                r = kernels.compile_triton(name, torch.bfloat16, dim, cap, groups)
+                c = r["config"]
+                r["tiles"] = f"{c['BLOCK_M']}x{c['BLOCK_N']}" if "BLOCK_M" in c else str(c["BLOCK_D"])
+                rows.append({**r, "warps": c["num_warps"], "fits": r["shared"] <= r["shared_limit"]})
+    if device == "cuda":
+        rows += [triton_vs_sdpa(dim) for dim in TRITON["head_dims"]]
+    return rows
+
+
+def triton_vs_sdpa(head_dim, lengths=(700, 300, 24), device="cuda", dtype=torch.bfloat16):
+    """Our Triton attention at `head_dim` (causal, GQA 2:1) against SDPA on the same inputs."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    q = torch.randn(sum(lengths), 4, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), 2, head_dim, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    dout = torch.randn_like(q)
+    got, ref = (kernels.varlen_attention(q, k, v, cu, max(lengths), backend=b) for b in ("triton", "sdpa"))
+    err = [(a.float() - b.float()).abs().max().item() for a, b in zip(
+        (got, *torch.autograd.grad(got, (q, k, v), dout)), (ref, *torch.autograd.grad(ref, (q, k, v), dout)))]
+    return dict(kernel="attention on device", dtype=str(dtype).removeprefix("torch."), dim=head_dim,
+                capability=kernels.cuda_capability(q.device), max_err_out=err[0], max_err_grad=max(err[1:]))
 
 
 # ----------------------------------------------------------------------------- small ops
@@ -712,6 +761,8 @@ COLUMNS = {
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",
                 "pad_fraction", "packed_tokens_per_s", "padded_tokens_per_s", "speedup"],
     "data": ["format", "records", "file_mib", "index_s", "first_batch_s", "peak_mib"],
+    "triton": ["kernel", "dtype", "dim", "groups", "capability", "tiles", "warps", "shared", "shared_limit", "fits",
+               "regs", "stack", "max_err_out", "max_err_grad"],
 }
 
 
@@ -762,9 +813,10 @@ def summary(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
-    p.add_argument("--what", default="attention,ops,loss,step,packing",
-                   help="comma-separated parts to run (also: data, start-up cost of 1M-record data files; "
-                        "peer, against transformers' Qwen2.5-VL)")
+    p.add_argument("--what", default=None,
+                   help="comma-separated parts to run (default: attention,ops,loss,step,packing, and triton on cuda; "
+                        "also: triton, each Triton kernel compiled for sm_80/sm_90; data, start-up cost of "
+                        "1M-record data files; peer, against transformers' Qwen2.5-VL)")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
@@ -775,11 +827,13 @@ def main(argv=None):
                    "16384 on cuda/npu, 4096 on cpu: full fp32 logits of 16k tokens need ~30 GB)")
     p.add_argument("--loss-impls", default="chunked,full", help="loss part: chunked (ours), full (fp32 logits)")
     args = p.parse_args(argv)
-    parts = [w.strip() for w in args.what.split(",") if w.strip()]
+    device = kernels.resolve_device(args.device)
+    on_gpu = device == "cuda" and kernels.triton is not None
+    what = args.what or "attention,ops,loss,step,packing" + (",triton" if on_gpu else "")
+    parts = [w.strip() for w in what.split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
     if unknown or not parts:
         p.error(f"--what: unknown part(s) {unknown}; choose from {', '.join(COLUMNS)}")
-    device = kernels.resolve_device(args.device)
     size = "quick" if args.quick else "cpu" if device == "cpu" else "accel"
     warmup = args.warmup if args.warmup is not None else 1 if device == "cpu" or args.quick else 3
     reps = args.reps if args.reps is not None else 2 if args.quick else 3 if device == "cpu" else 10
@@ -805,6 +859,8 @@ def main(argv=None):
             rows = bench_step(device, size, warmup, reps, args.peak_tflops)
         elif part == "packing":
             rows = bench_packing(device, size, reps)
+        elif part == "triton":
+            rows = bench_triton(device)
         else:
             rows = bench_data(size)
         result[part] = rows

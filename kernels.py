@@ -11,6 +11,8 @@ import contextlib
 import math
 import os
 import time
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,9 @@ def matmul_flops(device, dtype, clock=time.perf_counter):
         a @ a
         sync()
         best = max(best, 2 * n ** 3 / (clock() - t0))
+    del a
+    if device.type != "cpu":  # the probe's matrices are not training's: peak memory counts from here on
+        getattr(torch, device.type).reset_peak_memory_stats(device)
     return best
 
 
@@ -89,12 +94,13 @@ ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "npu")
 
 
 def default_backend(device_type):
-    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton), cpu -> SDPA (its
-    fused CPU kernel: 1.2x our tiled reference per tiny training step, bench.py --what step)."""
+    """npu -> torch_npu's fused kernel, cuda -> our Triton kernel (SDPA without triton or before sm_80),
+    cpu -> SDPA (its fused CPU kernel: 1.2x our tiled reference per tiny training step, bench.py --what step)."""
     if device_type == "npu":
         return "npu"
-    if device_type == "cuda":
-        return "triton" if triton is not None else "sdpa"
+    if device_type == "cuda":  # our Triton kernels need sm_80 (attention_launch)
+        old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8
+        return "triton" if triton is not None and not old_gpu else "sdpa"
     return "sdpa"
 
 
@@ -147,9 +153,28 @@ def _dispatch_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqle
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
+_HOST_LISTS = {}  # id(cu_seqlens) -> (weakref, version, list): see host_list
+
+
+def host_list(cu):
+    """cu_seqlens as a Python list, synced from the device once per tensor: every layer of a forward (and its
+    backward) gets the same cu_seqlens tensor, so a batch costs one host sync, not one per attention call.
+    Keyed by identity and checked against the tensor's version counter, so an in-place edit is seen
+    (inference-mode tensors have none: they are copied every time)."""
+    if cu.is_inference():
+        return cu.tolist()
+    hit = _HOST_LISTS.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    values = cu.tolist()
+    key = id(cu)
+    _HOST_LISTS[key] = (weakref.ref(cu, lambda _: _HOST_LISTS.pop(key, None)), cu._version, values)
+    return values
+
+
 def _sample_bounds(cu_q, cu_k):
-    """Per-sample (q_start, q_end, k_start, k_end) as Python ints (one host sync)."""
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+    """Per-sample (q_start, q_end, k_start, k_end) as Python ints (host_list's one sync per batch)."""
+    cq, ck = host_list(cu_q), host_list(cu_k)
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens for q ({len(cq)}) and k ({len(ck)}) differ in sample count")
     return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
@@ -316,6 +341,9 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, causal, scale):
 
 def _flash_attn_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     """flash_attn's varlen kernel (bottom-right causal since v2.1, GQA native), when installed."""
+    if q.dtype not in (torch.float16, torch.bfloat16):  # flash_attn: "only support fp16 and bf16 data type"
+        raise ValueError(f"attention backend 'flash_attn' takes fp16/bf16, got {q.dtype}: train with --dtype bf16 "
+                         f"or use the 'triton' or 'sdpa' backend")
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
@@ -331,16 +359,33 @@ def _npu_causal_mask(device):
     return torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=device), diagonal=1)
 
 
+# npu_fusion_attention's limit on the sample count in "TND" (varlen) mode: actual_seq_qlen/kvlen hold at most
+# 1,024 entries (torch_npu API reference, npu_fusion_attention constraints). The ViT's windows exceed it from
+# ~16k visual tokens per micro-batch on.
+NPU_MAX_SAMPLES = 1024
+
+
 def _npu_attention(q, k, v, cu_q, cu_k, causal, scale):
     """torch_npu.npu_fusion_attention on packed "TND" tokens; torch_npu supplies the backward.
     actual_seq_(kv)len are host lists of cumulative lengths without the leading 0; sparse_mode 3 is
-    causal per sample aligned bottom-right, 0 with no mask is full attention; head_num = query heads."""
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens for q ({len(cu_q)}) and k ({len(cu_k)}) differ in sample count")
-    return _torch_npu().npu_fusion_attention(
-        q, k, v, q.shape[1], "TND", atten_mask=_npu_causal_mask(q.device) if causal else None,
-        scale=scale, actual_seq_qlen=cu_q[1:].tolist(), actual_seq_kvlen=cu_k[1:].tolist(),
-        sparse_mode=3 if causal else 0)[0]
+    causal per sample aligned bottom-right, 0 with no mask is full attention; head_num = query heads.
+    More than NPU_MAX_SAMPLES samples are attended NPU_MAX_SAMPLES at a time, outputs concatenated."""
+    cq, ck = host_list(cu_q), host_list(cu_k)
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens for q ({len(cq)}) and k ({len(ck)}) differ in sample count")
+    npu, outs = _torch_npu(), []
+    for s in range(0, len(cq) - 1, NPU_MAX_SAMPLES):
+        e = min(s + NPU_MAX_SAMPLES, len(cq) - 1)
+        (q0, q1), (k0, k1) = (cq[s], cq[e]), (ck[s], ck[e])
+        if q1 == q0:  # only empty samples: nothing to attend, nothing to pass the op
+            outs.append(q[q0:q1])
+            continue
+        outs.append(npu.npu_fusion_attention(
+            q[q0:q1], k[k0:k1], v[k0:k1], q.shape[1], "TND",
+            atten_mask=_npu_causal_mask(q.device) if causal else None, scale=scale,
+            actual_seq_qlen=[c - q0 for c in cq[s + 1:e + 1]], actual_seq_kvlen=[c - k0 for c in ck[s + 1:e + 1]],
+            sparse_mode=3 if causal else 0)[0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _triton_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -354,9 +399,53 @@ def _triton_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"attention backend 'triton' supports head_dim <= 256, got {q.shape[-1]}")
+    if q.is_cuda and q.dtype == torch.float32:  # one line, once (Python's default warning filter)
+        warnings.warn("attention backend 'triton': fp32 q/k/v run on SDPA (the kernels' fp32 tiles spill registers "
+                      "on sm_80/sm_90, docs/DESIGN.md); --dtype bf16 runs the Triton kernels")
+        return _sdpa_attention(q, k, v, cu_q, cu_k, causal, scale)
     cu_q = cu_q.to(device=q.device, dtype=torch.int32)
     cu_k = cu_k.to(device=q.device, dtype=torch.int32)
     return TritonAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+# Shared memory one thread block may use, by compute capability (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"): 163 KB on A100 (sm_80), 227 KB on H100/B200, 99 KB on the
+# sm_86/89/120 cards. A kernel asking for more fails at launch (OutOfResources); the interpreter never checks.
+SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+# Attention launch configurations for 16-bit q/k/v: padded head dim (BLOCK_D) -> kernel -> (BLOCK_M, BLOCK_N,
+# num_warps, num_stages). Chosen by compiling candidates with triton 3.9 for sm_80 and sm_90: the largest
+# tiles that spill at most 240 B of registers; each asks for <= 96 KB of shared memory, so one table fits
+# every GPU from sm_80 on (tests/test_triton_compile.py, figures in docs/DESIGN.md). FlashAttention-2's
+# 128x64 at head_dim 128 spills 608 B on sm_80; 128x64 at 256 needs 1.6 KB of stack.
+ATTENTION_TILES = {64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
+                   128: dict(fwd=(64, 64, 8, 3), dkdv=(32, 64, 8, 3), dq=(64, 32, 8, 3)),
+                   256: dict(fwd=(64, 32, 8, 3), dkdv=(32, 32, 8, 2), dq=(32, 64, 8, 2))}
+
+
+def attention_launch(dtype, head_dim, capability=None):
+    """The Triton attention kernels' launch configuration for q/k/v of `dtype` and `head_dim` on a GPU of compute
+    capability `capability` (e.g. 90; None = the interpreter, nothing to fit): {"fwd" | "dkdv" | "dq":
+    dict(BLOCK_M, BLOCK_N, num_warps, num_stages and the constexprs all three share)}."""
+    if capability is not None and capability < 80:  # bf16 tensor cores, and >= 99 KB of shared memory
+        raise ValueError(f"attention backend 'triton' needs a GPU of compute capability >= 8.0, got "
+                         f"{capability / 10:.1f}; use --attn-backend sdpa")
+    if capability is not None and dtype == torch.float32:
+        raise ValueError("attention_launch: fp32 attention runs on SDPA on a GPU (its Triton tiles spill)")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D=block_d,
+                  DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")  # tf32 = the 16-bit default
+    return {name: dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, **shared)
+            for name, (m, n, w, st) in ATTENTION_TILES[max(64, block_d)].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(device):
+    """A CUDA device's compute capability as one number (9.0 -> 90); None for other devices (interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 if triton is not None:
@@ -520,34 +609,24 @@ if triton is not None:
 
 
 class TritonAttention(torch.autograd.Function):
-    """Our varlen FlashAttention-2 in Triton: the kernels above, fp32 accumulation, O(T) memory.
-    Tiles (BLOCK_M queries x BLOCK_N keys) follow FlashAttention-2's H100 choices; not tuned here."""
-
-    FWD_BLOCKS = (128, 64)
-    BWD_BLOCKS = (64, 64)
-
-    @staticmethod
-    def _launch_args(q, k, causal):
-        D = q.shape[-1]
-        return dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=D, CAUSAL=causal,
-                    BLOCK_D=max(16, triton.next_power_of_2(D)),
-                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 = default for 16-bit
-                    num_warps=4 if D <= 64 else 8)
+    """Our varlen FlashAttention-2 in Triton: the kernels above, fp32 accumulation, O(T) memory, launched with
+    attention_launch's tiles for the device."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        T, H, _ = q.shape
+        T, H, D = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(H, T, dtype=torch.float32, device=q.device)  # log2 units
-        block_m, block_n = TritonAttention.FWD_BLOCKS
-        grid = (triton.cdiv(max_q, block_m), len(cu_q) - 1, H)
+        launch = attention_launch(q.dtype, D, cuda_capability(q.device))
+        fwd = launch["fwd"]
+        grid = (triton.cdiv(max_q, fwd["BLOCK_M"]), len(cu_q) - 1, H)
         _attn_fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, scale * math.log2(math.e), T,
                                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-                               BLOCK_M=block_m, BLOCK_N=block_n, **TritonAttention._launch_args(q, k, causal))
+                               GROUPS=H // k.shape[1], CAUSAL=causal, **fwd)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.max_q, ctx.max_k, ctx.causal, ctx.scale = max_q, max_k, causal, scale
+        ctx.max_q, ctx.max_k, ctx.causal, ctx.scale, ctx.launch = max_q, max_k, causal, scale, launch
         return out
 
     @staticmethod
@@ -560,18 +639,17 @@ class TritonAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        args = TritonAttention._launch_args(q, k, ctx.causal)
-        block_m, block_n = TritonAttention.BWD_BLOCKS
+        common = dict(GROUPS=H // k.shape[1], CAUSAL=ctx.causal)
+        dkdv, dq_launch = ctx.launch["dkdv"], ctx.launch["dq"]
         scales = (ctx.scale, ctx.scale * math.log2(math.e), T)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    dout.stride(0), dout.stride(1))
         n_samples = len(cu_q) - 1
-        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_k, block_n), n_samples, k.shape[1])](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_k, dkdv["BLOCK_N"]), n_samples, k.shape[1])](
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *scales, *strides, dk.stride(0), dk.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, **args)
-        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_q, block_m), n_samples, H)](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *scales, *strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, **args)
+            **common, **dkdv)
+        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_q, dq_launch["BLOCK_M"]), n_samples, H)](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *scales, *strides, **common, **dq_launch)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -628,6 +706,13 @@ if triton is not None:
         tl.store(DW_PARTIAL + pid * D + cols, dw, mask=ok)
 
 
+def rms_norm_launch(dim):
+    """One row per program, the whole row in registers: more warps for wider rows keep each thread's share
+    (x, dy, w, the dw partial) at <= 16 values, so rows up to DeepSeek-V3's 7168 do not spill."""
+    block_d = triton.next_power_of_2(dim)
+    return dict(BLOCK_D=block_d, num_warps=min(16, max(4, block_d // 512)))
+
+
 class TritonRMSNorm(torch.autograd.Function):
     """rms_norm as two Triton kernels (one read of x forward, one of x and dy backward)."""
 
@@ -640,8 +725,7 @@ class TritonRMSNorm(torch.autograd.Function):
         n, D = x2.shape
         y = torch.empty(n, D, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        _rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
-                                   BLOCK_D=triton.next_power_of_2(D))
+        _rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps, **rms_norm_launch(D))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], D)
@@ -656,8 +740,53 @@ class TritonRMSNorm(torch.autograd.Function):
         programs = min(n, TritonRMSNorm.BWD_PROGRAMS)
         dw_partial = torch.empty(programs, D, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, n, x2.stride(0),
-                                          dy2.stride(0), dx.stride(0), D, BLOCK_D=triton.next_power_of_2(D))
+                                          dy2.stride(0), dx.stride(0), D, **rms_norm_launch(D))
         return dx.view(ctx.x_shape), dw_partial.sum(0).to(weight.dtype), None
+
+
+# ----------------------------------------------------------------------------- Triton kernels compiled ahead of time
+
+TRITON_KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_fwd", "rms_norm_bwd")
+# argument types by name: pointers to the input dtype ("*{}"), to fp32 and int32; fp32 scalars; the rest int32
+_ARG_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "W", "Y", "DY", "DX"), "*{}"),
+              **dict.fromkeys(("LSE", "DELTA", "RSTD", "DW_PARTIAL"), "*fp32"), "cu_q": "*i32", "cu_k": "*i32",
+              **dict.fromkeys(("scale", "scale_log2", "eps"), "fp32")}
+
+
+def compile_triton(name, dtype, dim, capability, groups=1):
+    """Compile one of TRITON_KERNELS ahead of time for an NVIDIA GPU of compute capability `capability` (80, 90;
+    no GPU needed, triton ships ptxas) with exactly the launch configuration its launcher picks there, `dim`
+    being the head dim (attention) or the row width (RMSNorm), `groups` the query heads per kv head (1 folds
+    the dK/dV kernel's loop over them; any larger count compiles alike). Returns the shared memory per block
+    it asks for at launch (bytes, against SHARED_MEMORY), registers per thread and stack bytes (register
+    spills), as cuobjdump -res-usage reads them from the cubin. Needs a process without TRITON_INTERPRET=1."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    kernel = globals()[f"_{name}_kernel"]
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("compile_triton: Triton's interpreter is on (TRITON_INTERPRET=1); run without it")
+    launch = (attention_launch(dtype, dim, capability)[name.removeprefix("attn_").removeprefix("bwd_")]
+              if name.startswith("attn") else rms_norm_launch(dim))
+    options = {k: launch.pop(k) for k in ("num_warps", "num_stages") if k in launch}
+    if name.startswith("attn"):
+        launch.update(GROUPS=groups, CAUSAL=True)
+    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    signature = {arg: "constexpr" if arg in launch else _ARG_TYPES.get(arg, "i32").format(ty)
+                 for arg in kernel.arg_names}
+    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs=launch),
+                              target=GPUTarget("cuda", capability, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return dict(kernel=name, dtype=ty, dim=dim, capability=capability, groups=launch.get("GROUPS"),
+                shared=compiled.metadata.shared,
+                shared_limit=SHARED_MEMORY[capability], regs=int(regs), stack=int(stack),
+                config={**launch, **options})
 
 
 def rotate_half(x):
@@ -679,7 +808,7 @@ def apply_rope(x, cos, sin):
 def swiglu(gate, up):
     """SwiGLU (Shazeer 2020): silu(gate) * up. npu_swiglu takes [gate, up] concatenated; on CUDA it
     stays plain torch (elementwise, left to torch.compile), like apply_rope."""
-    if _on_npu(gate):
+    if _on_npu(gate) and gate.numel():  # npu_swiglu refuses an empty tensor (an EP rank with no routed rows)
         return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
     return F.silu(gate) * up
 
@@ -712,23 +841,31 @@ def _grouped_mm(x, w, counts):
 class NpuGroupedMM(torch.autograd.Function):
     """npu_grouped_matmul has no autograd of its own: forward groups x's rows (group_type 0);
     backward is dx = grouped(dy, w^T) and dw[e] = x_e^T dy_e, a grouping of the contraction axis
-    (group_type 2). group_list_type 1: per-expert counts."""
+    (group_type 2). The group list is cumulative ends (group_list_type 0): per-expert counts
+    (type 1) are refused for a single group, which a rank holding one expert has."""
 
     @staticmethod
     def forward(ctx, x, w, counts):
-        ctx.save_for_backward(x, w, counts)
-        return _torch_npu().npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0,
-                                               group_list_type=1)[0]
+        ends = torch.cumsum(counts, 0, dtype=torch.int64)
+        ctx.save_for_backward(x, w, counts, ends)
+        if not x.shape[0]:  # a rank with no routed rows: nothing reaches the op
+            return x.new_empty(0, w.shape[2])
+        return _torch_npu().npu_grouped_matmul([x], [w], group_list=ends, split_item=2, group_type=0,
+                                               group_list_type=0)[0]
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, counts = ctx.saved_tensors
+        x, w, counts, ends = ctx.saved_tensors
+        if not x.shape[0]:
+            return torch.zeros_like(x), torch.zeros_like(w), None
         npu = _torch_npu()
-        dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=counts, split_item=2,
-                                    group_type=0, group_list_type=1)[0]
-        dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=counts, split_item=3, group_type=2,
-                                    group_list_type=1)[0]
-        return dx, dw, None
+        dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=ends, split_item=2,
+                                    group_type=0, group_list_type=0)[0]
+        dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=ends, split_item=3, group_type=2,
+                                    group_list_type=0)[0]
+        # the op leaves an expert with no rows unwritten (its output is allocated uninitialised): an idle
+        # expert's gradient is zero by selection, not by whatever memory it got
+        return dx, torch.where((counts > 0)[:, None, None], dw, 0), None
 
 
 # ----------------------------------------------------------------------------- cross-entropy

@@ -143,7 +143,7 @@ class TrainConfig:
     random_vision: bool = field(default=False, metadata={"help": "with --init-text-from and no --init-vision-from: train the preset's ViT from random weights"})
     chat_template: typing.Optional[str] = field(default=None, metadata={"help": "chat template of a Hugging Face tokenizer: a .jinja file, or chatml (the built-in format); default: the tokenizer's own"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, npu or auto", "choices": ["auto", "cpu", "cuda", "npu"]})
-    dtype: str = field(default="fp32", metadata={"help": "compute dtype: fp32, or bf16 autocast", "choices": ["fp32", "bf16"]})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: fp32, or bf16 autocast (auto: bf16 on cuda/npu, fp32 on cpu)", "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=0, metadata={"help": "seed of the weights, data order and synthetic images"})
     ckpt_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept per stage (the newest K; older ones are removed)"})
@@ -588,6 +588,11 @@ def compute_dtype(cfg):
     return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
+def resolve_dtype(name, device_type):
+    """--dtype auto: bf16 autocast on an accelerator (tensor cores, half the activation memory), fp32 on cpu."""
+    return name if name != "auto" else "fp32" if device_type == "cpu" else "bf16"
+
+
 def peak_memory_gb(device):
     if device.type in ("cuda", "npu"):
         return getattr(torch, device.type).max_memory_allocated(device) / 2 ** 30
@@ -620,6 +625,7 @@ def print_memory_plan(cfg, overrides, log=print):
     config = config_from_preset(cfg.preset, **overrides)
     with torch.device("meta"):
         model = MLLM(config)
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, "cuda"))  # a plan for accelerators
     compute_bytes = 2 if cfg.dtype == "bf16" else 4
     tokens = cfg.packing_length or STAGES[2].packing_length
     act = activation_bytes(config, tokens, compute_bytes, cfg.activation_checkpointing)
@@ -641,16 +647,24 @@ def print_memory_plan(cfg, overrides, log=print):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _accelerators():
+    """The accelerator modules present (torch.npu exists once torch_npu is imported)."""
+    return {name: getattr(torch, name) for name in ("cuda", "npu")
+            if hasattr(torch, name) and getattr(torch, name).is_available()}
+
+
 def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": None, "npu": None}
+    state.update({name: mod.get_rng_state_all() for name, mod in _accelerators().items()})
+    return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, mod in _accelerators().items():
+        if state.get(name) is not None:
+            mod.set_rng_state_all(state[name])
 
 
 def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokenizer):
@@ -932,7 +946,8 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
     params = [p for g in st.optimizer.param_groups for p in g["params"]]
     log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {plan.total} steps x {cfg.grad_accum} "
         f"x {plan.length} tokens; peak lr {plan.peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
-        f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters")
+        f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters; {cfg.dtype} compute on "
+        f"{dist.device}")
     save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
                                                 train_state(cfg, overrides, stage_num, plan, st, loader_state),
                                                 ctx.tokenizer)
@@ -1185,6 +1200,7 @@ def run(cfg, overrides, log=print):
     Flags and paths are checked first, then --out is locked for the run's duration."""
     check_config(cfg, overrides)
     device_type = detect_device() if cfg.device == "auto" else cfg.device
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type))
     # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
     dist = parallel.init_distributed(device_type)
     if (cfg.fsdp or cfg.ep > 1) and dist.world_size == 1 and "WORLD_SIZE" not in os.environ:

@@ -5,6 +5,12 @@ This verifies OUR CALLS - layout, cumulative lengths, mask convention, scale, he
 lists, which half of a concatenation is the gate, which ops lack autograd - and not the hardware,
 CANN's kernels or their numerics. The NPU paths are not run on Ascend hardware in CI.
 
+Documented limits it enforces (torch_npu API reference, Ascend/op-plugin docs/context/torch_npu-<op>.md):
+npu_fusion_attention's "TND" mode takes at most 1,024 entries in actual_seq_qlen/kvlen;
+npu_grouped_matmul refuses group_list_type 1 (counts) with a single group, and its output is allocated
+uninitialised, so a K-split (group_type 2) group with no rows is left unwritten (here: NaN);
+npu_swiglu refuses an empty tensor.
+
 Install it for one test with `monkeypatch.setitem(sys.modules, "torch_npu", fake_torch_npu)`.
 """
 import math
@@ -12,12 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+MAX_TND_SAMPLES = 1024
+
 
 def _cumulative(name, seq, total):
     """actual_seq_qlen/kvlen: a host list of cumulative lengths WITHOUT the leading 0, ending at T."""
     if not isinstance(seq, (list, tuple)) or not all(isinstance(n, int) for n in seq):
         raise TypeError(f"{name} must be a host list of ints, got {type(seq).__name__}")
     ends = list(seq)
+    if len(ends) > MAX_TND_SAMPLES:
+        raise ValueError(f"{name} has {len(ends)} entries; TND mode takes at most {MAX_TND_SAMPLES}")
     if not ends or ends[0] <= 0:  # a leading 0 is the cu_seqlens mistake; the lists start at sample 1's end
         raise ValueError(f"{name}={ends} must be cumulative lengths without the leading 0")
     if ends[-1] != total or any(b < a for a, b in zip(ends, ends[1:])):
@@ -102,7 +112,9 @@ def npu_rotary_mul(input, r1, r2, rotary_mode="half"):
 
 
 def npu_swiglu(x, dim=-1):
-    """silu(A) * B, A the first half of x along dim."""
+    """silu(A) * B, A the first half of x along dim; an empty x is refused."""
+    if not x.numel():
+        raise ValueError(f"npu_swiglu: empty input {tuple(x.shape)}")
     a, b = x.chunk(2, dim=dim)
     return F.silu(a) * b
 
@@ -123,6 +135,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0, g
         if group_list.dtype != torch.int64:
             raise TypeError(f"group_list tensor must be int64, got {group_list.dtype}")
         group_list = group_list.tolist()
+    if group_list_type == 1 and len(group_list) == 1:
+        raise ValueError("npu_grouped_matmul: group_list_type 1 (per-group counts) needs more than one group")
     ends = list(torch.tensor(group_list).cumsum(0).tolist()) if group_list_type == 1 else list(group_list)
     bounds = list(zip([0] + ends[:-1], ends))
     (a,), (b,) = x, weight
@@ -136,6 +150,10 @@ def npu_grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0, g
             if b.dim() != 2 or ends[-1] != a.shape[1] or b.shape[0] != a.shape[1]:
                 raise ValueError(f"group_type 2: x [K, N], weight [N, M], groups covering N; got "
                                  f"{tuple(a.shape)}, {tuple(b.shape)}, group ends {ends}")
-            return [torch.stack([a[:, s:e] @ b[s:e] for s, e in bounds])]
+            out = torch.full((len(bounds), a.shape[0], b.shape[1]), math.nan, dtype=a.dtype)  # uninitialised
+            for g, (s, e) in enumerate(bounds):
+                if e > s:
+                    out[g] = a[:, s:e] @ b[s:e]
+            return [out]
     raise NotImplementedError(f"fake models group_type 0 (split_item 2/3) and 2 (split_item 3); got "
                               f"group_type {group_type}, split_item {split_item}")

@@ -51,8 +51,10 @@ def device_for(backend, dtype):
 def small_tiles(monkeypatch):
     """Tiles of 16-32 so the tiny test samples span several query and key tiles."""
     monkeypatch.setattr(kernels.ReferenceAttention, "BLOCK", 16)
-    monkeypatch.setattr(kernels.TritonAttention, "FWD_BLOCKS", (32, 16))
-    monkeypatch.setattr(kernels.TritonAttention, "BWD_BLOCKS", (16, 32))
+    launch = kernels.attention_launch
+    tiles = dict(fwd=(32, 16), dkdv=(16, 32), dq=(16, 32))
+    monkeypatch.setattr(kernels, "attention_launch", lambda *args: {
+        name: {**cfg, "BLOCK_M": tiles[name][0], "BLOCK_N": tiles[name][1]} for name, cfg in launch(*args).items()})
 
 
 def random_qkv(lengths, heads, head_dim, dtype, device, kv_lengths=None):
@@ -159,6 +161,13 @@ def test_triton_backend_refuses_cpu_tensors_outside_interpreter(monkeypatch):
     q = torch.randn(4, 2, 16)
     with pytest.raises(RuntimeError, match="cuda"):
         varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="triton")
+
+
+def test_flash_attn_refuses_fp32_in_one_line():
+    """flash_attn itself rejects fp32 ("only support fp16 and bf16"); the backend says so before importing it."""
+    q = torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match="'flash_attn' takes fp16/bf16, got torch.float32"):
+        varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="flash_attn")
 
 
 def test_reference_memory_linear_in_length():

@@ -168,6 +168,37 @@ def test_fake_torch_npu_catches_wrong_calls():
     assert not torch.allclose(unscaled, naive_attention(q, q, q, [0, 2, 6], [0, 2, 6], False), atol=1e-3)
 
 
+def test_npu_attention_splits_past_the_sample_limit(fake_npu):
+    """More samples than npu_fusion_attention's 1,024 (the ViT's windows at ~16k visual tokens): the calls
+    each stay within the limit and together equal one attention over all samples."""
+    lengths = [1 + i % 3 for i in range(fake_torch_npu.MAX_TND_SAMPLES + 30)]
+    cu = torch.tensor(cumulative(lengths), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 2, 16, requires_grad=True) for _ in range(3))
+    out = kernels.varlen_attention(q, k, v, cu, 3, backend="npu")
+    ref = kernels.varlen_attention(q, k, v, cu, 3, backend="sdpa")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=2e-5)
+
+
+def test_host_lists_synced_once_per_batch(monkeypatch):
+    """Every attention call of a forward and backward reads the same cu_seqlens: one host copy, and a
+    changed tensor (in place) is read again."""
+    cu = torch.tensor(cumulative([3, 5]), dtype=torch.int32)
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or real(t))
+    q = torch.randn(8, 2, 16, requires_grad=True)
+    for _ in range(3):
+        kernels.varlen_attention(q, q, q, cu, 5, backend="reference").sum().backward()
+    assert len(calls) == 1
+    cu[1] = 4
+    assert kernels.host_list(cu) == [0, 4, 8] and len(calls) == 2
+    with torch.inference_mode():  # no version counter to check: read every time
+        assert kernels.host_list(torch.tensor([0, 2])) == [0, 2]
+
+
 def test_npu_small_ops(fake_npu):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     x = torch.randn(5, 3, 64, requires_grad=True)
@@ -198,12 +229,33 @@ def test_npu_rope_falls_back_for_unsupported_head_dim(fake_npu, monkeypatch):
                                x * cos[:, None] + torch.cat((-x2, x1), -1) * sin[:, None])
 
 
-def test_npu_grouped_mm(fake_npu):
-    """Forward and the autograd wrapper's grouped backward (the op itself has no autograd)."""
-    counts = torch.tensor([4, 0, 2, 3])
-    x = torch.randn(9, 8, requires_grad=True)
-    w = torch.randn(4, 8, 4, requires_grad=True)
+@pytest.mark.parametrize("counts", [[4, 0, 2, 3, 0], [5], [0, 0]])
+def test_npu_grouped_mm(fake_npu, counts):
+    """Forward and the autograd wrapper's grouped backward (the op itself has no autograd): idle experts
+    get zero gradients though the op leaves them unwritten, one expert (EP with as many ranks as
+    experts) and no rows at all (a rank nothing was routed to) are valid calls."""
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    w = torch.randn(len(counts), 8, 4, requires_grad=True)
     assert_grouped_mm_matches_torch(x, w, counts)
+    gate = torch.randn(int(counts.sum()), 6)
+    torch.testing.assert_close(kernels.swiglu(gate, gate), F.silu(gate) * gate)
+
+
+def test_fake_torch_npu_enforces_documented_limits():
+    """The limits the fake follows fail a call that breaks them, so a regression in our calls shows."""
+    q = torch.randn(fake_torch_npu.MAX_TND_SAMPLES + 1, 1, 16)
+    ends = list(range(1, q.shape[0] + 1))
+    with pytest.raises(ValueError, match="at most 1024"):
+        fake_torch_npu.npu_fusion_attention(q, q, q, 1, "TND", actual_seq_qlen=ends, actual_seq_kvlen=ends)
+    x, w = torch.randn(3, 8), torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="more than one group"):
+        fake_torch_npu.npu_grouped_matmul([x], [w], group_list=[3], split_item=2, group_type=0, group_list_type=1)
+    dw = fake_torch_npu.npu_grouped_matmul([x.t()], [torch.randn(3, 4)], group_list=[3, 3], split_item=3,
+                                           group_type=2, group_list_type=0)[0]
+    assert dw[0].isfinite().all() and dw[1].isnan().all()  # the idle group is left unwritten
+    with pytest.raises(ValueError, match="empty"):
+        fake_torch_npu.npu_swiglu(torch.empty(0, 6))
 
 
 def test_npu_requested_without_torch_npu(monkeypatch):
