@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -461,6 +462,79 @@ def shard_experts(model, dist, ep=None):
             own.expert_parallel = layout
             setattr(m, name, own)
         m.expert_dispatch = partial(expert_dispatch, group=layout.ep)
+    return model
+
+
+# ----------------------------------------------------------------------------- context parallelism (Ulysses)
+
+
+@dataclass
+class SequenceSplit:
+    """One packed micro-batch's tokens over a context-parallel group: rank r holds the contiguous tokens
+    bounds[r]:bounds[r+1] everywhere but in attention, where all-to-alls trade tokens for heads
+    (DeepSpeed-Ulysses, arXiv 2309.14509): each rank then attends over the whole stream for H/N heads."""
+    group: Group
+    bounds: list
+
+    @property
+    def lo(self):
+        return self.bounds[self.group.rank]
+
+    @property
+    def hi(self):
+        return self.bounds[self.group.rank + 1]
+
+    @property
+    def counts(self):
+        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+
+    def to_heads(self, x):
+        """[this rank's tokens, H, d] -> [all tokens in order, H/N, d]: head block j goes to rank j."""
+        n, t = self.group.size, x.shape[0]
+        send = x.unflatten(1, (n, -1)).transpose(0, 1).flatten(0, 1)
+        return _AllToAll.apply(send, [t] * n, self.counts, self.group.handle)
+
+    def to_tokens(self, x):
+        """The inverse of to_heads: [all tokens, H/N, d] -> [this rank's tokens, H, d]."""
+        n, t = self.group.size, self.hi - self.lo
+        back = _AllToAll.apply(x, self.counts, [t] * n, self.group.handle)
+        return back.unflatten(0, (n, t)).transpose(0, 1).flatten(1, 2)
+
+    def all_reduce(self, x):
+        """The sum over the group, with autograd (its gradient is the sum of the ranks' gradients)."""
+        return dist_nn.all_reduce(x, group=self.group.handle)
+
+
+def split_sequence(n_tokens, group):
+    """Equal contiguous shares of a micro-batch's tokens. Ulysses attends over whole sequences per head, so
+    a causal mask loads every rank alike and needs no zig-zag order; the rest of a layer costs per token."""
+    return SequenceSplit(group, [r * n_tokens // group.size for r in range(group.size + 1)])
+
+
+def check_context_parallel(config, cp):
+    """One line saying why the decoder's heads do not split over `cp` ranks, or None."""
+    t = config.text
+    kv = t.num_heads if t.attention == "mla" else t.num_kv_heads  # MLA expands its keys to every head
+    if t.num_heads % cp or kv % cp:
+        return (f"the decoder's {t.num_heads} query / {kv} key-value heads do not split over {cp} ranks "
+                "(Ulysses gives each rank whole heads)")
+    return None
+
+
+def shard_context(model, dist, cp):
+    """Context parallelism over groups of `cp` neighbouring ranks (ranks = dp x cp, rank = dp_rank * cp +
+    cp_rank), in place; returns the model. Each group shares one packed micro-batch: MLLM.forward keeps this
+    rank's tokens (split_sequence) and the decoder's attention trades tokens for heads around the kernel.
+    The ViT and connector are replicated in the group (every rank encodes all the micro-batch's images)."""
+    error = check_context_parallel(model.config, cp)
+    if error:
+        raise ValueError(error)
+    if not tdist.is_initialized():
+        raise RuntimeError("shard_context needs a process group: run under torchrun (see init_distributed)")
+    if dist.world_size % cp:
+        raise ValueError(f"shard_context: {dist.world_size} ranks do not form groups of {cp}")
+    mesh = init_device_mesh(dist.device.type, (dist.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
+    model.split_sequence = partial(split_sequence, group=Group(mesh.get_group("cp"), dist.rank % cp, cp))
     return model
 
 
