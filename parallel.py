@@ -26,6 +26,11 @@ splits every MoE layer's routed experts and exchanges token rows with all_to_all
 replicated (`all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`); with our FSDP (as
 torchtitan and MindSpeed-MM compose them) the rest is sharded over all W ranks and each expert slice over its
 W/E replicas, one per group.
+
+Context parallelism (`shard_context`, --cp C): groups of C neighbouring ranks share one packed micro-batch;
+MLLM.forward keeps this rank's contiguous share of the tokens (`split_sequence`) and decoder attention trades
+tokens for heads with all-to-alls around the kernel (DeepSpeed-Ulysses). Each rank's loss is still its token
+sum over the global count / W, so the gradient mean over all W ranks is one process's gradient.
 """
 import os
 from dataclasses import dataclass

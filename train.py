@@ -10,6 +10,7 @@ evaluation with test-time resolution search.
     torchrun --nproc-per-node 2 train.py --stage 2 --init-from runs/tiny/stage1   # data parallel, rank 0 writes
     torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
     python train.py --preset qwen2.5-vit-675m+deepseek-v3 --dry-run 256,512 --ep 64 --fsdp   # GiB per rank
+    torchrun --nproc-per-node 4 train.py --preset tiny --cp 2 --device cpu   # 2 data-parallel x 2 context-parallel
 
 Run directory (--out; locked by .lock while a run uses it):
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
@@ -142,7 +143,7 @@ class TrainConfig:
                                             "choices": ["", "ours", "torch"]})
     ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: each group of this many ranks splits the routed experts (world size a multiple; with or without --fsdp)"})
     cp: int = field(default=1, metadata={"help": "context parallelism under torchrun: each group of this many neighbouring ranks shares one packed micro-batch, split by tokens, with Ulysses all-to-alls around attention (ranks = dp x cp)"})
-    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --fsdp, --dtype, --packing-length; train nothing"})
+    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --cp, --fsdp, --dtype, --packing-length; train nothing"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -919,7 +920,7 @@ def run(cfg, overrides, log=print):
     dist = parallel.init_distributed(device_type)
     if (cfg.fsdp or cfg.ep > 1 or cfg.cp > 1) and dist.world_size == 1 and "WORLD_SIZE" not in os.environ:
         what = f"--fsdp {cfg.fsdp}" if cfg.fsdp else f"--ep {cfg.ep}" if cfg.ep > 1 else f"--cp {cfg.cp}"
-        raise SystemExit(f"{what} shards over processes: run under torchrun (torchrun --nproc-per-node N train.py ...)")
+        raise SystemExit(f"{what} splits the work over processes: run under torchrun (torchrun --nproc-per-node N train.py ...)")
     if dist.world_size % cfg.cp:
         raise SystemExit(f"--cp {cfg.cp}: run under torchrun with a multiple of {cfg.cp} processes (world size now "
                          f"{dist.world_size}): each group of {cfg.cp} ranks shares one packed micro-batch")

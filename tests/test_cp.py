@@ -13,7 +13,8 @@ import data as D
 import parallel as P
 import train
 from model import MLLM, config_from_preset
-from test_distributed import STEPS, assert_same_run, finish, flags, mix, one_thread, result, start, stop_mid_run  # noqa: F401
+from test_distributed import (STEPS, assert_same_run, finish, flags, mix, one_thread,  # noqa: F401 (fixtures)
+                              result, start, stop_mid_run)
 from test_parallel import spawn
 
 MROPE = ["--text-mrope-section", "4,6,6"]  # tiny's head_dim 32: (t, h, w) bands of 16 frequencies
@@ -88,8 +89,8 @@ def cp_flags(out, mix, preset, *extra):
 
 def test_cp_2_equals_one_process_on_mixed_data(mix, reference, tmp_path):
     """tiny with M-RoPE, 3 samples per micro-batch (images in some), each micro-batch's tokens halved over 2
-    ranks: losses, grad norms and weights as one process; tokens and loss tokens counted once. The premise: odd
-    lengths (an uneven split), the cut inside a sample, rank 1's half with image pads at some steps, without at others."""
+    ranks: losses, grad norms and weights as one process; tokens and loss tokens counted once. The premise:
+    odd lengths (an uneven split), the cut inside a sample, rank 1's half with image pads at some steps only."""
     cfg, _ = train.parse_args(cp_flags(tmp_path, mix, "tiny"))
     loader = D.PackedLoader(train.build_source(cfg, 2, train.STAGES[2]), D.Tokenizer(), 160, seed=cfg.seed + 2,
                             mrope=True)
@@ -108,9 +109,10 @@ def test_cp_2_equals_one_process_on_mixed_data(mix, reference, tmp_path):
 
 
 def test_cp_with_ep_equals_one_process(mix, reference, tmp_path):
-    """tiny-moe (MLA, the sequence-wise balance loss over samples cut between ranks) with --cp 2 --ep 2."""
-    finish(start(2, cp_flags(tmp_path, mix, "tiny-moe", "--cp", "2", "--ep", "2")))
-    assert_same_run(result(tmp_path), reference("tiny-moe"), "--cp 2 --ep 2")
+    """tiny-moe (MLA, the sequence-wise balance loss over samples cut between ranks) with --cp 2 --ep 2, and
+    activation checkpointing: backward recomputes each layer's all-to-alls in the same order on both ranks."""
+    finish(start(2, cp_flags(tmp_path, mix, "tiny-moe", "--cp", "2", "--ep", "2", "--activation-checkpointing")))
+    assert_same_run(result(tmp_path), reference("tiny-moe"), "--cp 2 --ep 2 --activation-checkpointing")
 
 
 def test_cp_fsdp_stopped_resumes_at_cp_1(mix, reference, tmp_path):
@@ -158,7 +160,7 @@ def test_cp_on_4_ranks_equals_one_process(mix, reference, tmp_path, extra):
 @pytest.mark.parametrize("argv,world,error", [
     (["--cp", "4"], 4, "--cp 4: the decoder's 6 query / 2 key-value heads do not split over 4 ranks"),
     (["--cp", "2"], 3, "--cp 2: run under torchrun with a multiple of 2 processes"),
-    (["--cp", "2"], 1, "--cp 2 shards over processes: run under torchrun")])
+    (["--cp", "2"], 1, "--cp 2 splits the work over processes: run under torchrun")])
 def test_impossible_cp_layouts_are_refused(mix, tmp_path, monkeypatch, argv, world, error):
     monkeypatch.setattr(train.parallel, "init_distributed", lambda device: train.parallel.Dist(0, world))
     if world == 1:
