@@ -252,7 +252,7 @@ class AttentionInputs:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     cache: "KVCache | None" = None
-    split: object = None  # context parallelism: parallel.SequenceSplit (cos/sin are this rank's tokens only)
+    split: "parallel.SequenceSplit | None" = None  # context parallelism (cos/sin: this rank's tokens only)
 
 
 def _run_block(block, use_checkpoint, *args):

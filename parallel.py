@@ -470,6 +470,45 @@ def shard_experts(model, dist, ep=None):
     return model
 
 
+def all_reduce_grads(model, dist):
+    """After backward on a data-parallel (not FSDP) model: gradients become the mean over ranks (SUM / N),
+    an expert slice's summed over its replicas only (see shard_experts). A trainable parameter without a
+    gradient on this rank counts as zero, so every rank issues the same all-reduces."""
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            layout = getattr(p, "expert_parallel", None)
+            if layout is None:
+                all_reduce_sum(p.grad, dist)
+            elif layout.replicas.size > 1:
+                tdist.all_reduce(p.grad, group=layout.replicas.handle)
+            p.grad.div_(dist.world_size)
+
+
+def is_sharded(model):
+    """Whether this rank holds only part of the model (FSDP or expert parallelism), i.e. its optimizer state
+    is per rank; otherwise every rank holds the same replica (plain data parallelism)."""
+    return hasattr(model, "fsdp") or any(isinstance(p, DTensor) or getattr(p, "expert_parallel", False)
+                                         for p in model.parameters())
+
+
+def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
+    """Bytes one rank holds in a layout, from a model built on the meta device (nothing is allocated): fp32
+    parameters, fp32 gradients and AdamW's two fp32 moments, every parameter trained (stages 2 and 3); under
+    FSDP also the gathered compute-dtype copies at the forward's peak (the root unit and the two largest
+    blocks: the running one and the prefetched one)."""
+    experts = {id(p) for m in model.modules() if hasattr(m, "expert_dispatch") for p in (m.gate_up_proj, m.down_proj)}
+    unsharded = lambda params: sum(p.numel() / (ep if id(p) in experts else 1) for p in params)  # noqa: E731
+    n_experts = sum(p.numel() for p in model.parameters() if id(p) in experts)
+    n_rest = sum(p.numel() for p in model.parameters()) - n_experts
+    held = (n_rest + n_experts) / world_size if fsdp else n_rest + n_experts / ep
+    blocks = [unsharded(u.parameters()) for u in fsdp_units(model)[:-1]]
+    root = unsharded(model.parameters()) - sum(blocks)
+    return {"parameters": 4 * held, "gradients": 4 * held, "optimizer": 8 * held,
+            "gathered": compute_bytes * (root + 2 * max(blocks)) if fsdp else 0}
+
+
 # ----------------------------------------------------------------------------- context parallelism (Ulysses)
 
 
@@ -541,45 +580,6 @@ def shard_context(model, dist, cp):
     mesh = init_device_mesh(dist.device.type, (dist.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
     model.split_sequence = partial(split_sequence, group=Group(mesh.get_group("cp"), dist.rank % cp, cp))
     return model
-
-
-def all_reduce_grads(model, dist):
-    """After backward on a data-parallel (not FSDP) model: gradients become the mean over ranks (SUM / N),
-    an expert slice's summed over its replicas only (see shard_experts). A trainable parameter without a
-    gradient on this rank counts as zero, so every rank issues the same all-reduces."""
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            layout = getattr(p, "expert_parallel", None)
-            if layout is None:
-                all_reduce_sum(p.grad, dist)
-            elif layout.replicas.size > 1:
-                tdist.all_reduce(p.grad, group=layout.replicas.handle)
-            p.grad.div_(dist.world_size)
-
-
-def is_sharded(model):
-    """Whether this rank holds only part of the model (FSDP or expert parallelism), i.e. its optimizer state
-    is per rank; otherwise every rank holds the same replica (plain data parallelism)."""
-    return hasattr(model, "fsdp") or any(isinstance(p, DTensor) or getattr(p, "expert_parallel", False)
-                                         for p in model.parameters())
-
-
-def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
-    """Bytes one rank holds in a layout, from a model built on the meta device (nothing is allocated): fp32
-    parameters, fp32 gradients and AdamW's two fp32 moments, every parameter trained (stages 2 and 3); under
-    FSDP also the gathered compute-dtype copies at the forward's peak (the root unit and the two largest
-    blocks: the running one and the prefetched one)."""
-    experts = {id(p) for m in model.modules() if hasattr(m, "expert_dispatch") for p in (m.gate_up_proj, m.down_proj)}
-    unsharded = lambda params: sum(p.numel() / (ep if id(p) in experts else 1) for p in params)  # noqa: E731
-    n_experts = sum(p.numel() for p in model.parameters() if id(p) in experts)
-    n_rest = sum(p.numel() for p in model.parameters()) - n_experts
-    held = (n_rest + n_experts) / world_size if fsdp else n_rest + n_experts / ep
-    blocks = [unsharded(u.parameters()) for u in fsdp_units(model)[:-1]]
-    root = unsharded(model.parameters()) - sum(blocks)
-    return {"parameters": 4 * held, "gradients": 4 * held, "optimizer": 8 * held,
-            "gathered": compute_bytes * (root + 2 * max(blocks)) if fsdp else 0}
 
 
 # ----------------------------------------------------------------------------- clipping and checkpoints

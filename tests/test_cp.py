@@ -168,5 +168,21 @@ def test_impossible_cp_layouts_are_refused(mix, tmp_path, monkeypatch, argv, wor
     with pytest.raises(SystemExit, match=error):
         train.main(flags(tmp_path / "out", mix, "2", *argv))
     assert not (tmp_path / "out" / "stage2").exists()  # refused before anything was written
-    with pytest.raises(SystemExit, match="do not split over 4 ranks"):
-        train.main(["--dry-run", "8", "--cp", "4"])
+
+
+def test_dry_run_plans_activations_per_rank(capsys):
+    """--dry-run with --cp: each rank's activations are those of its packing-length / cp tokens; the rest of
+    the plan is unchanged; heads that do not split are refused there too."""
+    argv = ["--preset", "qwen2.5-vit-675m+qwen3-8b", "--dry-run", "8,64", "--fsdp", "--packing-length", "32768"]
+    tables = []
+    for cp in ("1", "4"):
+        train.main([*argv, "--cp", cp])
+        tables.append([line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line[:3] == "| 8"
+                       or line[:4] == "| 64"])
+    config = config_from_preset("qwen2.5-vit-675m+qwen3-8b")
+    for one, four in zip(*tables):
+        assert one[:5] == four[:5]  # ranks, parameters, gradients, AdamW, gathered
+        assert float(one[5]) == round(train.activation_bytes(config, 32768, 4) / 2 ** 30, 1)
+        assert float(four[5]) == round(train.activation_bytes(config, 8192, 4) / 2 ** 30, 1)
+    with pytest.raises(SystemExit, match="do not split over 3 ranks"):
+        train.main([*argv, "--cp", "3"])
