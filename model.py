@@ -524,10 +524,12 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x, a: AttentionInputs):
         c, T, H = self.c, x.shape[0], self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
-        q_nope, q_rope = q.view(T, H, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        # sizes spelled out: under context parallelism a rank's share of a short micro-batch may be empty
+        q_nope, q_rope = q.view(T, H, c.qk_nope_head_dim + c.qk_rope_head_dim).split(
+            [c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, -1).split(
-            [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rope, a.cos, a.sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_rope[:, None], a.cos, a.sin).expand(T, H, -1)], dim=-1)
         v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v

@@ -38,7 +38,6 @@ from functools import partial
 
 import torch
 import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -422,6 +421,24 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+class _AllReduce(torch.autograd.Function):
+    """all_reduce (sum) over a group. Each rank's loss used the sum, so the gradient of any rank's input is
+    the sum of the ranks' output gradients: the same all_reduce."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        tdist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tdist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def expert_dispatch(x, counts, experts, group):
     """Rows `x` sorted by (global) expert, `counts` [E] rows per expert: send each row to the rank of `group`
     (the expert-parallel Group) owning its expert, run `experts` (this rank's E/N experts, grouped matmul) on
@@ -546,7 +563,7 @@ class SequenceSplit:
 
     def all_reduce(self, x):
         """The sum over the group, with autograd (its gradient is the sum of the ranks' gradients)."""
-        return dist_nn.all_reduce(x, group=self.group.handle)
+        return _AllReduce.apply(x, self.group.handle)
 
 
 def split_sequence(n_tokens, group):
