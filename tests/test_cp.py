@@ -132,13 +132,15 @@ def test_cp_2_equals_one_process_on_mixed_data(mix, reference, tmp_path):
     assert [(r["tokens"], r["loss_tokens"]) for r in rows] == [(r["tokens"], r["loss_tokens"]) for r in rows_ref]
 
 
-def test_cp_with_ep_equals_one_process(mix, reference, tmp_path):
-    """tiny-moe (MLA, the sequence-wise balance loss over samples cut between ranks) with --cp 2 --ep 2, and
-    activation checkpointing: backward recomputes each layer's all-to-alls in the same order on both ranks."""
-    finish(start(2, cp_flags(tmp_path, mix, "tiny-moe", "--cp", "2", "--ep", "2", "--activation-checkpointing")))
-    assert_same_run(result(tmp_path), reference("tiny-moe"), "--cp 2 --ep 2 --activation-checkpointing")
+def test_cp_with_ep_and_fsdp_equals_one_process(mix, reference, tmp_path):
+    """tiny-moe (MLA, the sequence-wise balance loss over samples cut between ranks) with --cp 2 --ep 2 --fsdp
+    and activation checkpointing: backward recomputes each layer's all-to-alls in the same order on both ranks."""
+    extra = ["--cp", "2", "--ep", "2", "--fsdp", "--activation-checkpointing"]
+    finish(start(2, cp_flags(tmp_path, mix, "tiny-moe", *extra)))
+    assert_same_run(result(tmp_path), reference("tiny-moe"), " ".join(extra))
 
 
+@pytest.mark.slow
 def test_cp_fsdp_stopped_resumes_at_cp_1(mix, reference, tmp_path):
     """--cp 2 --fsdp on 2 ranks stopped by SIGTERM, resumed by one rank (--cp 1, shards re-cut): as one process."""
     argv = cp_flags(tmp_path, mix, "tiny", "--fsdp")
@@ -167,10 +169,10 @@ def test_one_process_resumes_at_cp_2(mix, reference, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--cp", "4"], ["--cp", "2", "--ep", "2", "--fsdp"]])
+@pytest.mark.parametrize("extra", [["--cp", "4"], ["--cp", "2", "--ep", "2"]])
 def test_cp_on_4_ranks_equals_one_process(mix, reference, tmp_path, extra):
-    """tiny-moe (4 heads) on 4 ranks: one micro-batch in quarters; and dp 2 x cp 2 with expert groups and FSDP
-    against one process with --grad-accum 2."""
+    """tiny-moe (4 heads) on 4 ranks: one micro-batch in quarters; and dp 2 x cp 2 with expert groups (the rest
+    replicated) against one process with --grad-accum 2."""
     dp = 4 // int(extra[1])
     finish(start(4, cp_flags(tmp_path, mix, "tiny-moe", *extra)))
     if dp == 1:
