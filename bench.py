@@ -1,7 +1,8 @@
 """Benchmarks, printed as tables and written to bench.json: varlen attention per backend, the small ops
 (kernels.py's path vs plain torch vs torch.compile), the training loss's memory (chunked vs full logits), a
 training step per attention backend (tokens/s, MFU, peak memory), packing vs padding the same samples (useful
-tokens/s), on cuda (or when asked) each Triton kernel compiled for sm_80/sm_90 with its resource use (--what
+tokens/s), a decoder attention layer with context parallelism's all-to-alls on 2 cpu ranks against one rank
+(cp), on cuda (or when asked) each Triton kernel compiled for sm_80/sm_90 with its resource use (--what
 triton), and (only when asked) data files' start-up cost (--what data) and our step and generation against
 transformers' Qwen2.5-VL (--what peer).
 
@@ -25,20 +26,26 @@ import math
 import os
 import platform
 import random
+import socket
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import kernels
+import parallel
 import train
 from convert import load_hf
-from model import MLLM, cli, config_from_preset, count_parameters, model_flops
+from model import MLLM, Attention, AttentionInputs, TextConfig, cli, config_from_preset, count_parameters, \
+    model_flops, rope_cos_sin
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -80,6 +87,10 @@ MODELS = {"tiny": {}, "dense-0.6b": DENSE_0_6B}
 # MLA 192, and the 256 the kernels accept), the RMSNorm widths (qk-norm 128, MLA latents 512/1536, ViT 1280,
 # decoders 4096/7168), for A100 and H100 (and the device's own capability on cuda); bf16, train.py's GPU dtype
 TRITON = dict(head_dims=(64, 80, 128, 192, 256), widths=(128, 512, 1280, 1536, 4096, 7168), capabilities=(80, 90))
+# context parallelism (always 2 gloo ranks on the cpu): one Qwen3-style decoder attention layer on a packed stream
+CP = {"cpu": dict(tokens=4096, hidden=512, heads=8, kv_heads=4, head_dim=64),
+      "quick": dict(tokens=256, hidden=128, heads=4, kv_heads=2, head_dim=32)}
+CP["accel"] = CP["cpu"]
 
 # dense bf16 peak per device, from the vendors' datasheets (NVIDIA H100/H200 SXM: 989 TFLOP/s, H100 PCIe:
 # 756, A100: 312); Ascend 910B: ~313 as commonly quoted (Huawei publishes 256 fp16 for the first Ascend 910,
@@ -527,6 +538,83 @@ def bench_packing(device, size, reps):
     return rows
 
 
+# ----------------------------------------------------------------------------- context parallelism
+
+
+def cp_layer(shape):
+    """A decoder attention layer, an input and its AttentionInputs over a packed stream (SAMPLE_SPLIT)."""
+    torch.manual_seed(0)
+    c = TextConfig(vocab_size=16, hidden_size=shape["hidden"], num_layers=1, num_heads=shape["heads"],
+                   num_kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], intermediate_size=16)
+    lengths = split_tokens(shape["tokens"])
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    a = AttentionInputs(*rope_cos_sin(positions, c.head_dim, c.rope_theta, None), cu, max(lengths))
+    return Attention(c, 0), torch.randn(shape["tokens"], c.hidden_size), a
+
+
+def forward_backward(layer, x, a):
+    layer(x.detach().requires_grad_(), a).sum().backward()
+
+
+def rank_ms(fn, warmup, reps, ranks=1):
+    """Median ms of fn() on the host clock (one thread: the process's CPU time, so the other jobs and ranks on
+    the cores do not count, waiting for a peer neither), each call started together on every rank; of the
+    slowest rank."""
+    times, clock = [], host_clock("cpu")
+    for i in range(warmup + reps):
+        if ranks > 1:
+            tdist.barrier()
+        t0 = clock()
+        fn()
+        times.append(1e3 * (clock() - t0))
+    ms = torch.tensor(statistics.median(times[warmup:]))
+    if ranks > 1:
+        tdist.all_reduce(ms, op=tdist.ReduceOp.MAX)
+    return float(ms)
+
+
+def _cp_rank(rank, port, shape, warmup, reps, out):
+    """One of bench_cp's 2 ranks: its half of the tokens through the layer (Ulysses all-to-alls around the
+    kernel), and the all-to-alls alone (q, k, v to heads, the output back to tokens)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    layer, x, a = cp_layer(shape)
+    split = parallel.split_sequence(shape["tokens"], parallel.Group(None, rank, 2))
+    mine = replace(a, cos=a.cos[split.lo:split.hi], sin=a.sin[split.lo:split.hi], split=split)
+    layer_ms = rank_ms(lambda: forward_backward(layer, x[split.lo:split.hi], mine), warmup, reps, 2)
+    t, d = split.hi - split.lo, shape["head_dim"]
+    q, kv = torch.randn(t, shape["heads"], d), torch.randn(t, shape["kv_heads"], d)
+    o = split.to_heads(q)  # the kernel's output has q's shape
+    exchange = lambda: (split.to_heads(q), split.to_heads(kv), split.to_heads(kv), split.to_tokens(o))  # noqa
+    a2a_ms = rank_ms(exchange, warmup, reps, 2)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"two_ranks_ms": layer_ms, "all_to_all_ms": a2a_ms}, f)
+    tdist.destroy_process_group()
+
+
+def bench_cp(size, warmup, reps):
+    """Context parallelism's cost per decoder layer: attention (projections, rotary, kernel) forward + backward
+    on one rank over the whole packed stream, against 2 gloo ranks on half the tokens each with the
+    all-to-alls (x_one_rank: 0.5 is perfect scaling)."""
+    shape = CP[size]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    layer, x, a = cp_layer(shape)
+    one_ms = rank_ms(lambda: forward_backward(layer, x, a), warmup, reps)
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:  # a free port for the ranks' rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_cp_rank, args=(port, shape, warmup, reps, os.path.join(tmp, "cp.json")), nprocs=2)
+        with open(os.path.join(tmp, "cp.json")) as f:
+            two = json.load(f)
+    return [dict(**shape, one_rank_ms=one_ms, **two, x_one_rank=two["two_ranks_ms"] / one_ms)]
+
+
 # ----------------------------------------------------------------------------- data start-up
 
 DATA_RECORDS = {"quick": 2_000, "cpu": 1_000_000, "accel": 1_000_000}  # records per file (Parquet, Arrow: a tenth)
@@ -763,6 +851,8 @@ COLUMNS = {
     "data": ["format", "records", "file_mib", "index_s", "first_batch_s", "peak_mib"],
     "triton": ["kernel", "dtype", "dim", "groups", "capability", "tiles", "warps", "shared", "shared_limit", "fits",
                "regs", "stack", "max_err_out", "max_err_grad"],
+    "cp": ["tokens", "hidden", "heads", "kv_heads", "head_dim", "one_rank_ms", "two_ranks_ms", "all_to_all_ms",
+           "x_one_rank"],
 }
 
 
@@ -807,6 +897,8 @@ def summary(result):
         out[f"ours / transformers tokens/s, {r['case']}"] = r["speedup"]
     for r in result.get("packing", []):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
+    for r in result.get("cp", []):
+        out[f"attention layer + all-to-all on 2 cpu ranks / 1 rank, {r['tokens']} tokens"] = r["x_one_rank"]
     return out
 
 
@@ -814,8 +906,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
     p.add_argument("--what", default=None,
-                   help="comma-separated parts to run (default: attention,ops,loss,step,packing, and triton on cuda; "
-                        "also: triton, each Triton kernel compiled for sm_80/sm_90; data, start-up cost of "
+                   help="comma-separated parts to run (default: attention,ops,loss,step,packing,cp, and triton on "
+                        "cuda; also: triton, each Triton kernel compiled for sm_80/sm_90; data, start-up cost of "
                         "1M-record data files; peer, against transformers' Qwen2.5-VL)")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
@@ -829,7 +921,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = kernels.resolve_device(args.device)
     on_gpu = device == "cuda" and kernels.triton is not None
-    what = args.what or "attention,ops,loss,step,packing" + (",triton" if on_gpu else "")
+    what = args.what or "attention,ops,loss,step,packing,cp" + (",triton" if on_gpu else "")
     parts = [w.strip() for w in what.split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
     if unknown or not parts:
@@ -861,6 +953,8 @@ def main(argv=None):
             rows = bench_packing(device, size, reps)
         elif part == "triton":
             rows = bench_triton(device)
+        elif part == "cp":
+            rows = bench_cp(size, warmup, reps)
         else:
             rows = bench_data(size)
         result[part] = rows

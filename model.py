@@ -267,6 +267,7 @@ class AttentionInputs:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     cache: "KVCache | None" = None
+    split: "parallel.SequenceSplit | None" = None  # context parallelism (cos/sin: this rank's tokens only)
 
 
 def _run_block(block, use_checkpoint, *args):
@@ -484,6 +485,10 @@ def causal_attention(q, k, v, a: AttentionInputs, layer_idx, backend, scale=None
     """Causal attention within each packed sample, or (generating) over its cached keys and the new ones."""
     if a.cache is not None:
         return a.cache.attend(layer_idx, q, k, v, a, backend, scale)
+    if a.split is not None:  # Ulysses: this rank's heads over every token, so the kernel sees whole samples
+        q, k, v = a.split.to_heads(q), a.split.to_heads(k), a.split.to_heads(v)
+        out = varlen_attention(q, k, v, a.cu_seqlens, a.max_seqlen, causal=True, backend=backend, scale=scale)
+        return a.split.to_tokens(out)
     return varlen_attention(q, k, v, a.cu_seqlens, a.max_seqlen, causal=True, backend=backend, scale=scale)
 
 
@@ -539,10 +544,12 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x, a: AttentionInputs):
         c, T, H = self.c, x.shape[0], self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x)
-        q_nope, q_rope = q.view(T, H, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        # sizes spelled out: under context parallelism a rank's share of a short micro-batch may be empty
+        q_nope, q_rope = q.view(T, H, c.qk_nope_head_dim + c.qk_rope_head_dim).split(
+            [c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, -1).split(
-            [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(T, H, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rope, a.cos, a.sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_rope[:, None], a.cos, a.sin).expand(T, H, -1)], dim=-1)
         v = F.pad(v, (0, q.shape[-1] - c.v_head_dim))  # varlen attention wants one head_dim for q, k, v
@@ -599,7 +606,7 @@ class MoE(nn.Module):
         # (rows sorted by expert, counts per expert, self.experts) -> rows that runs them on their owners' ranks
         self.expert_dispatch = None
 
-    def forward(self, x, cu_seqlens):
+    def forward(self, x, cu_seqlens, split=None):
         c = self.c
         weights, experts, scores = self.gate(x)
         flat = experts.flatten()
@@ -617,7 +624,7 @@ class MoE(nn.Module):
         self.load = counts.detach()
         self.balance_loss = None
         if c.seq_aux_loss_coef > 0 and torch.is_grad_enabled():
-            self.balance_loss = c.seq_aux_loss_coef * sequence_balance_loss(scores, experts, cu_seqlens)
+            self.balance_loss = c.seq_aux_loss_coef * sequence_balance_loss(scores, experts, cu_seqlens, split)
         return out
 
     def experts(self, x, counts):
@@ -626,15 +633,20 @@ class MoE(nn.Module):
         return grouped_mm(swiglu(gate, up), self.down_proj, counts)
 
 
-def sequence_balance_loss(scores, experts, cu_seqlens):
+def sequence_balance_loss(scores, experts, cu_seqlens, split=None):
     """DeepSeek-V3 eq. 17-20 per packed sample, averaged over samples: sum_i f_i P_i, with f_i = E/(k T) *
-    (tokens choosing expert i) and P_i the mean over the sample of affinities normalised per token."""
+    (tokens choosing expert i) and P_i the mean over the sample of affinities normalised per token.
+    Context parallelism (`split`): scores are this rank's tokens; the sums over a sample add up over the group."""
     E, k, B = scores.shape[1], experts.shape[1], len(cu_seqlens) - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sample = torch.repeat_interleave(torch.arange(B, device=scores.device), lengths)
+    if split is not None:
+        sample = sample[split.lo:split.hi]
     chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0)
     f = scores.new_zeros(B, E).index_add_(0, sample, chosen) * E / k
     p = scores.new_zeros(B, E).index_add_(0, sample, scores / scores.sum(-1, keepdim=True))
+    if split is not None:
+        f, p = split.all_reduce(f), split.all_reduce(p)
     return ((f * p).sum(-1) / lengths.clamp_min(1) ** 2).mean()
 
 
@@ -666,7 +678,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, a: AttentionInputs):
         x = x + self.self_attn(self.input_layernorm(x), a)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, a.cu_seqlens) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, a.cu_seqlens, a.split) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -711,13 +723,16 @@ class Decoder(nn.Module):
             self.lm_head.out_features = rows
         self.tie_weights()
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None, cache=None):
-        """Final-norm hidden states [T, d] (the head is applied by the caller: logits or a chunked loss)."""
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen, inputs_embeds=None, cache=None,
+                      split=None):
+        """Final-norm hidden states [T, d] (the head is applied by the caller: logits or a chunked loss).
+        Context parallelism (`split`): the inputs and outputs are this rank's tokens of the whole stream that
+        cu_seqlens describes."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         c = self.config
         rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
         a = AttentionInputs(*rope_cos_sin(position_ids, rope_dim, c.rope_theta, c.mrope_section, c.rope_scaling),
-                            cu_seqlens, max_seqlen, cache)
+                            cu_seqlens, max_seqlen, cache, split)
         if cache is not None:
             cache.extend(cu_seqlens)
         for layer in self.layers:
@@ -748,6 +763,11 @@ def next_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
     return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
+def own_tokens(split, n_tokens):
+    """The range of a packed stream's tokens this rank runs: all, or its share under context parallelism."""
+    return (split.lo, split.hi) if split else (0, n_tokens)
+
+
 class MLLM(nn.Module):
     """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
 
@@ -765,10 +785,14 @@ class MLLM(nn.Module):
         self.vision = VisionEncoder(config.vision, **flags)
         self.connector = PatchMerger(config.vision, config.text.hidden_size)
         self.decoder = Decoder(config.text, **flags)
+        # context parallelism: parallel.shard_context sets a function (tokens) -> parallel.SequenceSplit
+        self.split_sequence = None
 
-    def embed(self, batch):
-        """Token embeddings with the merged image features spliced over the <|image_pad|> tokens, in order."""
-        x = self.decoder.embed_tokens(batch.input_ids)
+    def embed(self, batch, split=None):
+        """Token embeddings with the merged image features spliced over the <|image_pad|> tokens, in order
+        (context parallelism: this rank's tokens, the ViT run on all the micro-batch's images)."""
+        lo, hi = own_tokens(split, batch.input_ids.shape[0])
+        x = self.decoder.embed_tokens(batch.input_ids[lo:hi])
         is_pad = batch.input_ids == self.config.image_pad_id
         n_pad, n_images = int(is_pad.sum()), batch.image_grid.shape[0]
         n_features = int(batch.image_grid.prod(-1).sum()) // self.config.vision.spatial_merge_size ** 2
@@ -788,20 +812,25 @@ class MLLM(nn.Module):
             grid = torch.tensor([[1, m, m]], device=batch.image_grid.device)
             return x + 0.0 * self.connector(self.vision(blank, grid)).sum().to(x.dtype)
         features = self.connector(self.vision(batch.pixel_patches, batch.image_grid))
-        return x.masked_scatter(is_pad[:, None], features.to(x.dtype))
+        before = int(is_pad[:lo].sum())  # the features of pads on earlier ranks' tokens
+        return x.masked_scatter(is_pad[lo:hi, None], features[before:].to(x.dtype))
 
-    def hidden_states(self, batch):
-        return self.decoder.hidden_states(None, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                                          inputs_embeds=self.embed(batch))
+    def hidden_states(self, batch, split=None):
+        lo, hi = own_tokens(split, batch.input_ids.shape[0])
+        return self.decoder.hidden_states(None, batch.position_ids[..., lo:hi], batch.cu_seqlens, batch.max_seqlen,
+                                          inputs_embeds=self.embed(batch, split), split=split)
 
     def logits(self, batch):
         return self.decoder.lm_head(self.hidden_states(batch))
 
     def forward(self, batch, loss_divisor=None):
         """(loss, stats): cross-entropy summed over loss tokens, divided by their count (token mean) or by
-        `loss_divisor` (the trainer's global count over micro-batches and ranks), plus the MM1 z-loss."""
-        hidden = self.hidden_states(batch)
-        targets = next_token_targets(batch.labels, batch.cu_seqlens)
+        `loss_divisor` (the trainer's global count over micro-batches and ranks), plus the MM1 z-loss.
+        Under context parallelism the loss and stats are this rank's tokens' share of the micro-batch."""
+        split = self.split_sequence(batch.input_ids.shape[0]) if self.split_sequence else None
+        lo, hi = own_tokens(split, batch.input_ids.shape[0])
+        hidden = self.hidden_states(batch, split)
+        targets = next_token_targets(batch.labels, batch.cu_seqlens)[lo:hi]
         # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
         ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
         n_loss = int((targets != -100).sum())
@@ -810,7 +839,7 @@ class MLLM(nn.Module):
         ce = ce_sum / divisor
         z = self.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
-                 "n_tokens": batch.input_ids.shape[0], "n_images": batch.image_grid.shape[0]}
+                 "n_tokens": hi - lo, "n_images": batch.image_grid.shape[0]}
         return ce + z + self._moe_terms(n_loss / divisor, stats), stats
 
     def _moe_terms(self, weight, stats):

@@ -26,6 +26,11 @@ splits every MoE layer's routed experts and exchanges token rows with all_to_all
 replicated (`all_reduce_grads` after backward, `clip_grad_norm_(..., replicated=True)`); with our FSDP (as
 torchtitan and MindSpeed-MM compose them) the rest is sharded over all W ranks and each expert slice over its
 W/E replicas, one per group.
+
+Context parallelism (`shard_context`, --cp C): groups of C neighbouring ranks share one packed micro-batch;
+MLLM.forward keeps this rank's contiguous share of the tokens (`split_sequence`) and decoder attention trades
+tokens for heads with all-to-alls around the kernel (DeepSpeed-Ulysses). Each rank's loss is still its token
+sum over the global count / W, so the gradient mean over all W ranks is one process's gradient.
 """
 import os
 from dataclasses import dataclass
@@ -416,6 +421,24 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+class _AllReduce(torch.autograd.Function):
+    """all_reduce (sum) over a group. Each rank's loss used the sum, so the gradient of any rank's input is
+    the sum of the ranks' output gradients: the same all_reduce."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        tdist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tdist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def expert_dispatch(x, counts, experts, group):
     """Rows `x` sorted by (global) expert, `counts` [E] rows per expert: send each row to the rank of `group`
     (the expert-parallel Group) owning its expert, run `experts` (this rank's E/N experts, grouped matmul) on
@@ -501,6 +524,79 @@ def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
     root = unsharded(model.parameters()) - sum(blocks)
     return {"parameters": 4 * held, "gradients": 4 * held, "optimizer": 8 * held,
             "gathered": compute_bytes * (root + 2 * max(blocks)) if fsdp else 0}
+
+
+# ----------------------------------------------------------------------------- context parallelism (Ulysses)
+
+
+@dataclass
+class SequenceSplit:
+    """One packed micro-batch's tokens over a context-parallel group: rank r holds the contiguous tokens
+    bounds[r]:bounds[r+1] everywhere but in attention, where all-to-alls trade tokens for heads
+    (DeepSpeed-Ulysses, arXiv 2309.14509): each rank then attends over the whole stream for H/N heads."""
+    group: Group
+    bounds: list
+
+    @property
+    def lo(self):
+        return self.bounds[self.group.rank]
+
+    @property
+    def hi(self):
+        return self.bounds[self.group.rank + 1]
+
+    @property
+    def counts(self):
+        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+
+    def to_heads(self, x):
+        """[this rank's tokens, H, d] -> [all tokens in order, H/N, d]: head block j goes to rank j."""
+        n, t = self.group.size, x.shape[0]
+        send = x.unflatten(1, (n, -1)).transpose(0, 1).flatten(0, 1)
+        return _AllToAll.apply(send, [t] * n, self.counts, self.group.handle)
+
+    def to_tokens(self, x):
+        """The inverse of to_heads: [all tokens, H/N, d] -> [this rank's tokens, H, d]."""
+        n, t = self.group.size, self.hi - self.lo
+        back = _AllToAll.apply(x, self.counts, [t] * n, self.group.handle)
+        return back.unflatten(0, (n, t)).transpose(0, 1).flatten(1, 2)
+
+    def all_reduce(self, x):
+        """The sum over the group, with autograd (its gradient is the sum of the ranks' gradients)."""
+        return _AllReduce.apply(x, self.group.handle)
+
+
+def split_sequence(n_tokens, group):
+    """Equal contiguous shares of a micro-batch's tokens. Ulysses attends over whole sequences per head, so
+    a causal mask loads every rank alike and needs no zig-zag order; the rest of a layer costs per token."""
+    return SequenceSplit(group, [r * n_tokens // group.size for r in range(group.size + 1)])
+
+
+def check_context_parallel(config, cp):
+    """One line saying why the decoder's heads do not split over `cp` ranks, or None."""
+    t = config.text
+    kv = t.num_heads if t.attention == "mla" else t.num_kv_heads  # MLA expands its keys to every head
+    if t.num_heads % cp or kv % cp:
+        return (f"the decoder's {t.num_heads} query / {kv} key-value heads do not split over {cp} ranks "
+                "(Ulysses gives each rank whole heads)")
+    return None
+
+
+def shard_context(model, dist, cp):
+    """Context parallelism over groups of `cp` neighbouring ranks (ranks = dp x cp, rank = dp_rank * cp +
+    cp_rank), in place; returns the model. Each group shares one packed micro-batch: MLLM.forward keeps this
+    rank's tokens (split_sequence) and the decoder's attention trades tokens for heads around the kernel.
+    The ViT and connector are replicated in the group (every rank encodes all the micro-batch's images)."""
+    error = check_context_parallel(model.config, cp)
+    if error:
+        raise ValueError(error)
+    if not tdist.is_initialized():
+        raise RuntimeError("shard_context needs a process group: run under torchrun (see init_distributed)")
+    if dist.world_size % cp:
+        raise ValueError(f"shard_context: {dist.world_size} ranks do not form groups of {cp}")
+    mesh = init_device_mesh(dist.device.type, (dist.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
+    model.split_sequence = partial(split_sequence, group=Group(mesh.get_group("cp"), dist.rank % cp, cp))
+    return model
 
 
 # ----------------------------------------------------------------------------- clipping and checkpoints

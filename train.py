@@ -10,6 +10,7 @@ evaluation with test-time resolution search.
     torchrun --nproc-per-node 2 train.py --stage 2 --init-from runs/tiny/stage1   # data parallel, rank 0 writes
     torchrun --nproc-per-node 8 train.py --preset qwen2.5-vit-675m+qwen3-8b --fsdp --device npu --dtype bf16 ...
     python train.py --preset qwen2.5-vit-675m+deepseek-v3 --dry-run 256,512 --ep 64 --fsdp   # GiB per rank
+    torchrun --nproc-per-node 4 train.py --preset tiny --cp 2 --device cpu   # 2 data-parallel x 2 context-parallel
 
 Run directory (--out; locked by .lock while a run uses it):
     stage1/ stage2/            one directory per trained stage (stage3-<len>/ for the two stage-3 runs):
@@ -154,7 +155,8 @@ class TrainConfig:
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
     ep: int = field(default=1, metadata={"help": "expert parallelism under torchrun: each group of this many ranks splits the routed experts (world size a multiple; with or without --fsdp)"})
-    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --fsdp, --dtype, --packing-length; train nothing"})
+    cp: int = field(default=1, metadata={"help": "context parallelism under torchrun: each group of this many neighbouring ranks shares one packed micro-batch, split by tokens, with Ulysses all-to-alls around attention (ranks = dp x cp)"})
+    dry_run: str = field(default="", metadata={"help": "print the per-rank memory plan of --preset for these world sizes (e.g. 8,64) with --ep, --cp, --fsdp, --dtype, --packing-length; train nothing"})
     stage3_lengths: str = field(default=STAGE3_LENGTHS, metadata={"help": "--stage all: stage-3 packing lengths to train and average"})
     eval: bool = field(default=True, metadata={"help": "--stage all: evaluate every checkpoint and run the resolution search"})
     eval_n: int = field(default=EVAL_N, metadata={"help": "test samples per task in the evaluation"})
@@ -243,7 +245,7 @@ def flag(name):
 def check_config(cfg, overrides):
     """Every flag, path and the init checkpoint checked before the run directory is touched: a SystemExit that
     names the flag, so a typo costs nothing already on disk."""
-    at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1,
+    at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1, "cp": 1,
                 "eval_n": 1, "eval_dev_n": 1, "min_pixels": 1, "warmup": 0, "ckpt_every": 0, "clip": 0,
                 "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30}
     for name, low in at_least.items():
@@ -621,21 +623,28 @@ def activation_bytes(config, tokens, compute_bytes, checkpointing=False):
 
 
 def print_memory_plan(cfg, overrides, log=print):
-    """--dry-run: per-rank GiB of each world size in cfg.dry_run for the preset, --ep and --fsdp."""
+    """--dry-run: per-rank GiB of each world size in cfg.dry_run for the preset, --ep, --cp and --fsdp."""
     config = config_from_preset(cfg.preset, **overrides)
+    if cfg.cp > 1 and parallel.check_context_parallel(config, cfg.cp):
+        raise SystemExit(f"--cp {cfg.cp}: {parallel.check_context_parallel(config, cfg.cp)}")
     with torch.device("meta"):
         model = MLLM(config)
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, "cuda"))  # a plan for accelerators
     compute_bytes = 2 if cfg.dtype == "bf16" else 4
     tokens = cfg.packing_length or STAGES[2].packing_length
-    act = activation_bytes(config, tokens, compute_bytes, cfg.activation_checkpointing)
+    # context parallelism: a rank keeps activations of its tokens only (in attention: all tokens, 1/cp of the heads)
+    act = activation_bytes(config, -(-tokens // cfg.cp), compute_bytes, cfg.activation_checkpointing)
     gib = lambda b: f"{b / 2 ** 30:,.1f}"  # noqa: E731
-    layout = ("FSDP" if cfg.fsdp else "data parallel") + (f" x EP {cfg.ep}" if cfg.ep > 1 else "")
+    layout = (("FSDP" if cfg.fsdp else "data parallel") + (f" x EP {cfg.ep}" if cfg.ep > 1 else "")
+              + (f" x CP {cfg.cp}" if cfg.cp > 1 else ""))
     log(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters; {layout}; {cfg.dtype} compute; "
-        f"{tokens} tokens per micro-batch; activation checkpointing {cfg.activation_checkpointing}")
+        f"{tokens} tokens per micro-batch ({-(-tokens // cfg.cp)} per rank); activation checkpointing "
+        f"{cfg.activation_checkpointing}")
     log("| ranks | parameters | gradients | AdamW | gathered | activations | total (GiB per rank) |")
     log("|---|---|---|---|---|---|---|")
     for world in (int(w) for w in cfg.dry_run.split(",")):
+        if world % cfg.cp:
+            raise SystemExit(f"--dry-run {world}: not a multiple of --cp {cfg.cp}")
         if world % cfg.ep or config.text.n_routed_experts % cfg.ep:
             raise SystemExit(f"--dry-run {world}: --ep {cfg.ep} needs a world size and an expert count "
                              f"({config.text.n_routed_experts}) that it divides")
@@ -704,28 +713,30 @@ def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=p
     """Restore the optimizer and this rank's data position from a checkpoint (the weights come from its
     model.safetensors). On another world size a replicated optimizer (one process, plain data parallel) loads
     as it is and our FSDP's shards are re-cut (--ep and --fsdp torch shards need the same world size); the
-    ranks' read positions are re-dealt over the new ranks."""
-    loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # one per rank
+    ranks' read positions are re-dealt over the new data-parallel ranks (ranks / --cp, `loader`'s world)."""
+    loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]  # per data-parallel rank
+    saved_world = len(loaders) * state["train_config"].get("cp", 1)
     sharded, saved_sharded = parallel.is_sharded(model), state["optimizer"] is None
-    resharding = sharded and len(loaders) != dist.world_size
+    resharding = sharded and saved_world != dist.world_size
     if sharded != saved_sharded or (resharding and not parallel.reshardable(model)):
         how = lambda shards, n: f"{n} rank(s) with " + (  # noqa: E731
             "per-rank optimizer shards (--fsdp/--ep)" if shards else "a replicated optimizer")
-        raise SystemExit(f"--resume: {ckpt} was written by {how(saved_sharded, len(loaders))}, this run has "
+        raise SystemExit(f"--resume: {ckpt} was written by {how(saved_sharded, saved_world)}, this run has "
                          f"{how(sharded, dist.world_size)}: resume with the flags it was written with (and, for "
                          f"--ep or --fsdp torch, its world size), or start from its weights with --init-from "
                          f"{ckpt} (new optimizer and schedule)")
     if resharding:
-        parallel.load_resharded(model, optimizer, dist, ckpt, len(loaders))
+        parallel.load_resharded(model, optimizer, dist, ckpt, saved_world)
     elif sharded:
         parallel.load_sharded(model, optimizer, dist, ckpt)
     else:
         optimizer.load_state_dict(state["optimizer"])
-    if len(loaders) != dist.world_size:
-        log(f"--resume: {ckpt} was written by {len(loaders)} rank(s), this run has {dist.world_size}: the "
-            "samples they had not trained on are dealt to the new ranks")
-        loaders = data.reshard_loader_states(loaders, dist.world_size)
-    loader.load_state_dict(loaders[dist.rank])
+    if len(loaders) != loader.world_size:
+        log(f"--resume: {ckpt} was written by {saved_world} rank(s), this run has {dist.world_size}: the "
+            f"samples its {len(loaders)} data-parallel rank(s) had not trained on are dealt to the "
+            f"{loader.world_size} new one(s)")
+        loaders = data.reshard_loader_states(loaders, loader.world_size)
+    loader.load_state_dict(loaders[loader.rank])
 
 
 def load_train_state(ckpt):
@@ -968,9 +979,9 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
             if status != "done":
                 break
             if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < plan.total:
-                save(gather_loader(st.loader, dist))
+                save(gather_loader(st.loader, dist, cfg.cp))
                 saved = st.step
-        ckpt = save(gather_loader(st.loader, dist))
+        ckpt = save(gather_loader(st.loader, dist, cfg.cp))
     return meter.finish(st, status, ckpt)
 
 
@@ -999,7 +1010,9 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
     "loss_tokens", "skipped", "stopping"} (global over ranks); the optimizer step is the caller's. The stop
     flag is read after the backward, so a signal during this step stops the run after it."""
     device = dist.device
-    n_loss = parallel.all_reduce_sum(torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device), dist)
+    # the cp ranks of a context-parallel group hold the same micro-batches (each runs its share of the tokens)
+    n_loss = parallel.all_reduce_sum(torch.tensor(float(sum(loss_tokens(b) for b in batches)), device=device),
+                                     dist) / cfg.cp
     # the loss is a sum over loss tokens divided by their global count: every token weighs the same
     # however they fall into micro-batches and ranks (parallel.py averages gradients over ranks)
     divisor = float(n_loss) / dist.world_size
@@ -1014,10 +1027,6 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
         loss.backward()
         loss_sum += loss.item()
         n_model_tokens += stats["n_loss_tokens"]
-    if n_model_tokens != sum(loss_tokens(b) for b in batches):
-        raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have "
-                           f"{sum(loss_tokens(b) for b in batches)}: model.py and data.py disagree on "
-                           "which labels are targets")
     if dist.world_size > 1 and not cfg.fsdp and not empty:  # data parallel: mean gradient (experts: see shard_experts)
         parallel.all_reduce_grads(model, dist)
     norm = 0.0 if empty else \
@@ -1026,10 +1035,13 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
     tokens, stopping = sum(int(b.input_ids.shape[0]) for b in batches), stop.requested
     if dist.world_size > 1:  # one all-reduce: the global loss, tokens and skips; skip, step and stop on every
         # rank alike (a rank stepping alone diverges, one stopping alone leaves the others in a collective)
-        agreed = parallel.all_reduce_sum(
-            torch.tensor([loss_sum, float(not finite), float(stopping), tokens, skipped], device=device), dist)
+        agreed = parallel.all_reduce_sum(torch.tensor(
+            [loss_sum, float(not finite), float(stopping), tokens, skipped, n_model_tokens], device=device), dist)
         loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
-        tokens, skipped = int(agreed[3]), int(agreed[4])
+        tokens, skipped, n_model_tokens = int(agreed[3]) // cfg.cp, int(agreed[4]) // cfg.cp, int(agreed[5])
+    if n_model_tokens != int(n_loss):
+        raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have {int(n_loss)}: "
+                           "model.py and data.py disagree on which labels are targets")
     return {"loss": loss_sum, "norm": float(norm), "finite": finite, "tokens": tokens, "loss_tokens": int(n_loss),
             "skipped": skipped, "stopping": stopping, "empty": empty}
 
@@ -1073,7 +1085,7 @@ class StageLog:
         cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"] and not s["empty"]
         self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
         flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
-        mfu = flops * self.dist.world_size / dt / self.peak
+        mfu = flops * self.dist.world_size / self.cfg.cp / dt / self.peak  # a context-parallel group shares them
         lr = self.plan.peak_lr * lr_mult
         row = {"stage": self.stage_num, "step": step, "loss": s["loss"] if finite else None, "lr": lr,
                "grad_norm": s["norm"] if finite else None, "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
@@ -1158,6 +1170,11 @@ def build_stage(cfg, ctx, stage_num, plan, init):
         model = build_model(cfg.preset, init, ctx.overrides, cfg.seed, **runtime_of(cfg)).to(device)
     build_tokenizer(cfg, model.config)
     set_trainable(model, stage)
+    if cfg.cp > 1:  # each group of cp ranks splits one micro-batch's tokens (Ulysses all-to-all around attention)
+        error = parallel.check_context_parallel(model.config, cfg.cp)
+        if error:
+            raise SystemExit(f"--cp {cfg.cp}: {error}")
+        model = parallel.shard_context(model, dist, cfg.cp)
     if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all
         if model.config.text.n_routed_experts % cfg.ep:
             raise SystemExit(f"--ep {cfg.ep}: the model's {model.config.text.n_routed_experts} routed experts do "
@@ -1169,7 +1186,8 @@ def build_stage(cfg, ctx, stage_num, plan, init):
     model.train()
     optimizer = build_optimizer(model, stage, plan.peak_lr, cfg, device.type)
     loader = data.PackedLoader(build_source(cfg, stage_num, stage), ctx.tokenizer, plan.length,
-                               seed=cfg.seed + stage_num, rank=dist.rank, world_size=dist.world_size,
+                               seed=cfg.seed + stage_num, rank=dist.rank // cfg.cp,
+                               world_size=dist.world_size // cfg.cp,
                                min_pixels=cfg.min_pixels, max_pixels=plan.max_pixels,
                                mrope=model.config.text.mrope_section is not None,
                                truncate=cfg.truncate or (not cfg.data and stage.max_turns > 1),
@@ -1177,11 +1195,12 @@ def build_stage(cfg, ctx, stage_num, plan, init):
     return model, optimizer, loader
 
 
-def gather_loader(loader, dist):
-    """The data-iterator state to checkpoint: this process's, or every rank's (rank 0 writes the file)."""
+def gather_loader(loader, dist, cp):
+    """The data-iterator state to checkpoint: this process's, or every data-parallel rank's (rank 0 writes the
+    file; the cp ranks of a context-parallel group read the same micro-batches)."""
     if dist.world_size == 1:
         return loader.state_dict()
-    return parallel.all_gather_object(loader.state_dict(), dist)
+    return parallel.all_gather_object(loader.state_dict(), dist)[::cp]
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -1203,9 +1222,12 @@ def run(cfg, overrides, log=print):
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type))
     # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
     dist = parallel.init_distributed(device_type)
-    if (cfg.fsdp or cfg.ep > 1) and dist.world_size == 1 and "WORLD_SIZE" not in os.environ:
-        raise SystemExit(f"{f'--fsdp {cfg.fsdp}' if cfg.fsdp else f'--ep {cfg.ep}'} shards over processes: run under "
-                         "torchrun (torchrun --nproc-per-node N train.py ...)")
+    if (cfg.fsdp or cfg.ep > 1 or cfg.cp > 1) and dist.world_size == 1 and "WORLD_SIZE" not in os.environ:
+        what = f"--fsdp {cfg.fsdp}" if cfg.fsdp else f"--ep {cfg.ep}" if cfg.ep > 1 else f"--cp {cfg.cp}"
+        raise SystemExit(f"{what} splits the work over processes: run under torchrun (torchrun --nproc-per-node N train.py ...)")
+    if dist.world_size % cfg.cp:
+        raise SystemExit(f"--cp {cfg.cp}: run under torchrun with a multiple of {cfg.cp} processes (world size now "
+                         f"{dist.world_size}): each group of {cfg.cp} ranks shares one packed micro-batch")
     if cfg.ep > 1 and dist.world_size % cfg.ep:
         raise SystemExit(f"--ep {cfg.ep}: run under torchrun with a multiple of {cfg.ep} processes (world size "
                          f"now {dist.world_size}): each group of {cfg.ep} ranks splits the routed experts")
@@ -1213,6 +1235,9 @@ def run(cfg, overrides, log=print):
         raise SystemExit(f"--ep {cfg.ep} composes with our FSDP (--fsdp / --fsdp ours), not --fsdp torch")
     ctx = RunContext(build_tokenizer(cfg), dist, overrides or {}, log if dist.is_main else (lambda *a, **k: None))
     check_fresh_start(cfg)
+    if dist.world_size > 1:
+        ctx.log(f"{dist.world_size} ranks = data parallel {dist.world_size // cfg.cp} x context parallel {cfg.cp}"
+                + (f"; expert groups of {cfg.ep}" if cfg.ep > 1 else "") + (f"; --fsdp {cfg.fsdp}" if cfg.fsdp else ""))
     with run_lock(cfg.out) if dist.is_main else contextlib.nullcontext():
         try:
             return train_recipe(cfg, ctx)

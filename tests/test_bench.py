@@ -25,7 +25,7 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     # no TRITON_INTERPRET: the interpreted kernel is tested in test_attention.py, far too slow to time
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--quick", "--out", str(out),
-                           "--what", "attention,ops,loss,step,packing,data"], cwd=ROOT, env=env, capture_output=True,
+                           "--what", "attention,ops,loss,step,packing,data,cp"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -74,6 +74,10 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     assert [(r["format"], r["records"]) for r in res["data"]] == [("jsonl", 2000), ("json", 2000), ("parquet", 200),
                                                                    ("arrow", 200)]
     assert all(positive(r, ["file_mib", "index_s", "first_batch_s", "peak_mib"]) for r in res["data"])
+
+    (cp,) = res["cp"]  # 2 gloo ranks on half the tokens each against one rank on all
+    assert cp["tokens"] == bench.CP["quick"]["tokens"]
+    assert positive(cp, ["one_rank_ms", "two_ranks_ms", "all_to_all_ms", "x_one_rank"])
 
 
 def test_attention_flops_convention():
