@@ -10,7 +10,7 @@ import audit
 import train
 
 FLAGS = ["--device", "cpu", "--max-steps", "1", "--eval-n", "3", "--eval-dev-n", "3", "--tasks", "vqa_color,vqa_count",
-         "--stage3-lengths", "256,512", "--resolutions", "28x28", "--peak-tflops", "1", "--log-every", "1000",
+         "--stage3-lengths", "256,512", "--resolutions", "784:784", "--peak-tflops", "1", "--log-every", "1000",
          "--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0", "--eval-max-pixels", "3136"]
 
 
@@ -19,15 +19,16 @@ def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
     audit.main(["--seeds", "1", "--out", out, *FLAGS])
     report = json.load(open(os.path.join(out, "audit.json")))
     labels = [r["comparison"] for r in report["table"]]
-    assert len(labels) == 6 and labels[0].startswith("stage 2") and labels[-1].startswith("resolution search")
+    assert len(labels) == 9 and labels[0].startswith("stage 2") and labels[-1].startswith("average + search")
     for r in report["table"]:
         assert r["lo"] <= r["mean"] <= r["hi"] and r["a_mean"] - r["b_mean"] == pytest.approx(r["mean"])
     assert os.path.getsize(os.path.join(out, "audit.png")) > 0
     seed = json.load(open(os.path.join(out, "seed-1", "scores.json")))
-    assert set(seed["scores"]) == {"stage3-256", "stage3-512", "stage3-avg", "no-stage2",
-                                   "stage3-avg + resolution search"}
+    assert set(seed["scores"]) == {"stage3-256", "stage3-512", "stage3-avg", "no-stage2", "stage3-avg (dev weight)",
+                                   *(f"{n} + resolution search" for n in ("stage3-256", "stage3-512", "stage3-avg"))}
+    assert 0 < seed["averaging"]["dev_alpha"] < 1
     assert all(len(v) == 3 for s in seed["scores"].values() for v in s.values())
-    assert "| stage 2 (multitask pre-training)" in capsys.readouterr().out
+    assert "| stage 2 vs stage 3 from stage 1 given stage 2's steps too" in capsys.readouterr().out
 
     def no_training(*a, **k):
         raise AssertionError("a finished seed was trained again")
@@ -42,19 +43,21 @@ def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
     assert "| comparison (2 seeds)" in capsys.readouterr().out
 
 
-def test_search_gets_a_row_per_task_it_moved():
-    def seed(ocr_gain):
+def test_the_combination_rows_pair_the_right_runs():
+    """The better single length is picked on test means; search on the average is compared with search on it."""
+    def seed(gain):
         base = {"ocr": [0.0, 0.5, 0.0, 1.0], "vqa_color": [1.0, 0.0, 1.0, 1.0]}
-        searched = {"ocr": [v + ocr_gain for v in base["ocr"]], "vqa_color": base["vqa_color"]}
-        names = ["stage3-512", "stage3-1024", "no-stage2", "stage3-avg"]
-        return {"scores": {n: base for n in names} | {"stage3-avg + resolution search": searched},
-                "chosen": {"ocr": 12544, "vqa_color": 7056}}
-    table = audit.audit_table([seed(0.25), seed(0.5)], [512, 1024], default=7056)
-    rows = {r["comparison"]: r for r in table}
-    assert "resolution search vs the default, vqa_color alone" not in rows
-    ocr = rows["resolution search vs the default, ocr alone"]
-    assert ocr["mean"] == pytest.approx(0.375) and ocr["lo"] <= 0.375 <= ocr["hi"]
-    assert rows["resolution search vs the default resolution"]["mean"] == pytest.approx(0.375 / 2)  # over both tasks
+        plus = {t: [v + gain for v in s] for t, s in base.items()}
+        scores = {n: base for n in ("stage3-512", "no-stage2", "stage3-avg", "stage3-avg (dev weight)")}
+        return {"scores": scores | {"stage3-1024": plus, "stage3-512 + resolution search": base,
+                                    "stage3-1024 + resolution search": plus,
+                                    "stage3-avg + resolution search": {t: [v + 2 * gain for v in s]
+                                                                       for t, s in base.items()}}}
+    rows = {r["comparison"]: r for r in audit.audit_table([seed(0.25), seed(0.5)], [512, 1024])}
+    assert rows["average vs the better single length (stage3-1024)"]["mean"] == pytest.approx(-0.375)
+    combination = rows["average + search vs stage3-1024 + search (the combination)"]
+    assert combination["mean"] == pytest.approx(0.375) and combination["lo"] <= 0.375 <= combination["hi"]
+    assert rows["resolution search on the average vs the average"]["mean"] == pytest.approx(0.75)
 
 
 def test_a_stopped_seed_stops_the_audit_and_resumes(tmp_path, monkeypatch):

@@ -561,15 +561,18 @@ def test_synthetic_formats_and_answers_match_pixels():
         assert len(encode(r, tok).tokens) < 160
 
 
-def test_synthetic_native_sizes_vary_and_text_needs_more_than_the_default_budget():
+def test_synthetic_native_sizes_and_the_stage3_budgets():
     recs = [SyntheticTasks(split="test", seed=3)[i] for i in range(180)]
     sides = {im.size for r in recs if r["task"] != "ocr" for im in r["images"]}
     assert sides == {(56, 56), (84, 84)}  # scenes: 2x2 and 3x3 one-token cells
-    budget = train.EVAL_MAX_PIXELS
-    assert all(data.smart_resize(h, w, max_pixels=budget) == (h, w) for w, h in sides)
+    cfg = train.TrainConfig()
+    short, long = (train.Plan.of(train.replace(cfg, packing_length=n), train.STAGES[3]).max_pixels for n in (512, 1024))
+    # the 1,024-token run sees every image whole; the 512 one shrinks 3x3 scenes and text images
+    assert all(data.smart_resize(h, w, max_pixels=long) == (h, w) for w, h in sides | {(224, 56)})
+    assert data.smart_resize(84, 84, max_pixels=short) != (84, 84) and data.smart_resize(56, 56, max_pixels=short) == (56, 56)
     for r in (r for r in recs if r["task"] == "ocr"):
         img, word = r["images"][0], r["conversations"][1]["value"]
-        assert img.size == (224, 56) and data.smart_resize(56, 224, max_pixels=budget) != (56, 224)
+        assert img.size == (224, 56) and data.smart_resize(56, 224, max_pixels=short) != (56, 224)
         ink = np.asarray(img).astype(int).sum(-1) < 3 * 150
         cells = [bool(ink[y:y + 28, x:x + 28].any()) for y in (0, 28) for x in range(0, 224, 28)]
         assert cells == [i < len(word) for i in range(16)]  # one letter per token, in reading order

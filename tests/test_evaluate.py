@@ -106,6 +106,10 @@ def test_parse_resolution():
     for bad in ("big", "10"):
         with pytest.raises(ValueError):
             evaluate.parse_resolution(bad)
+    assert evaluate.parse_budget("112x112:1M", 3136) == (12544, 1_000_000)  # min above an image upscales it
+    assert evaluate.parse_budget("56x56", 784) == (784, 3136)  # max alone: the run's min
+    with pytest.raises(ValueError, match="min_pixels 12544 above max_pixels 3136"):
+        evaluate.parse_budget("112x112:56x56", 784)
 
 
 def correct(k, n):
@@ -146,25 +150,26 @@ def test_bootstrap_ci_matches_closed_forms():
 
 
 def test_resolution_search_picks_beyond_noise_then_scores_test(monkeypatch):
-    """A controlled scorer: each task's per-sample scores are a known function of (split, max_pixels)."""
-    best = {"t1": 784, "t2": 3136}
+    """A controlled scorer: each task's per-sample scores are a known function of (split, pixel budget)."""
+    best = {"t1": (0, 784), "t2": (3136, 7056)}  # t2: small images upscaled
 
     def fake_evaluate(model, tokenizer, sets, min_pixels, max_pixels, **kw):
         out = {}
         for t, (split,) in sets.items():
-            scores = correct(90 if max_pixels == best[t] else 45, 100) if split == "dev" else \
-                correct(9 if max_pixels == best[t] else 4, 10)
+            hit = (min_pixels, max_pixels) == best[t]
+            scores = correct(90 if hit else 45, 100) if split == "dev" else correct(9 if hit else 4, 10)
             out[t] = {"score": sum(scores) / len(scores), "scores": scores}
         return out
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
     dev_sets, test_sets = {"t1": ["dev"], "t2": ["dev"]}, {"t1": ["test"], "t2": ["test"]}
-    out = evaluate.resolution_search(None, None, dev_sets, test_sets, [784, 3136], 7056, 0, log=lambda *a: None)
-    assert sorted(out["dev"]) == [784, 3136, 7056]  # the default resolution is always a candidate
-    assert out["chosen"] == best
+    out = evaluate.resolution_search(None, None, dev_sets, test_sets, [(0, 784), (3136, 7056)], (0, 7056),
+                                     log=lambda *a: None)
+    assert sorted(out["dev"]) == ["0:7056", "0:784", "3136:7056"]  # the default budget is always a candidate
+    assert out["chosen"] == {"t1": "0:784", "t2": "3136:7056"}
     assert out["test_searched"] == pytest.approx({"t1": 0.9, "t2": 0.9})
     assert out["test_default"] == pytest.approx({"t1": 0.4, "t2": 0.4})
-    assert out["dev"][784] == pytest.approx({"t1": 0.9, "t2": 0.45})
+    assert out["dev"]["0:784"] == pytest.approx({"t1": 0.9, "t2": 0.45})
 
 
 def test_resolution_search_real_tiny_model():
@@ -173,11 +178,11 @@ def test_resolution_search_real_tiny_model():
     tok = data.Tokenizer()
     tasks = ["vqa_color", "ocr"]
     dev, test = evaluate.build_eval_sets(tasks, "dev", 3), evaluate.build_eval_sets(tasks, "test", 3)
-    out = evaluate.resolution_search(model, tok, dev, test, [784, 3136], 7056, 784, log=lambda *a: None,
-                                     max_new_tokens=4)
+    out = evaluate.resolution_search(model, tok, dev, test, [(784, 784), (3136, 3136)], (784, 7056),
+                                     log=lambda *a: None, max_new_tokens=4)
     for t in tasks:
-        scores = {px: out["dev"][px][t] for px in out["dev"]}
-        assert scores[out["chosen"][t]] >= scores[7056]  # the default, or one that beat it
+        scores = {b: out["dev"][b][t] for b in out["dev"]}
+        assert scores[out["chosen"][t]] >= scores["784:7056"]  # the default, or one that beat it
         assert 0 <= out["test_searched"][t] <= 1
     # a lower max_pixels really shrinks the images the model sees
     rec = dev["vqa_color"][0]

@@ -243,3 +243,36 @@ def test_every_data_format_trains_and_evaluates(tmp_path):
                    "--out", str(tmp_path), "--max-new-tokens", "2"])
     results = json.load(open(tmp_path / "eval.json"))["checkpoints"]["stage3"]["results"]
     assert list(results) == list(paths) and all(r["n"] == 4 for r in results.values())
+
+
+def test_stage3_lengths_change_what_the_runs_see(tmp_path):
+    """The longer stage-3 run trains on whole conversations the shorter one cuts at turn boundaries, and on
+    images at a larger pixel budget; metrics.jsonl shows both."""
+    rows, pixels = {}, {}
+    for length in (256, 512):
+        cfg = config(tmp_path, stage="3", max_steps=8, packing_length=length, out=str(tmp_path / f"run{length}"))
+        train.run(cfg, SMALL, log=lambda *a: None)
+        stage = tmp_path / f"run{length}" / "stage3"
+        rows[length] = [json.loads(x) for x in open(stage / "metrics.jsonl")]
+        pixels[length] = json.load(open(stage / "args.json"))["pixels"]
+    assert max(r["longest_sample"] for r in rows[512]) > 256  # samples the 256-token run cannot hold
+    assert max(r["longest_sample"] for r in rows[256]) <= 256
+    assert rows[256][-1]["truncated_samples"] > rows[512][-1]["truncated_samples"]  # ... which it cut instead
+    assert pixels[512][1] == 2 * pixels[256][1] and all(0 < r["image_token_share"] < 1 for r in rows[512])
+
+
+def test_fit_keeps_whole_turns_and_their_images():
+    from data import SyntheticTasks, Tokenizer, encode, fit
+    tok = Tokenizer()
+    source = SyntheticTasks(["vqa_color"], "train", 0, "instruct", max_turns=10)
+    record = next(source[i] for i in range(100) if len(source[i]["conversations"]) >= 8)
+    sample = encode(record, tok)
+    cut = fit(sample, len(sample.tokens) // 2, truncate=True)
+    assert cut.cut_from == len(sample.tokens) and len(cut.tokens) <= len(sample.tokens) // 2
+    assert cut.tokens == sample.tokens[:len(cut.tokens)] and len(cut.tokens) in sample.turn_ends
+    assert cut.tokens[-1] == tok.im_end_id  # it ends with a whole reply and its end-of-turn token
+    assert 0 < len(cut.images) < len(sample.images)
+    assert cut.tokens.count(tok.image_pad_id) == sum(h * w // 4 for _, (_, h, w) in cut.images)
+    replies = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    kept = tok.decode([t for t in cut.labels if t != -100])
+    assert kept == "".join(r + "<|im_end|>" for r in replies[:len(cut.turn_ends)])
