@@ -134,10 +134,10 @@ DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not
 # ----------------------------------------------------------------------------- eval sets
 
 
-def synthetic_eval_set(task, split, n, seed=0, max_turns=1):
-    """The first n instruction-style records of one synthetic task in the dev or test split: conversations of
-    1..max_turns turns as stage 3 trains on, the last reply the one to generate."""
-    source = data.SyntheticTasks([task], split=split, seed=seed, style="instruct", max_turns=max_turns)
+def synthetic_eval_set(task, split, n, seed=0, max_turns=1, style="instruct"):
+    """The first n records of one synthetic task in the dev or test split: conversations of 1..max_turns turns
+    (the last reply the one to generate), or pre-training records (style "pretrain": for a reply loss only)."""
+    source = data.SyntheticTasks([task], split=split, seed=seed, style=style, max_turns=max_turns)
     if n > len(source):
         raise ValueError(f"{task}: {n} eval samples asked, the {split} split has {len(source)}")
     return [source[i] for i in range(n)]

@@ -107,6 +107,7 @@ STAGE3_LENGTHS = "512,1024"
 # evaluation of the default run: samples per task, the test budget (the one stage 3 trained at) and the
 # resolution search's candidates, min:max pixels: fewer pixels, and small images upscaled 2x (our choice)
 EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 64, "56x56:56x56,112x112:1M"
+DEV_LOSS_N = 4  # dev records per task of a stage's mix whose loss is measured at checkpoints (loss.png's dots)
 MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
 
 
@@ -821,8 +822,9 @@ def keep_metrics_until(path, step, log=print):
 
 
 def plot_loss(metrics_path, out_png):
-    """loss.png from metrics.jsonl: the raw loss, its exponential moving average over it (what a reader follows)
-    and the learning rate on a second axis; False when matplotlib (in requirements.txt) is missing."""
+    """loss.png from metrics.jsonl: the raw loss, its exponential moving average over it (what a reader follows),
+    the dev loss where it was measured and the learning rate on a second axis; False when matplotlib (in
+    requirements.txt) is missing."""
     plt = evaluate.pyplot()
     if plt is None:
         return False
@@ -837,6 +839,9 @@ def plot_loss(metrics_path, out_png):
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
     ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="loss, EMA 0.9")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.dirname(metrics_path)))
+    dev = [r for r in rows if r.get("dev_loss") is not None]
+    ax.scatter([r["step"] for r in dev], [r["dev_loss"] for r in dev], color="tab:red", zorder=3, s=18,
+               label="dev loss")
     lr = ax.twinx()
     lr.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, label="lr")
     lr.set_ylabel("learning rate", color="tab:orange")
@@ -1079,6 +1084,10 @@ class StageLog:
         self.metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
             if self.dist.is_main else None
         self.t_start, self.dt_avg = time.time(), None
+        stage = STAGES[stage_num]  # dev loss in the stage's own format: synthetic runs in one process
+        self.dev, self.tokenizer = [] if cfg.data or self.dist.world_size > 1 else [
+            r for t in stage.mix for r in evaluate.synthetic_eval_set(t, "dev", DEV_LOSS_N, cfg.seed, stage.max_turns,
+                                                                     stage.style)], ctx.tokenizer
 
     def record(self, st, s, batches, lr_mult, dt):
         """Log the step just taken; returns "done" to go on, else why the stage stops."""
@@ -1094,6 +1103,9 @@ class StageLog:
                "skipped_samples": s["skipped"],
                "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start,
                **sequence_stats(batches, st.model.config.image_pad_id), "truncated_samples": st.loader.truncated}
+        if self.dev and (step == total or cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            row["dev_loss"] = evaluate.reply_loss(st.model, self.tokenizer, self.dev, cfg.min_pixels,
+                                                  self.plan.max_pixels)
         if self.metrics is not None:
             os.write(self.metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
         if s["empty"]:

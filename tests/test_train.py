@@ -259,6 +259,7 @@ def test_stage3_lengths_change_what_the_runs_see(tmp_path):
     assert max(r["longest_sample"] for r in rows[256]) <= 256
     assert rows[256][-1]["truncated_samples"] > rows[512][-1]["truncated_samples"]  # ... which it cut instead
     assert pixels[512][1] == 2 * pixels[256][1] and all(0 < r["image_token_share"] < 1 for r in rows[512])
+    assert rows[512][-1]["dev_loss"] > 0 and "dev_loss" not in rows[512][0]  # measured at the stage's end
 
 
 def test_fit_keeps_whole_turns_and_their_images():
