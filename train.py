@@ -444,15 +444,11 @@ def compose_model(cfg, tokenizer, overrides, **runtime):
     flags = dict(attn_backend=runtime.get("attn_backend"),
                  activation_checkpointing=runtime.get("activation_checkpointing", False))
     torch.manual_seed(cfg.seed)
-    try:
-        decoder = _load_source(cfg.init_text_from, "decoder", flags)
-        if cfg.init_vision_from:
-            vision, merger = _load_source(cfg.init_vision_from, "vision", flags)
-        else:
-            vision, merger = VisionEncoder(config_from_preset(cfg.preset, **overrides).vision, **flags), None
-    except (KeyError, ValueError, OSError) as e:
-        raise SystemExit(f"{'--init-vision-from' if 'decoder' in locals() else '--init-text-from'}: "
-                         f"{e.args[0] if e.args else e}") from None
+    decoder = _load_source(cfg.init_text_from, "decoder", flags, "--init-text-from")
+    if cfg.init_vision_from:
+        vision, merger = _load_source(cfg.init_vision_from, "vision", flags, "--init-vision-from")
+    else:
+        vision, merger = VisionEncoder(config_from_preset(cfg.preset, **overrides).vision, **flags), None
     if tokenizer.source_vocab_size > decoder.config.vocab_size:
         raise SystemExit(f"the tokenizer ({tokenizer_source(cfg)}) has {tokenizer.source_vocab_size} ids, the LLM of "
                          f"--init-text-from {cfg.init_text_from} {decoder.config.vocab_size} rows: not its tokenizer")
@@ -465,14 +461,17 @@ def compose_model(cfg, tokenizer, overrides, **runtime):
     return model
 
 
-def _load_source(path, part, flags):
+def _load_source(path, part, flags, flag_):
     """The `part` ("decoder", or "vision": (VisionEncoder, PatchMerger)) of our checkpoint or a Hugging Face
-    directory."""
+    directory; a missing or misshapen tensor stops the run in one line naming the flag."""
     ckpt = checkpoint_dir(path)
-    if is_our_checkpoint(ckpt):
-        model = MLLM.from_pretrained(ckpt, **flags)
-        return model.decoder if part == "decoder" else (model.vision, model.connector)
-    return convert.load_hf_decoder(ckpt, **flags) if part == "decoder" else convert.load_hf_vision(ckpt, **flags)
+    try:
+        if is_our_checkpoint(ckpt):
+            model = MLLM.from_pretrained(ckpt, **flags)
+            return model.decoder if part == "decoder" else (model.vision, model.connector)
+        return convert.load_hf_decoder(ckpt, **flags) if part == "decoder" else convert.load_hf_vision(ckpt, **flags)
+    except (KeyError, ValueError, OSError) as e:
+        raise SystemExit(f"{flag_} {path}: {e.args[0] if e.args else e}") from None
 
 
 def runtime_of(cfg):
