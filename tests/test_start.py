@@ -5,6 +5,7 @@ with images), Llama imports and exports exactly, stage 1 moves only the connecto
 need no extra flags, and a start that cannot work stops in one line before --out changes."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -229,6 +230,14 @@ def test_refused_starts_name_the_flag_and_touch_nothing(sources, tmp_path):
     assert "one or the other" in refused(stage1(out, "--init-from", sources["vl"], "--init-text-from", sources["qwen3"]))
     assert "fixes the model shape" in refused(stage1(out, "--init-vision-from", sources["vl"], "--init-text-from",
                                                      sources["qwen3"], "--text-num-layers", "3"))
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"  # an LLM directory missing one tensor
+    shutil.copytree(sources["qwen3"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, broken / "model.safetensors")
+    message = refused(stage1(out, "--init-vision-from", sources["vl"], "--init-text-from", str(broken)))
+    assert message.startswith(f"--init-text-from {broken}") and "model.layers.1.mlp.up_proj.weight" in message
     small = qwen3_dir(tmp_path / "small_vocab", vocab_size=300)  # a tokenizer with more ids than the LLM has rows
     assert "not its tokenizer" in refused(stage1(out, "--init-vision-from", sources["vl"], "--init-text-from",
                                                  str(small)))
