@@ -10,10 +10,13 @@ Data problems (unreadable image, bad record, too-long sample) raise `DataError` 
 naming the file:line / sample; loaders skip and count them instead when on_bad="skip".
 """
 import array
+import atexit
 import base64
 import binascii
 import bisect
 import collections
+import ctypes
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -21,8 +24,12 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
+import queue
 import re
+import signal
+import traceback
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -442,11 +449,26 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     return h, w
 
 
-def load_image(path):
+# a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps at least this many times the resized
+# side, so the bicubic resize that follows still averages over >= 2 source pixels per output pixel (as PIL's
+# thumbnail does): pixels within DRAFT_TOLERANCE of the full decode's, at a fraction of the decode time
+DRAFT_GAP = 2
+DRAFT_TOLERANCE = (1.0, 32)  # mean and max absolute pixel difference, 0..255 scale (tests/test_data.py measures it)
+
+
+def load_image(path, budget=None):
     """Open and decode an image file; any failure is a DataError naming the path. Images over PIL's
-    decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP) are refused before they are decoded."""
+    decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP) are refused before they are decoded.
+    budget=(min_pixels, max_pixels): a JPEG that smart_resize will shrink by DRAFT_GAP or more is decoded at
+    a reduced scale; info["full_size"] and info["draft_box"] tell process_image what it was."""
     try:
         with Image.open(path) as img:
+            full = img.size
+            if budget and img.format == "JPEG" and min(full) > 0 and max(full) / min(full) <= 200:
+                h, w = smart_resize(full[1], full[0], FACTOR, *budget)
+                box = img.draft(None, (w * DRAFT_GAP, h * DRAFT_GAP))
+                if box is not None and img.size != full:
+                    img.info.update(full_size=full, draft_box=box[1])
             img.load()
             return img.copy()
     except Image.DecompressionBombError as e:
@@ -470,10 +492,10 @@ def to_8bit(img):
     return Image.fromarray(np.clip(np.rint(x * (255 / full)), 0, 255).astype(np.uint8), "L")
 
 
-def load_image_bytes(encoded):
+def load_image_bytes(encoded, budget=None):
     """Decode an image kept as bytes (a Parquet column, a data URL); a failure is a DataError saying so."""
     try:
-        return load_image(io.BytesIO(encoded))
+        return load_image(io.BytesIO(encoded), budget)
     except DataError as e:
         raise DataError(f"cannot read image bytes ({len(encoded)} bytes): {e.__cause__}", reason=e.reason) from e
 
@@ -489,11 +511,13 @@ def to_rgb(img):
 
 def process_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """PIL image -> (pixel_patches [P, 3*14*14] float32, grid (1, h, w) in patches), patches in
-    Qwen2-VL order: each 2x2 merge window's four patches are contiguous, windows row-major."""
+    Qwen2-VL order: each 2x2 merge window's four patches are contiguous, windows row-major. An image
+    load_image decoded at reduced scale is sized by its full size, resampled from its draft box."""
+    (width, height), box = img.info.get("full_size", img.size), img.info.get("draft_box")
     img = to_rgb(img)
-    h, w = smart_resize(img.height, img.width, FACTOR, min_pixels, max_pixels)
+    h, w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
     if (w, h) != img.size:
-        img = img.resize((w, h), Image.BICUBIC)
+        img = img.resize((w, h), Image.BICUBIC, box=box)
     x = (np.asarray(img, dtype=np.float32) / np.float32(255) - CLIP_MEAN) / CLIP_STD  # [H, W, 3]
     gh, gw = h // PATCH, w // PATCH
     x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
@@ -559,7 +583,9 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     images = []
     for img in record.get("images", []):
         try:
-            pil = load_image(img) if isinstance(img, str) else load_image_bytes(img) if isinstance(img, bytes) else img
+            budget = (min_pixels, max_pixels)
+            pil = load_image(img, budget) if isinstance(img, str) else \
+                load_image_bytes(img, budget) if isinstance(img, bytes) else img
             images.append(process_image(pil, min_pixels, max_pixels))
         except DataError as e:
             named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
@@ -1355,6 +1381,97 @@ def pack(samples, max_tokens, mrope=False, truncate=False):
                                                                                  max_tokens)]
 
 
+# ----------------------------------------------------------------------------- data workers
+
+PREFETCH = 8  # samples each data worker encodes ahead of the loader (its queue's bound)
+
+
+def _die_with(parent):
+    """Linux: the kernel kills this process when the training process dies, however it dies (kill -9 too);
+    elsewhere _worker's put loop notices the parent is gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _worker(loader, start, k, n, out, parent):
+    """Data worker k of n: encodes the loader's reads start + k, start + k + n, ... into `out` in order, as
+    ("ok", sample with numpy patches) or ("bad", message, reason) for a DataError; any other failure is sent
+    as ("crash", traceback) and ends it. Signals are the training process's to act on: it finishes its step
+    and checkpoints (train.StopRequested), then kills its workers."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    _die_with(parent)
+    torch.set_num_threads(1)
+    for j in itertools.count(start + k, n):
+        try:
+            s = loader._sample(j)
+            item = ("ok", dataclasses.replace(s, images=[(p.numpy(), g) for p, g in s.images]))
+        except DataError as e:
+            item = ("bad", str(e), e.reason)
+        except Exception:  # noqa: BLE001 (sent to the training process, which raises it)
+            item = ("crash", traceback.format_exc())
+        while True:
+            try:
+                out.put(item, timeout=1.0)
+                break
+            except queue.Full:
+                if os.getppid() != parent:
+                    os._exit(0)
+        if item[0] == "crash":
+            return
+
+
+class Workers:
+    """`n` forked processes encoding a PackedLoader's reads from `start` on, each up to PREFETCH ahead: read j
+    is worker (j - start) % n's, so samples arrive in read order whatever each one costs."""
+
+    def __init__(self, loader, start, n):
+        ctx = multiprocessing.get_context("fork")  # the loader (tokenizer, open data files) is inherited, not pickled
+        self.start, self.next = start, start
+        self.queues = [ctx.Queue(PREFETCH) for _ in range(n)]
+        self.procs = [ctx.Process(target=_worker, args=(loader, start, k, n, q, os.getpid()), daemon=True,
+                                  name=f"data worker {k}") for k, q in enumerate(self.queues)]
+        for p in self.procs:
+            p.start()
+        atexit.register(self.close)  # before multiprocessing's own exit hook, which would wait on them
+
+    def get(self, j):
+        """Read j's sample (reads are taken in order); DataError as the in-process encode raises it."""
+        assert j == self.next, (j, self.next)
+        k = (j - self.start) % len(self.procs)
+        while True:
+            try:
+                item = self.queues[k].get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.procs[k].is_alive():
+                    raise RuntimeError(f"data worker {k} (pid {self.procs[k].pid}) died with exit code "
+                                       f"{self.procs[k].exitcode} (out of memory?) before read {j}") from None
+        self.next += 1
+        if item[0] == "crash":
+            raise RuntimeError(f"data worker {k} failed on read {j}:\n{item[1]}")
+        if item[0] == "bad":
+            raise DataError(item[1], reason=item[2])
+        return dataclasses.replace(item[1], images=[(torch.from_numpy(p), g) for p, g in item[1].images])
+
+    def close(self):
+        """Kill and reap the workers (they hold nothing to save); safe to call twice."""
+        atexit.unregister(self.close)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join()
+        for q in self.queues:
+            q.cancel_join_thread()
+            q.close()
+        self.procs = []
+
+
 class PackedLoader:
     """Infinite iterator of PackedBatches of at most max_tokens tokens. Rank r of world_size reads
     positions r, r+W, r+2W, ... of the source (a Mixture; any other indexable source is wrapped in a
@@ -1368,13 +1485,15 @@ class PackedLoader:
     counted in `skips` by (source, reason) (last message in `last_error`); samples truncation left without a
     loss token are always skipped and counted, outside the rate. A source that skips more
     than max_skip_rate of its samples (judged after MIN_READS of them), or a loader that reads
-    `patience` samples in a row without a usable one, raises DataError instead of going on."""
+    `patience` samples in a row without a usable one, raises DataError instead of going on.
+    workers > 0 encodes in that many processes (Workers) ahead of the reads: the same samples in the same order,
+    so batches, state_dict and skip counts are those of workers=0. close() ends them."""
 
     MIN_READS = 20  # a source's skip rate is judged once it has had this many reads
 
     def __init__(self, source, tokenizer, max_tokens, seed=0, rank=0, world_size=1, min_pixels=MIN_PIXELS,
                  max_pixels=MAX_PIXELS, mrope=False, truncate=False, on_bad="raise", buffer_size=256,
-                 max_skip_rate=1.0, patience=1000):
+                 max_skip_rate=1.0, patience=1000, workers=0):
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
         if not 0 <= rank < world_size:
@@ -1383,12 +1502,26 @@ class PackedLoader:
         self.tokenizer, self.max_tokens, self.rank, self.world_size = tokenizer, max_tokens, rank, world_size
         self.min_pixels, self.max_pixels, self.mrope, self.truncate = min_pixels, max_pixels, mrope, truncate
         self.on_bad, self.buffer_size, self.max_skip_rate, self.patience = on_bad, buffer_size, max_skip_rate, patience
+        self.workers, self.pool = workers, None
         self.load_state_dict({"reads": 0, "buffer": [], "batches": 0, "tokens": 0, "skips": [], "source_reads": {}})
 
     def _sample(self, j):
         """Encoded sample of this rank's j-th read (source position rank + j * world_size)."""
         record = self.source[self.rank + j * self.world_size]
         return fit(encode(record, self.tokenizer, self.min_pixels, self.max_pixels), self.max_tokens, self.truncate)
+
+    def _fetch(self, j):
+        """The j-th read's sample: from the workers (started at the first read) when there are any."""
+        if not self.workers:
+            return self._sample(j)
+        if self.pool is None:
+            self.pool = Workers(self, j, self.workers)
+        return self.pool.get(j)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     @property
     def skipped(self):
@@ -1404,7 +1537,7 @@ class PackedLoader:
         self.source_reads[name] = self.source_reads.get(name, 0) + 1
         self.reads += 1
         try:
-            self.buffer.append((self.reads - 1, self._sample(self.reads - 1)))
+            self.buffer.append((self.reads - 1, self._fetch(self.reads - 1)))
             self.since_good = 0
             self.truncated += bool(self.buffer[-1][1].cut_from)  # cut to the packing length (fit)
             return
@@ -1428,9 +1561,14 @@ class PackedLoader:
         return self
 
     def fill(self):
-        """Read until the buffer is full (what the next batch needs; reading early changes no batch)."""
-        while len(self.buffer) < self.buffer_size:
-            self._read()
+        """Read until the buffer is full (what the next batch needs; reading early changes no batch). A read
+        that raises ends the workers (a later read restarts them where it stands)."""
+        try:
+            while len(self.buffer) < self.buffer_size:
+                self._read()
+        except BaseException:
+            self.close()
+            raise
 
     def __next__(self):
         self.fill()
@@ -1454,6 +1592,7 @@ class PackedLoader:
                 "source_reads": dict(self.source_reads), "since_good": self.since_good, "truncated": self.truncated}
 
     def load_state_dict(self, state):
+        self.close()  # workers encode ahead of the old position
         self.reads, self.batches, self.tokens = state["reads"], state["batches"], state["tokens"]
         self.skips, self.last_error = {(src, r): k for src, r, k in state["skips"]}, None
         self.source_reads, self.since_good = dict(state["source_reads"]), state.get("since_good", 0)

@@ -131,6 +131,7 @@ class TrainConfig:
     allow_outside_image_root: bool = field(default=False, metadata={"help": "let dataset image paths leave --image-root (absolute or ../ paths)"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
+    data_workers: typing.Optional[int] = field(default=None, metadata={"help": "processes that read, decode and tokenize samples ahead of the step, the same batches as 0 (in the training process); default: the CPUs per local rank less 2, at most 8"})
     truncate: bool = field(default=False, metadata={"help": "cut the text of samples longer than --packing-length (else they are bad samples)"})
     min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
     max_pixels: typing.Optional[int] = field(default=None, metadata={"help": "image pixel budget for smart resize (default: the stage table's: a share of the packing length in stage 3, else the processor's)"})
@@ -248,7 +249,7 @@ def check_config(cfg, overrides):
     names the flag, so a typo costs nothing already on disk."""
     at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1, "cp": 1,
                 "eval_n": 1, "eval_dev_n": 1, "min_pixels": 1, "warmup": 0, "ckpt_every": 0, "clip": 0,
-                "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30}
+                "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30, "data_workers": 0}
     for name, low in at_least.items():
         value = getattr(cfg, name)
         if value is not None and not value >= low:  # `not >=` also catches NaN
@@ -967,11 +968,12 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
                                                 train_state(cfg, overrides, stage_num, plan, st, loader_state),
                                                 ctx.tokenizer)
     status, saved = "done", st.step
-    with StopRequested() as stop:
+    with StopRequested() as stop, contextlib.closing(st.loader):  # its data workers end with the stage
         while st.step < plan.total:
             t0, before = time.perf_counter(), st.loader.state_dict()
             try:
                 batches = [next(st.loader) for _ in range(cfg.grad_accum)]
+                data_wait = time.perf_counter() - t0
             except data.DataError:  # a bad record met mid-stage (--on-bad raise): keep the steps done so far
                 if dist.world_size == 1 and st.step > saved:  # (other ranks would wait in a collective)
                     log(f"stage {stage_num}: bad data at step {st.step + 1}; wrote {save(before)} (--resume after "
@@ -979,7 +981,7 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
                 raise
             s = train_step(st.model, params, batches, cfg, dist, stop, st.loader.skipped)
             lr_mult = optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
-            status = meter.record(st, s, batches, lr_mult, time.perf_counter() - t0)
+            status = meter.record(st, s, batches, lr_mult, time.perf_counter() - t0, data_wait)
             if status != "done":
                 break
             if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < plan.total:
@@ -1088,8 +1090,9 @@ class StageLog:
             r for t in stage.mix for r in evaluate.synthetic_eval_set(t, "dev", DEV_LOSS_N, cfg.seed, stage.max_turns,
                                                                      stage.style)], ctx.tokenizer
 
-    def record(self, st, s, batches, lr_mult, dt):
-        """Log the step just taken; returns "done" to go on, else why the stage stops."""
+    def record(self, st, s, batches, lr_mult, dt, data_wait=0.0):
+        """Log the step just taken (data_wait: seconds of dt spent waiting for its batches); returns "done" to
+        go on, else why the stage stops."""
         cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"] and not s["empty"]
         self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
         flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
@@ -1100,7 +1103,8 @@ class StageLog:
                "tokens_per_s": s["tokens"] / dt, "mfu": mfu, "mem_gb": peak_memory_gb(self.dist.device),
                "skipped": not finite, "bad_steps": st.bad_total, "empty_steps": st.empty_total,
                "skipped_samples": s["skipped"],
-               "packing_efficiency": st.loader.efficiency, "time_s": time.time() - self.t_start,
+               "packing_efficiency": st.loader.efficiency, "data_wait": data_wait / dt,
+               "time_s": time.time() - self.t_start,
                **sequence_stats(batches, st.model.config.image_pad_id), "truncated_samples": st.loader.truncated}
         if self.dev and (step == total or cfg.ckpt_every and step % cfg.ckpt_every == 0):
             row["dev_loss"] = evaluate.reply_loss(st.model, self.tokenizer, self.dev, cfg.min_pixels,
@@ -1115,7 +1119,8 @@ class StageLog:
                      f"update skipped ({st.bad_run} in a row, {st.bad_total} in all)")
         if step % cfg.log_every == 0 or step == total or step == 1:
             self.log(f"stage {self.stage_num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {lr:.2e} | "
-                     f"{s['tokens'] / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {row['mem_gb']:.2f} GB | "
+                     f"{s['tokens'] / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | data {100 * data_wait / dt:.0f}% | "
+                     f"mem {row['mem_gb']:.2f} GB | "
                      f"ETA {self.dt_avg * (total - step):.0f}s"
                      + (f" | skipped {s['skipped']} samples" if s["skipped"] else ""))
         if st.bad_run >= cfg.max_bad_steps:
@@ -1202,8 +1207,18 @@ def build_stage(cfg, ctx, stage_num, plan, init):
                                min_pixels=cfg.min_pixels, max_pixels=plan.max_pixels,
                                mrope=model.config.text.mrope_section is not None,
                                truncate=cfg.truncate or (not cfg.data and stage.max_turns > 1),
-                               on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate)
+                               on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate,
+                               workers=data_workers(cfg.data_workers))
     return model, optimizer, loader
+
+
+def data_workers(n):
+    """--data-workers, or by default the CPUs this process may use per local rank (torchrun's LOCAL_WORLD_SIZE),
+    less one for the training process and one for the system, at most 8 (beyond that a loader waits on I/O)."""
+    if n is not None:
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 2))
 
 
 def gather_loader(loader, dist, cp):
