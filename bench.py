@@ -28,6 +28,7 @@ import platform
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -394,7 +395,32 @@ def bench_loss(device, size, reps, tokens_list, impls):
                              dtype=str(dtype).removeprefix("torch."), fwd_bwd_ms=time_ms(fwd_bwd, device, 0, reps),
                              peak_mib=peak_mib(fwd_bwd, device),
                              logits_mib=tokens * s["vocab"] * 4 / 2 ** 20))
+            if device == "cpu":
+                rows[-1]["rss_growth_mib"] = loss_rss_growth_mib(impl, tokens, s["hidden"], s["vocab"])
     return rows
+
+
+def loss_rss_growth_mib(impl, tokens, hidden, vocab):
+    """Peak RSS growth (MiB) of one loss forward+backward in a fresh process: what the OS sees, allocator
+    caching included (the profiler's peak counts live tensors only)."""
+    code = f"import bench; bench.loss_rss_child({impl!r}, {tokens}, {hidden}, {vocab})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def loss_rss_child(impl, tokens, hidden, vocab):
+    """Prints the peak RSS above the RSS once the inputs exist (ru_maxrss: KiB on Linux)."""
+    import resource
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = (0.02 * torch.randn(vocab, hidden)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    fns = {"chunked": chunked_loss, "full": full_logits_loss}
+    fns[impl](h, w, targets, 1e-4).backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
 # ----------------------------------------------------------------------------- training step and packing
@@ -843,7 +869,7 @@ COLUMNS = {
     "ops": ["op", "impl", "shape", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mib", "error"],
     "step": ["model", "params_m", "length", "samples_per_step", "dtype", "attn_backend", "step_ms", "tokens_per_s",
              "x_default", "tflops", "mfu", "peak_tflops", "peak_mib"],
-    "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "logits_mib"],
+    "loss": ["impl", "tokens", "hidden", "vocab", "dtype", "fwd_bwd_ms", "peak_mib", "rss_growth_mib", "logits_mib"],
     "peer": ["case", "samples", "useful_tokens", "pad_fraction", "new_tokens", "loss_rel_diff", "ours_tokens_per_s",
              "transformers_tokens_per_s", "speedup", "replies_agree"],
     "packing": ["model", "stage", "style", "samples", "length", "useful_tokens", "packed_batches", "padded_batches",

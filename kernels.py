@@ -871,55 +871,81 @@ class NpuGroupedMM(torch.autograd.Function):
 # ----------------------------------------------------------------------------- cross-entropy
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk=1024, z_loss=False):
+# a chunk's fp32 logits are at most this many bytes (151,936-token vocabulary: 441 tokens a chunk): the loss's
+# memory is then a few chunks plus the head's fp32 gradient, whatever the micro-batch's token count
+LOSS_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk=None, z_loss=False):
     """Sum over tokens with labels != -100 of cross-entropy(hidden @ weight^T, labels), and with
     z_loss=True also the sum of logsumexp^2 (the z-loss term of PaLM / MM1), as (ce, z).
-    hidden [T, d], weight [V, d]. Logits exist only `chunk` tokens at a time, in fp32, forward and
-    (recomputed) backward, so [T, V] fp32 logits never do. Plain torch: runs on every device."""
+    hidden [T, d], weight [V, d]. Logits exist only `chunk` tokens at a time (default: LOSS_CHUNK_BYTES of
+    fp32 logits), so [T, V] fp32 logits never do. Plain torch: runs on every device."""
     keep = labels != -100
     hidden, labels = hidden[keep], labels[keep]
     if labels.numel() and (labels.min() < 0 or labels.max() >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: labels must be -100 or in [0, {weight.shape[0]}); got "
                          f"min {labels.min().item()}, max {labels.max().item()}")
+    chunk = chunk or max(1, LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
     (hidden, weight), autocast_off = _autocast_cast(hidden, weight)  # backward recomputes in the same dtype
+    grads = torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad
     with autocast_off:
-        ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+        ce, z = LinearCrossEntropy.apply(hidden, weight, labels, chunk, grads)
     return (ce, z) if z_loss else ce
 
 
+def _ce_chunks(hidden, weight, labels, chunk, lse=None, grads=(False, False), g_z=None):
+    """One pass over the chunks. Forward (lse None): the CE and z sums, the per-token logsumexp, and where
+    `grads` asks, the CE's gradients (dh, dw) formed here from the chunk's softmax, so backward need not
+    recompute the logits (Liger-Kernel's fused linear cross-entropy). Backward of the z-loss (lse given):
+    the gradients of g_z * sum(lse^2), d/dlogits = 2 g_z lse softmax."""
+    need_dh, need_dw = grads
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    sums, forward = torch.zeros(2, dtype=torch.float32, device=hidden.device), lse is None
+    lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) if forward else lse
+    for i in range(0, hidden.shape[0], chunk):
+        h, y = hidden[i:i + chunk], labels[i:i + chunk]
+        p = (h @ weight.t()).float()  # in place from here on: one [chunk, V] fp32 buffer
+        if forward:
+            lse[i:i + chunk] = lse_c = torch.logsumexp(p, dim=-1)
+            sums[0] += (lse_c - p.gather(1, y[:, None])[:, 0]).sum()
+            sums[1] += lse_c.square().sum()
+        lse_c = lse[i:i + chunk]
+        if not (need_dh or need_dw):
+            continue
+        p.sub_(lse_c[:, None]).exp_()  # softmax
+        if forward:
+            p[torch.arange(len(y), device=y.device), y] -= 1
+        else:
+            p.mul_((2 * g_z * lse_c)[:, None])
+        g = p.to(hidden.dtype)
+        if need_dh:
+            dh[i:i + chunk] = g @ weight
+        if need_dw:
+            torch.addmm(dw, g.t(), h, out=dw) if g.dtype == dw.dtype else dw.add_((g.t() @ h).float())
+    return sums, lse, dh, dw
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Chunked over tokens; saves only the per-token logsumexp. Backward recomputes a chunk's logits:
-    d/dlogits = g_ce (softmax - onehot) + g_z 2 lse softmax."""
+    """Chunked over tokens. The CE's gradients are formed in the forward (the logits computed once); backward
+    scales them by the incoming gradient and recomputes the logits only for a z-loss that is used."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        z = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for i in range(0, hidden.shape[0], chunk):
-            logits = (hidden[i:i + chunk] @ weight.t()).float()
-            lse_c = torch.logsumexp(logits, dim=-1)
-            ce += (lse_c - logits.gather(1, labels[i:i + chunk, None])[:, 0]).sum()
-            z += lse_c.square().sum()
-            lse[i:i + chunk] = lse_c
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk = chunk
-        return ce, z
+    def forward(ctx, hidden, weight, labels, chunk, grads):
+        sums, lse, dh, dw = _ce_chunks(hidden, weight, labels, chunk, grads=grads)
+        ctx.save_for_backward(hidden, weight, labels, lse, dh, dw)
+        ctx.chunk, ctx.grads = chunk, grads
+        ctx.set_materialize_grads(False)  # an unused z output gets None: no z-loss pass
+        return sums[0], sums[1]
 
     @staticmethod
     def backward(ctx, g_ce, g_z):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[:2]
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        for i in range(0, hidden.shape[0], ctx.chunk):
-            h, lse_c, y = hidden[i:i + ctx.chunk], lse[i:i + ctx.chunk], labels[i:i + ctx.chunk]
-            grad = torch.exp((h @ weight.t()).float() - lse_c[:, None])  # softmax
-            grad *= (g_ce + 2 * g_z * lse_c)[:, None]
-            grad[torch.arange(len(y), device=y.device), y] -= g_ce
-            grad = grad.to(hidden.dtype)
-            if need_dh:
-                dh[i:i + ctx.chunk] = grad @ weight
-            if need_dw:
-                dw += (grad.t() @ h).float()
-        return dh, None if dw is None else dw.to(weight.dtype), None, None
+        hidden, weight, labels, lse, dh, dw = ctx.saved_tensors
+        dh = None if dh is None or g_ce is None else dh * g_ce.to(dh.dtype)
+        dw = None if dw is None or g_ce is None else dw * g_ce
+        if g_z is not None:
+            _, _, zh, zw = _ce_chunks(hidden, weight, labels, ctx.chunk, lse, ctx.grads, g_z)
+            dh = zh if dh is None else dh + zh if zh is not None else dh
+            dw = zw if dw is None else dw + zw if zw is not None else dw
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None

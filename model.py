@@ -837,7 +837,8 @@ class MLLM(nn.Module):
         # no loss token anywhere (a global divisor of 0): the sums are 0, so is the loss; never a 0 / 0
         divisor = loss_divisor or max(n_loss, 1)
         ce = ce_sum / divisor
-        z = self.z_loss * z_sum / divisor  # MM1: z-loss keeps the softmax normaliser near 1
+        # MM1: z-loss keeps the softmax normaliser near 1; at 0 it stays out of the graph (no backward pass for it)
+        z = (self.z_loss * z_sum if self.z_loss else 0.0 * z_sum.detach()) / divisor
         stats = {"ce": ce.item(), "z_loss": z.item(), "n_loss_tokens": n_loss,
                  "n_tokens": hi - lo, "n_images": batch.image_grid.shape[0]}
         return ce + z + self._moe_terms(n_loss / divisor, stats), stats
@@ -1130,7 +1131,7 @@ def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "deco
     matmuls. MoE layers count the activated experts only. Attention over a sample of s tokens costs
     2 s^2 heads (d_qk + d_v) forward (QK^T and PV; MLA: d_qk = nope + rope dims, d_v = v_head_dim), without
     the causal half (PaLM's convention), and twice that backward (dQ, dK, dV, dP). Recomputation (activation
-    checkpointing, the chunked loss's logits) is not counted: these are model FLOPs, not hardware FLOPs."""
+    checkpointing, the chunked loss's logits for a z-loss) is not counted: model FLOPs, not hardware FLOPs."""
     v, t = config.vision, config.text
     tokens, patches = float(batch.input_ids.shape[0]), float(batch.image_grid.prod(-1).sum())
     n_loss = float((next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())

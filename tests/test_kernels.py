@@ -88,10 +88,11 @@ def test_linear_cross_entropy_matches_torch(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ce, ref_ce, atol=tol, rtol=tol)
     torch.testing.assert_close(z, ref_z, atol=tol, rtol=tol)
-    loss, ref_loss = ce + 0.1 * z, ref_ce + 0.1 * ref_z  # both outputs' gradients at once
-    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight))
-    for g, r in zip(torch.autograd.grad(loss, (hidden, weight)), ref_grads):
-        torch.testing.assert_close(g.float(), r.float(), atol=tol * 10, rtol=tol)
+    # the CE alone (gradients formed in the forward, z unused: no backward pass of its own), then both at once
+    for loss, ref_loss in ((2 * ce, 2 * ref_ce), (ce + 0.1 * z, ref_ce + 0.1 * ref_z)):
+        ref_grads = torch.autograd.grad(ref_loss, (hidden, weight), retain_graph=True)
+        for g, r in zip(torch.autograd.grad(loss, (hidden, weight), retain_graph=True), ref_grads):
+            torch.testing.assert_close(g.float(), r.float(), atol=tol * 10, rtol=tol)
 
 
 def test_linear_cross_entropy_frozen_head_and_bad_labels():
