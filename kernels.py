@@ -115,6 +115,7 @@ def _autocast_cast(*tensors):
     return tuple(t.to(dtype) for t in tensors), torch.autocast(device_type, enabled=False)
 
 
+@torch.compiler.disable  # per-sample bounds are data (host reads, a loop): each block's compiled graphs end here
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=None,
                      cu_seqlens_k=None, max_seqlen_k=None, scale=None):
     """Attention within each packed sample. q [T, H, D], k/v [Tk, Hkv, D] with H % Hkv == 0 (GQA).
@@ -661,7 +662,7 @@ def rms_norm(x, weight, eps=1e-6):
     Fused: torch_npu.npu_rms_norm on Ascend, our Triton kernel on CUDA."""
     if _on_npu(x):
         return _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
-    if x.is_cuda and triton is not None and x.numel():
+    if x.is_cuda and triton is not None and x.numel() and not torch.compiler.is_compiling():  # else inductor fuses it
         return TritonRMSNorm.apply(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -49,8 +49,8 @@ import parallel
 import convert
 from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_damage, \
-    checkpoint_dir, cli, config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, stage_checkpoints, \
-    update_expert_bias, write_checkpoint, write_json
+    checkpoint_dir, cli, compile_blocks, config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, \
+    stage_checkpoints, update_expert_bias, write_checkpoint, write_json
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -168,6 +168,7 @@ class TrainConfig:
     # how the model runs, not its shape (not in config.json; free to change with --init-from and --resume)
     z_loss: float = field(default=0.0, metadata={"help": "MM1 z-loss coefficient on logsumexp^2"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward to save memory"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each ViT block and decoder layer (dynamic shapes: packed lengths do not recompile); not with --fsdp or --ep"})
     attn_backend: typing.Optional[str] = field(default=None, metadata={"help": "kernels.varlen_attention backend (default: best for the device)", "choices": list(ATTENTION_BACKENDS)})
 
 
@@ -259,6 +260,10 @@ def check_config(cfg, overrides):
     for name in ("max_pixels", "eval_max_pixels"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < cfg.min_pixels:
             raise SystemExit(f"{flag(name)} {getattr(cfg, name)} is below --min-pixels {cfg.min_pixels}")
+    sharded = "--fsdp" if cfg.fsdp else "--ep" if cfg.ep > 1 else "--cp" if cfg.cp > 1 else None
+    if cfg.compile and sharded:  # their hooks gather weights or exchange tokens around each block
+        raise SystemExit(f"--compile with {sharded}: not supported (the sharded blocks' hooks gather weights or "
+                         "exchange tokens, which the compiled graphs would have to trace); drop --compile")
     data_specs(cfg)
     if cfg.data and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
@@ -1094,6 +1099,8 @@ class StageLog:
         """Log the step just taken (data_wait: seconds of dt spent waiting for its batches); returns "done" to
         go on, else why the stage stops."""
         cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"] and not s["empty"]
+        if cfg.compile and self.dt_avg is None:
+            self.log(f"--compile: the first step took {dt:.1f}s, compiling included (once: later lengths reuse it)")
         self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
         flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
         mfu = flops * self.dist.world_size / self.cfg.cp / dt / self.peak  # a context-parallel group shares them
@@ -1191,6 +1198,8 @@ def build_stage(cfg, ctx, stage_num, plan, init):
         if error:
             raise SystemExit(f"--cp {cfg.cp}: {error}")
         model = parallel.shard_context(model, dist, cfg.cp)
+    if cfg.compile:
+        compile_blocks(model)
     if cfg.ep > 1:  # each group of ep ranks splits every MoE layer's routed experts; tokens reach them by all_to_all
         if model.config.text.n_routed_experts % cfg.ep:
             raise SystemExit(f"--ep {cfg.ep}: the model's {model.config.text.n_routed_experts} routed experts do "
