@@ -45,8 +45,8 @@ import kernels
 import parallel
 import train
 from convert import load_hf
-from model import MLLM, Attention, AttentionInputs, TextConfig, cli, config_from_preset, count_parameters, \
-    model_flops, rope_cos_sin
+from model import MLLM, Attention, AttentionInputs, TextConfig, cli, compile_blocks, config_from_preset, \
+    count_parameters, model_flops, rope_cos_sin
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -855,10 +855,148 @@ def bench_peer(device, size, reps):
             samples = peer_samples(p["samples"], long_reply)
             rows.append(dict(case=case, **peer_train(*peer_models(device, path), samples, device, p["micro_batch"],
                                                      reps)))
+        rows += peer_compiled(device, path, p, reps)
         prompts = peer_samples(p["samples"], for_generation=True)
         rows.append(dict(case="greedy generation", **peer_generate(*peer_models(device, path), prompts, device,
                                                                   p["new_tokens"], reps)))
     return rows
+
+
+def peer_compiled(device, path, p, reps):
+    """The training rows again with our blocks compiled (model.compile_blocks), timed against transformers
+    eager in one interleaved run; the warm-up call, which compiles, is not timed."""
+    rows = []
+    for case, long_reply in (("train, short replies", 0), ("train, long replies", p["long_reply"])):
+        ours, theirs = peer_models(device, path)
+        rows.append(dict(case=f"{case}, compiled", **peer_train(compile_blocks(ours), theirs,
+                                                               peer_samples(p["samples"], long_reply), device,
+                                                               p["micro_batch"], reps)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- data workers and --compile
+
+# the issue's data-bound case: LLaVA-style records with large JPEGs at a 112x112 budget, tiny model, 4,096 tokens
+LOADER = {"accel": dict(records=400, size=(1600, 1200), length=4096, batches=6, model="tiny"),
+          "cpu": dict(records=400, size=(1600, 1200), length=4096, batches=6, model="tiny"),
+          "quick": dict(records=40, size=(320, 240), length=512, batches=2, model="tiny")}
+LOADER_WORKERS = (0, 1, 2)
+
+
+def write_jpeg_records(folder, n, size):
+    """n LLaVA-style records, each its own JPEG of `size` (noise over a gradient: photo-like to the codec)."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    w, h = size
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    with open(os.path.join(folder, "d.jsonl"), "w") as f:
+        for i in range(n):
+            pixels = np.clip(ramp * (i % 5 + 1) / 5 + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+            f.write(json.dumps({"image": f"{i}.jpg", "conversations": [
+                {"from": "human", "value": f"<image>\nDescribe image {i}."},
+                {"from": "gpt", "value": "A gradient with noise. " * (1 + i % 4)}]}) + "\n")
+    return data.FileDataset(os.path.join(folder, "d.jsonl"), folder)
+
+
+def bench_loader(device, size, reps):
+    """Loader samples/s at 0, 1, 2 --data-workers (the loader alone), what one training step consumes (samples
+    per batch / eager step time), and the wall-clock step rate of a training loop fed by each loader, the
+    settings interleaved round by round; each round starts every loader fresh from the same position (its
+    buffer filled in process, untimed), so no loader prefetches while another is timed."""
+    s = LOADER[size]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        ds = write_jpeg_records(folder, s["records"], s["size"])
+        kw = dict(max_tokens=s["length"], max_pixels=112 * 112, buffer_size=64)
+        start = data.PackedLoader(ds, data.Tokenizer(), **kw)
+        next(start)
+        state = start.state_dict()
+        model = build_model(s["model"], device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        step = train_step(model, opt)
+        alone, loop, per_batch = {n: [] for n in LOADER_WORKERS}, {n: [] for n in LOADER_WORKERS}, []
+        for _ in range(reps):
+            for n in LOADER_WORKERS:
+                for timed, with_model in ((alone, False), (loop, True)):
+                    loader = data.PackedLoader(ds, data.Tokenizer(), workers=n, **kw)
+                    loader.load_state_dict(state)
+                    reads, t0 = loader.reads, time.perf_counter()
+                    for _ in range(s["batches"]):
+                        b = next(loader)
+                        per_batch.append(len(b.cu_seqlens) - 1)
+                        if with_model:
+                            step((b.to(device), max(1, train.loss_tokens(b))))
+                            synchronize(device)
+                    timed[n].append((loader.reads - reads, time.perf_counter() - t0))
+                    loader.close()
+        step_s = statistics.median(t / s["batches"] for t in [x for _, x in loop[0]]) - statistics.median(
+            t / s["batches"] for t in [x for _, x in alone[0]])
+        samples_per_batch = statistics.mean(per_batch)
+        for n in LOADER_WORKERS:
+            rate = statistics.median(r / t for r, t in alone[n])
+            steps_per_s = statistics.median(s["batches"] / t for _, t in loop[n])
+            rows.append(dict(workers=n, image=f"{s['size'][0]}x{s['size'][1]} jpeg", max_pixels=112 * 112,
+                             length=s["length"], loader_samples_per_s=rate, samples_per_batch=samples_per_batch,
+                             step_needs_samples_per_s=samples_per_batch / max(step_s, 1e-9),
+                             loop_steps_per_s=steps_per_s, cpus=len(os.sched_getaffinity(0))))
+    for r in rows:
+        r["x_workers_0"] = r["loop_steps_per_s"] / rows[0]["loop_steps_per_s"]
+    return rows
+
+
+def bench_compile(device, size, warmup, reps):
+    """The training step with model.compile_blocks against eager: same initial weights, the same packed batches
+    (lengths varying), steps interleaved; compile time is the first compiled step less the first eager one
+    (wall time: inductor compiles in worker processes)."""
+    s = STEP[size]
+    samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
+    batches = data.pack(samples, s["length"])[:warmup + reps]
+    batches = [(b.to(device), max(1, train.loss_tokens(b))) for b in batches]
+    runs = {}
+    for name in ("eager", "compiled"):
+        model = build_model(s["model"], device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+        runs[name] = (compile_blocks(model) if name == "compiled" else model, [], [], opt)  # times, losses
+    clock, first = host_clock(device), {}
+    for i, b in enumerate(batches):
+        for name, (model, times, losses, opt) in runs.items():
+            synchronize(device)
+            t0, wall = clock(), time.perf_counter()  # compiling runs in worker processes too: wall time
+            loss, _ = model(b[0], loss_divisor=b[1])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device)
+            times.append(clock() - t0)
+            losses.append(loss.item())
+            first.setdefault(name, time.perf_counter() - wall)
+    eager = runs["eager"]
+    tokens = sum(int(b.input_ids.shape[0]) for b, _ in batches[warmup:])
+    rows = []
+    for name, (model, times, losses, _) in runs.items():
+        rows.append(dict(model=s["model"], length=s["length"], mode=name, steps=reps,
+                         distinct_lengths=len({int(b.input_ids.shape[0]) for b, _ in batches}),
+                         step_ms=1e3 * statistics.median(times[warmup:]),
+                         tokens_per_s=tokens / sum(times[warmup:]),
+                         first_step_s=first[name], compile_s=max(0.0, first["compiled"] - first["eager"]),
+                         first_loss_rel_diff=abs(losses[0] - eager[2][0]) / abs(eager[2][0]),
+                         max_loss_rel_diff=max(abs(a - b) / abs(b) for a, b in zip(losses, eager[2]))))
+    for r in rows:
+        r["x_eager"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+COLUMNS_25 = {
+    "loader": ["workers", "image", "max_pixels", "length", "loader_samples_per_s", "samples_per_batch",
+               "step_needs_samples_per_s", "loop_steps_per_s", "x_workers_0", "cpus"],
+    "compile": ["model", "length", "mode", "steps", "distinct_lengths", "step_ms", "tokens_per_s", "x_eager",
+                "compile_s", "first_loss_rel_diff", "max_loss_rel_diff"],
+}
+# the GPU table: README's one command fills it (--what gpu)
+GPU_TABLE = "attention,ops,loss,step,loader,compile,peer"
 
 
 # ----------------------------------------------------------------------------- tables and main
@@ -880,6 +1018,7 @@ COLUMNS = {
     "cp": ["tokens", "hidden", "heads", "kv_heads", "head_dim", "one_rank_ms", "two_ranks_ms", "all_to_all_ms",
            "x_one_rank"],
 }
+COLUMNS.update(COLUMNS_25)
 
 
 def fmt(v):
@@ -934,7 +1073,8 @@ def main(argv=None):
     p.add_argument("--what", default=None,
                    help="comma-separated parts to run (default: attention,ops,loss,step,packing,cp, and triton on "
                         "cuda; also: triton, each Triton kernel compiled for sm_80/sm_90; data, start-up cost of "
-                        "1M-record data files; peer, against transformers' Qwen2.5-VL)")
+                        "1M-record data files; peer, against transformers' Qwen2.5-VL; loader, data workers on large "
+                        "JPEGs; compile, --compile's step; gpu, the GPU table: " + GPU_TABLE + ")")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
@@ -948,7 +1088,7 @@ def main(argv=None):
     device = kernels.resolve_device(args.device)
     on_gpu = device == "cuda" and kernels.triton is not None
     what = args.what or "attention,ops,loss,step,packing,cp" + (",triton" if on_gpu else "")
-    parts = [w.strip() for w in what.split(",") if w.strip()]
+    parts = [w.strip() for w in (GPU_TABLE if what == "gpu" else what).split(",") if w.strip()]
     unknown = [w for w in parts if w not in COLUMNS]
     if unknown or not parts:
         p.error(f"--what: unknown part(s) {unknown}; choose from {', '.join(COLUMNS)}")
@@ -981,6 +1121,10 @@ def main(argv=None):
             rows = bench_triton(device)
         elif part == "cp":
             rows = bench_cp(size, warmup, reps)
+        elif part == "loader":
+            rows = bench_loader(device, size, reps)
+        elif part == "compile":
+            rows = bench_compile(device, size, warmup, reps)
         else:
             rows = bench_data(size)
         result[part] = rows
