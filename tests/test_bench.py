@@ -109,7 +109,7 @@ def test_padding_emulation_pads_each_sample_to_its_batch_longest():
     assert len(seen) == len(samples)
 
 
-@pytest.mark.slow  # ~15-35 s on 2 shared cores: three checkpoint loads a side, two steps and two generations
+@pytest.mark.slow  # ~30-70 s on 2 shared cores: five checkpoint loads a side, four steps (two compiled), generations
 def test_peer_bench_runs_and_losses_agree():
     """bench.py --what peer at its quick size: ours and transformers' Qwen2.5-VL on one checkpoint give the same
     loss (bench_peer raises before timing otherwise) and the same greedy replies; no timing is asserted."""
@@ -119,9 +119,10 @@ def test_peer_bench_runs_and_losses_agree():
         rows = {r["case"]: r for r in bench.bench_peer("cpu", "quick", reps=1)}
     finally:
         torch.set_num_threads(threads)
-    assert set(rows) == {"train, short replies", "train, long replies", "greedy generation"}
+    assert set(rows) == {"train, short replies", "train, long replies", "greedy generation",
+                         "train, short replies, compiled", "train, long replies, compiled"}
     short, long = rows["train, short replies"], rows["train, long replies"]
-    for r in (short, long):
+    for r in (short, long, rows["train, short replies, compiled"], rows["train, long replies, compiled"]):
         assert r["loss_rel_diff"] < 1e-5 and 5.0 < r["loss_ours"] < 7.0  # random weights: ~ln(263), not ~0
         assert positive(r, ["ours_tokens_per_s", "transformers_tokens_per_s", "speedup"])
     assert long["pad_fraction"] < short["pad_fraction"] and long["useful_tokens"] > short["useful_tokens"]
@@ -138,3 +139,19 @@ def test_triton_vs_sdpa_row_on_the_interpreter():
     assert row["dim"] == 80 and row["dtype"] == "float16" and row["capability"] is None
     assert 0 < row["max_err_out"] < 5e-3 and 0 < row["max_err_grad"] < 2e-2
 
+
+def test_loader_bench_rows():
+    """bench.py --what loader at its quick size: a row per worker count, every loader giving the batches the
+    training loop used (the same sample count per batch), figures finite and positive; no timing asserted."""
+    rows = bench.bench_loader("cpu", "quick", reps=1)
+    assert [r["workers"] for r in rows] == list(bench.LOADER_WORKERS) and rows[0]["x_workers_0"] == 1.0
+    assert all(positive(r, ["loader_samples_per_s", "samples_per_batch", "step_needs_samples_per_s",
+                            "loop_steps_per_s"]) for r in rows)
+
+
+@pytest.mark.slow  # compiles the tiny model's blocks
+def test_compile_bench_rows():
+    rows = {r["mode"]: r for r in bench.bench_compile("cpu", "quick", warmup=1, reps=2)}
+    assert set(rows) == {"eager", "compiled"} and rows["compiled"]["distinct_lengths"] > 1
+    assert rows["compiled"]["first_loss_rel_diff"] < 1e-3 and rows["compiled"]["max_loss_rel_diff"] < 1e-2
+    assert positive(rows["compiled"], ["step_ms", "tokens_per_s", "x_eager"])
