@@ -1064,6 +1064,20 @@ def summary(result):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
     for r in result.get("cp", []):
         out[f"attention layer + all-to-all on 2 cpu ranks / 1 rank, {r['tokens']} tokens"] = r["x_one_rank"]
+    out.update(summary_25(result))
+    return out
+
+
+def summary_25(result):
+    """The throughput figures: data workers, --compile, the loss's RSS."""
+    out = {}
+    for r in result.get("loader", [])[1:]:
+        out[f"training loop steps/s, {r['workers']} data workers / 0 ({r['image']}, {r['cpus']} cpus)"] = r["x_workers_0"]
+    for r in result.get("compile", [])[1:]:
+        out[f"step tokens/s, compiled / eager ({r['model']}, {r['length']} tokens)"] = r["x_eager"]
+    for r in result.get("loss", []):
+        if "rss_growth_mib" in r:
+            out[f"loss peak RSS growth MiB, {r['impl']}, vocab {r['vocab']}, {r['tokens']} tokens"] = r["rss_growth_mib"]
     return out
 
 
