@@ -282,6 +282,9 @@ def compile_blocks(model):
     share one compiled graph, weights are its inputs), with dynamic shapes so packed lengths that change every
     step reuse it. Attention runs eagerly between a block's two graphs (kernels.varlen_attention: per-sample
     bounds are data; its backends are fused kernels already). State dict names are unchanged."""
+    # after attention, resume inside the block's frame: otherwise the layer's attention module becomes a frame
+    # of its own, guarded on its layer index, and recompiles for every layer
+    torch._dynamo.config.nested_graph_breaks = True
     for block in [*model.vision.blocks, *model.decoder.layers]:
         block.compile(dynamic=True)
     return model
