@@ -183,8 +183,8 @@ def test_workers_end_with_the_run_on_sigterm_and_on_a_bad_record(tmp_path, monke
     row = json.loads(open(tmp_path / "run" / "stage3" / "metrics.jsonl").readline())
     assert 0 <= row["data_wait"] <= 1
     started.clear()
-    with pytest.raises(SystemExit, match=r"d.jsonl:26: malformed JSON"):
-        train.main(run_flags(tmp_path))
+    with pytest.raises(DataError, match=r"d.jsonl:26: malformed JSON"):
+        train.main(run_flags(tmp_path, "--overwrite"))
     assert len(started) == 2 and not wait_gone(started) and not children(os.getpid())
 
 
