@@ -395,7 +395,7 @@ def bench_loss(device, size, reps, tokens_list, impls):
                              dtype=str(dtype).removeprefix("torch."), fwd_bwd_ms=time_ms(fwd_bwd, device, 0, reps),
                              peak_mib=peak_mib(fwd_bwd, device),
                              logits_mib=tokens * s["vocab"] * 4 / 2 ** 20))
-            if device == "cpu":
+            if device == "cpu" and os.path.exists("/proc/self/statm"):  # Linux
                 rows[-1]["rss_growth_mib"] = loss_rss_growth_mib(impl, tokens, s["hidden"], s["vocab"])
     return rows
 
