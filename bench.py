@@ -12,6 +12,8 @@ transformers' Qwen2.5-VL (--what peer).
     python bench.py --device cpu --quick             # tiny shapes, few repeats (tests/test_bench.py)
     python bench.py --what data                      # time and memory to the first batch of 1M-record files
     python bench.py --device cpu --what triton       # the Triton kernels compiled for A100/H100, no GPU needed
+    python bench.py --what loader,compile            # data workers on large JPEGs; the --compile step vs eager
+    python bench.py --device cuda --what gpu         # the GPU table: attention,ops,loss,step,loader,compile,peer
 
 Timing: median of --reps calls after warm-up; device events on cuda/npu; on cpu the process's CPU time when
 torch runs one thread (OMP_NUM_THREADS=1: immune to other jobs sharing the cores), else wall time.

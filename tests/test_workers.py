@@ -206,3 +206,14 @@ def test_workers_die_with_a_killed_run(tmp_path):
         proc.kill()
         proc.wait()
     assert not wait_gone(workers)
+
+
+def test_default_worker_count_and_bad_flag(monkeypatch, tmp_path):
+    """The CPUs per local rank less 2, at most 8; a negative count is refused naming the flag."""
+    for cpus, ranks, want in ((2, 1, 0), (16, 1, 8), (16, 2, 6), (14, 8, 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert train.data_workers(None) == want
+    assert train.data_workers(3) == 3
+    with pytest.raises(SystemExit, match="--data-workers -1: must be >= 0"):
+        train.main(run_flags(tmp_path, "--data-workers", "-1"))
