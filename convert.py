@@ -555,7 +555,7 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
 
 def is_export_file(name):
     """A file export_hf writes (its earlier output may be replaced; anything else in the directory may not)."""
-    return name in HF_TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, data.TIKTOKEN_FILE, "config.json",
-                                         "generation_config.json", "preprocessor_config.json",
-                                         "model.safetensors.index.json") \
+    return name in HF_TOKENIZER_FILES + data.TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, "config.json",
+                                                              "preprocessor_config.json",
+                                                              "model.safetensors.index.json") \
         or (name.startswith("model") and name.endswith(".safetensors"))

@@ -268,6 +268,9 @@ def _read_json_if(path):
 
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"  # a run's .tiktoken rank file, as its checkpoints keep it
+# every file Tokenizer.save may write (what a directory holding a run's tokenizer may hold of it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json", TIKTOKEN_FILE)
 
 
 def load_tokenizer(path, chat_template=None):

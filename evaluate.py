@@ -268,7 +268,8 @@ def read_config(ckpt):
 
 
 # what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
-AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png")
+AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png",
+                 *data.TOKENIZER_FILES)
 
 
 def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):

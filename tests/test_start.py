@@ -191,6 +191,10 @@ def test_stage1_moves_only_the_connector_and_the_run_keeps_its_tokenizer(sources
             assert (got - hf_lm(ids[None]).logits[0]).abs().max() < 1e-5
         exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
         assert ids_of(exported_tok.apply_chat_template(CONVERSATIONS[1], tokenize=True)) == ids.tolist()
+    for _ in range(2):  # an average carries the tokenizer too, and replaces its own earlier output
+        evaluate.main(["--average", str(tmp_path / "run" / "stage1"), str(tmp_path / "run" / "stage3"), "--out",
+                       str(tmp_path / "avg")])
+    assert data.encode(record, data.load_tokenizer(str(tmp_path / "avg"))).tokens == data.encode(record, tok).tokens
     evaluate.main(["--ckpt", str(tmp_path / "run" / "stage3"), "--tasks", "vqa_color", "--n", "2", "--device", "cpu",
                    "--max-new-tokens", "4", "--out", str(tmp_path / "eval")])  # the run's tokenizer, no flag
     assert json.load(open(tmp_path / "eval" / "eval.json"))
