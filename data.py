@@ -290,7 +290,8 @@ def load_tokenizer(path, chat_template=None):
 # ChatML as the built-in format writes it, for a tokenizer without a template of its own (--chat-template chatml)
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TEMPLATE_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")  # the strings a template may write
+# the special-token strings transformers hands a template (its special_tokens_map)
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass
@@ -334,8 +335,8 @@ class ChatFormat:
     def render(self, messages, add_generation_prompt=False):
         """The template's text for `messages`, rendered as transformers' apply_chat_template renders it."""
         try:
-            return _compile_template(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                           **self.tokens)
+            return _compile_template(self.template).render(messages=messages, tools=None, documents=None,
+                                                           add_generation_prompt=add_generation_prompt, **self.tokens)
         except Exception as e:  # a template's raise_exception, or an error in the template itself
             raise DataError(f"chat template: {type(e).__name__}: {e}", reason="chat template") from e
 
