@@ -40,6 +40,7 @@ def test_compiled_steps_equal_eager_without_recompiling(tmp_path, monkeypatch):
     monkeypatch.setattr(train.StageLog, "record", record)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # training: neither per layer nor length
     monkeypatch.setattr(torch._dynamo.config, "nested_graph_breaks", False)  # compile_blocks sets it
+    torch._dynamo.reset()  # graphs an earlier test compiled for these functions would count as recompiles
     counters.clear()
     train.run(*train.parse_args(run_flags(tmp_path / "compiled", "--compile", "--activation-checkpointing")),
               log=lines.append)
