@@ -542,7 +542,7 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
     plot_results(rows, os.path.join(out, "results.png"))
     log("\n" + table)
     if search:
-        log("resolution search picked max_pixels per task: "
+        log("resolution search picked (min:max pixels) per task: "
             + ", ".join(f"{t} {px}" for t, px in report["resolution_search"]["chosen"].items()))
     log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, 'eval.json')}")
     return report
