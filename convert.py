@@ -491,8 +491,8 @@ def save_hf(path, config, tensors, max_shard_bytes=5 * 2 ** 30):
 
 # ----------------------------------------------------------------------------- a checkpoint as a Hugging Face directory
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                      "added_tokens.json", "chat_template.json", "chat_template.jinja")
+# the tokenizer files of a Hugging Face directory: those Tokenizer.save writes, and a slow tokenizer's
+HF_TOKENIZER_FILES = (*data.TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json")
 EXPORT_MARKER = "exported_from.json"  # marks a directory export_hf wrote, so a later export may replace it
 
 
@@ -555,7 +555,6 @@ def export_hf(ckpt, out, tokenizer, decoder_only=False, source=None, dtype=None,
 
 def is_export_file(name):
     """A file export_hf writes (its earlier output may be replaced; anything else in the directory may not)."""
-    return name in HF_TOKENIZER_FILES + data.TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, "config.json",
-                                                              "preprocessor_config.json",
-                                                              "model.safetensors.index.json") \
+    return name in HF_TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, "config.json", "preprocessor_config.json",
+                                         "model.safetensors.index.json") \
         or (name.startswith("model") and name.endswith(".safetensors"))

@@ -293,10 +293,10 @@ def check_fresh_start(cfg):
 
 def check_init(cfg):
     """--init-from names a checkpoint: ours or a whole Qwen2.5-VL (an LLM alone would leave the ViT random)."""
-    path = source_dir(cfg.init_from, "--init-from")
-    if not is_our_checkpoint(path) and source_kind(path, "--init-from") != "qwen2_5_vl":
+    kind, _ = source_config(source_dir(cfg.init_from, "--init-from"), "--init-from")
+    if kind not in ("ours", "qwen2_5_vl"):
         raise SystemExit(f"--init-from {cfg.init_from} holds a language model only (model_type "
-                         f"{source_kind(path, '--init-from')!r}): start MindVL's way with --init-text-from "
+                         f"{kind!r}): start MindVL's way with --init-text-from "
                          f"{cfg.init_from} --init-vision-from VDIR (a Qwen2.5-VL directory), or add --random-vision "
                          "instead of --init-vision-from to train a random ViT")
 
@@ -349,34 +349,30 @@ def source_dir(path, flag_):
     return ckpt
 
 
-def source_kind(path, flag_):
-    """model_type of a Hugging Face directory's config.json ("ours" for our checkpoints)."""
+def source_config(path, flag_):
+    """(model_type, config.json dict) of a source checkpoint directory; model_type "ours" for our checkpoints."""
     try:
-        return "ours" if is_our_checkpoint(path) else read_json(os.path.join(path, "config.json")).get("model_type")
+        config = read_json(os.path.join(path, "config.json"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag_} {path}: unreadable config.json ({e})") from None
+    return "ours" if {"vision", "text"} <= config.keys() else config.get("model_type"), config
 
 
 def text_source_config(path):
     """TextConfig of --init-text-from: our checkpoint's decoder, or a Hugging Face causal LM's."""
-    ckpt = source_dir(path, "--init-text-from")
-    kind = source_kind(ckpt, "--init-text-from")
+    kind, config = source_config(source_dir(path, "--init-text-from"), "--init-text-from")
     if kind == "qwen2_5_vl":
         raise SystemExit(f"--init-text-from {path} is a whole Qwen2.5-VL: continue it with --init-from, or take its "
                          "ViT with --init-vision-from")
     try:
-        if kind == "ours":
-            return ModelConfig.from_dict(read_json(os.path.join(ckpt, "config.json"))).text
-        return convert.text_config_from_hf(read_json(os.path.join(ckpt, "config.json")))
+        return ModelConfig.from_dict(config).text if kind == "ours" else convert.text_config_from_hf(config)
     except (KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"--init-text-from {path}: {e}") from None
 
 
 def vision_source_config(path):
     """(VisionConfig, merger output width) of --init-vision-from: our checkpoint's, or a Qwen2.5-VL's ViT."""
-    ckpt = source_dir(path, "--init-vision-from")
-    kind = source_kind(ckpt, "--init-vision-from")
-    config = read_json(os.path.join(ckpt, "config.json"))
+    kind, config = source_config(source_dir(path, "--init-vision-from"), "--init-vision-from")
     if kind not in ("ours", "qwen2_5_vl"):
         raise SystemExit(f"--init-vision-from {path}: model_type {kind!r} has no Qwen2.5-ViT; give a Qwen2.5-VL "
                          "directory or one of our checkpoints")
