@@ -26,11 +26,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-import data
 import evaluate
 import model as model_lib
 import train
 from kernels import detect_device
+from tasks import SIZES, SYNTHETIC_TASKS
 
 
 def parse_args(argv=None):
@@ -38,8 +38,8 @@ def parse_args(argv=None):
                                 "(e.g. --max-steps, --preset, --device); --seed and --stage are set per run.")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (each also draws its own test samples)")
     p.add_argument("--out", default="runs/audit", help="audit directory")
-    p.add_argument("--eval-n", type=int, default=data.SIZES["test"], help="test samples per task (default: all)")
-    p.add_argument("--tasks", default=",".join(data.SYNTHETIC_TASKS), help="synthetic tasks scored")
+    p.add_argument("--eval-n", type=int, default=SIZES["test"], help="test samples per task (default: all)")
+    p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS), help="synthetic tasks scored")
     p.add_argument("--jobs", type=int, default=1, help="seeds trained side by side, each in its own process "
                    "with cores/jobs threads (a tiny model keeps one core busier than two: 2 on a 2-core CPU)")
     p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, score, stop

@@ -49,6 +49,7 @@ import train
 from convert import load_hf
 from model import MLLM, Attention, AttentionInputs, TextConfig, cli, compile_blocks, config_from_preset, \
     count_parameters, model_flops, rope_cos_sin
+from tasks import SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- shapes and presets
 
@@ -431,7 +432,7 @@ def loss_rss_child(impl, tokens, hidden, vocab):
 def synthetic_samples(stage_num, n, seed=0):
     """n encoded samples of train.py's stage `stage_num` synthetic mix, in mixture order."""
     stage = train.STAGES[stage_num]
-    source = data.Mixture({t: data.SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix},
+    source = data.Mixture({t: SyntheticTasks([t], "train", seed, style=stage.style) for t in stage.mix},
                           dict(stage.mix), seed)
     tok = data.Tokenizer()
     return [data.encode(source[i], tok) for i in range(n)]
@@ -743,8 +744,8 @@ def peer_models(device, path):
 def peer_samples(n, long_reply=0, for_generation=False):
     """n synthetic image + conversation samples (every task but text-only arithmetic); long_reply > 0 repeats
     each answer to about that many characters (byte tokenizer: tokens), +-5% so lengths differ a little."""
-    tasks = [t for t in data.SYNTHETIC_TASKS if t != "arithmetic"]
-    source, tok, rng = data.SyntheticTasks(tasks, "train", 0, style="instruct"), data.Tokenizer(), random.Random(0)
+    tasks = [t for t in SYNTHETIC_TASKS if t != "arithmetic"]
+    source, tok, rng = SyntheticTasks(tasks, "train", 0, style="instruct"), data.Tokenizer(), random.Random(0)
     out = []
     for i in range(n):
         rec = source[i]

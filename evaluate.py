@@ -24,6 +24,7 @@ from convert import export_hf, is_hf_dir
 from kernels import detect_device
 from model import MLLM, check_output_dir, checkpoint_dir, cli, output_dir, read_json, read_safetensors, replaced, \
     write_checkpoint, write_json
+from tasks import SYNTHETIC_TASKS, TASK_METRIC, SyntheticTasks
 
 # ----------------------------------------------------------------------------- scorers
 
@@ -128,7 +129,7 @@ def choice_match(pred, ref):
 
 
 SCORERS = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "iou": iou_at_05, "choice": choice_match}
-DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not know
+DEFAULT_METRIC = "vqa"  # a --data eval set whose task tasks.TASK_METRIC does not know
 
 
 # ----------------------------------------------------------------------------- eval sets
@@ -137,7 +138,7 @@ DEFAULT_METRIC = "vqa"  # a --data eval set whose task data.TASK_METRIC does not
 def synthetic_eval_set(task, split, n, seed=0, max_turns=1, style="instruct"):
     """The first n records of one synthetic task in the dev or test split: conversations of 1..max_turns turns
     (the last reply the one to generate), or pre-training records (style "pretrain": for a reply loss only)."""
-    source = data.SyntheticTasks([task], split=split, seed=seed, style=style, max_turns=max_turns)
+    source = SyntheticTasks([task], split=split, seed=seed, style=style, max_turns=max_turns)
     if n > len(source):
         raise ValueError(f"{task}: {n} eval samples asked, the {split} split has {len(source)}")
     return [source[i] for i in range(n)]
@@ -158,7 +159,7 @@ def file_eval_set(path, image_root):
 
 
 def metric_of(task):
-    return data.TASK_METRIC.get(task, DEFAULT_METRIC)
+    return TASK_METRIC.get(task, DEFAULT_METRIC)
 
 
 def build_eval_sets(tasks, split, n, seed=0, files=(), image_root=".", max_turns=1):
@@ -201,7 +202,7 @@ def evaluate_model(model, tokenizer, eval_sets, min_pixels=data.MIN_PIXELS, max_
     for name, records in eval_sets.items():
         preds, refs = generate_answers(model, tokenizer, records, min_pixels, max_pixels, device, batch_size,
                                        max_new_tokens, dtype)
-        metric = metric_of(records[0]["task"] if name not in data.TASK_METRIC else name)
+        metric = metric_of(records[0]["task"] if name not in TASK_METRIC else name)
         each = [SCORERS[metric](p, r) if r is not None else None for p, r in zip(preds, refs)]
         scores = [s for s in each if s is not None]
         results[name] = {"score": sum(scores) / len(scores) if scores else None, "scores": scores, "metric": metric,
@@ -552,10 +553,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint, stage or run directories to evaluate")
     p.add_argument("--tasks", default=None, help="comma-separated synthetic tasks to evaluate ('' for none; "
-                   f"default: all of {','.join(data.SYNTHETIC_TASKS)}, or none when --data is given)")
+                   f"default: all of {','.join(SYNTHETIC_TASKS)}, or none when --data is given)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="an eval set file: JSONL, JSON array, OpenAI messages, Parquet or Arrow (conversations; "
-                        "scored by data.TASK_METRIC of its task, else VQA accuracy)")
+                        "scored by tasks.TASK_METRIC of its task, else VQA accuracy)")
     p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
     p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
@@ -634,13 +635,13 @@ def parse_tasks(p, spec, have_data):
     """--tasks -> synthetic task names: all by default, none by default beside --data; a typo is a usage
     error that lists the valid names."""
     if spec is None:
-        return [] if have_data else list(data.SYNTHETIC_TASKS)
+        return [] if have_data else list(SYNTHETIC_TASKS)
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     for t in tasks:
-        if t not in data.SYNTHETIC_TASKS:
-            close = difflib.get_close_matches(t, data.SYNTHETIC_TASKS, n=1)
+        if t not in SYNTHETIC_TASKS:
+            close = difflib.get_close_matches(t, SYNTHETIC_TASKS, n=1)
             p.error(f"--tasks: unknown task {t!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                    f"valid: {', '.join(data.SYNTHETIC_TASKS)}")
+                    f"valid: {', '.join(SYNTHETIC_TASKS)}")
     return tasks
 
 

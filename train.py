@@ -51,6 +51,7 @@ from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_damage, \
     checkpoint_dir, cli, compile_blocks, config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, \
     stage_checkpoints, update_expert_bias, write_checkpoint, write_json
+from tasks import MAX_TURNS, SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- the stage table
 
@@ -64,7 +65,7 @@ class Stage:
     steps: int
     warmup: int          # linear warm-up steps, then cosine decay to MIN_LR_RATIO * peak
     packing_length: int  # tokens per packed micro-batch
-    style: str           # data.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
+    style: str           # tasks.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
     mix: dict            # synthetic task -> sampling weight (ignored when --data is given)
     max_turns: int = 1   # synthetic conversations of 1..max_turns turns, cut at whole turns to the packing length
     image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: MAX_PIXELS)
@@ -72,7 +73,7 @@ class Stage:
 
 MODULE_GROUPS = ("vision", "connector", "decoder")
 MIN_LR_RATIO = 0.1
-ALL_TASKS = {t: 1.0 for t in data.SYNTHETIC_TASKS}
+ALL_TASKS = {t: 1.0 for t in SYNTHETIC_TASKS}
 # the tiny run's weak spots, upweighted: colour/shape/count, and reading (at weight 1 OCR scored 5 ANLS; docs/LOG.md)
 PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0, "ocr": 3.0}
 
@@ -97,12 +98,12 @@ STAGES = {
     # 3. supervised instruction tuning: all parameters, conversations, loss on the replies only
     3: Stage("instruction tuning", trains=MODULE_GROUPS, lr=3e-4,
              lr_mult={"vision": 0.5, "connector": 1.0, "decoder": 1.0}, steps=600, warmup=30,
-             packing_length=512, style="instruct", mix=ALL_TASKS | PERCEPTION, max_turns=data.MAX_TURNS,
+             packing_length=512, style="instruct", mix=ALL_TASKS | PERCEPTION, max_turns=MAX_TURNS,
              image_share=1 / 64),
 }
 # MindVL's abstract: checkpoints trained with different sequence lengths, averaged. Here stage 3 runs at each
 # length from the same stage-2 checkpoint with the stage's token budget (steps scale as 512 / length); the
-# longer run sees whole the conversations the shorter one cuts (data.MAX_TURNS)
+# longer run sees whole the conversations the shorter one cuts (tasks.MAX_TURNS)
 STAGE3_LENGTHS = "512,1024"
 # evaluation of the default run: samples per task, the test budget (the one stage 3 trained at) and the
 # resolution search's candidates, min:max pixels: fewer pixels, and small images upscaled 2x (our choice)
@@ -533,7 +534,7 @@ def build_source(cfg, stage_num, stage):
             if len(sources[name]) == 0:
                 raise SystemExit(f"--data {name}={path}: the file holds no records")
         return data.Mixture(sources, weights, seed)
-    sources = {t: data.SyntheticTasks([t], "train", seed, style=stage.style, max_turns=stage.max_turns)
+    sources = {t: SyntheticTasks([t], "train", seed, style=stage.style, max_turns=stage.max_turns)
                for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
 
@@ -1356,7 +1357,7 @@ def evaluate_recipe(cfg, tokenizer, device, log=print):
     resolution search on the average; the table is logged and written to eval.json, results.md and results.png
     in --out. Stages 1 and 2 trained on pre-training text and never saw an instruction prompt, so they are not
     scored on replies: their teacher-forced loss on the dev conversations is reported instead."""
-    tasks, budget = data.SYNTHETIC_TASKS, eval_budget(cfg)
+    tasks, budget = SYNTHETIC_TASKS, eval_budget(cfg)
     dev = evaluate.build_eval_sets(tasks, "dev", cfg.eval_dev_n, cfg.seed)
     test_sets = evaluate.build_eval_sets(tasks, "test", cfg.eval_n, cfg.seed)
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import data
 import evaluate
 from model import MLLM, config_from_preset
+from tasks import SYNTHETIC_TASKS, TASK_METRIC
 
 SMALL = {"text.num_layers": 1, "vision.depth": 1, "vision.fullatt_blocks": (0,)}
 
@@ -58,7 +59,7 @@ def test_choice_and_exact():
         assert evaluate.choice_match(pred, "B") == 1.0, pred
     assert evaluate.choice_letter("Apple") is None and evaluate.choice_match("A", "B") == 0.0
     assert evaluate.exact_match(" 12 ", "12") == 1.0 and evaluate.exact_match("12.", "12") == 0.0
-    assert set(data.TASK_METRIC.values()) <= set(evaluate.SCORERS)
+    assert set(TASK_METRIC.values()) <= set(evaluate.SCORERS)
 
 
 # ----------------------------------------------------------------------------- averaging
@@ -234,4 +235,4 @@ def test_data_alone_evaluates_only_that_set_and_task_typos_list_names(tmp_path, 
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", str(tmp_path / "a"), "--tasks", "vqa_colour,ocr"])
     err = capsys.readouterr().err
-    assert "unknown task 'vqa_colour' (did you mean 'vqa_color'?)" in err and ", ".join(data.SYNTHETIC_TASKS) in err
+    assert "unknown task 'vqa_colour' (did you mean 'vqa_color'?)" in err and ", ".join(SYNTHETIC_TASKS) in err

@@ -263,7 +263,8 @@ def test_stage3_lengths_change_what_the_runs_see(tmp_path):
 
 
 def test_fit_keeps_whole_turns_and_their_images():
-    from data import SyntheticTasks, Tokenizer, encode, fit
+    from data import Tokenizer, encode, fit
+    from tasks import SyntheticTasks
     tok = Tokenizer()
     source = SyntheticTasks(["vqa_color"], "train", 0, "instruct", max_turns=10)
     record = next(source[i] for i in range(100) if len(source[i]["conversations"]) >= 8)
