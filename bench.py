@@ -48,7 +48,7 @@ import parallel
 import train
 from convert import load_hf
 from model import MLLM, Attention, AttentionInputs, TextConfig, cli, compile_blocks, config_from_preset, \
-    count_parameters, model_flops, rope_cos_sin
+    count_parameters, loss_tokens, model_flops, rope_cos_sin
 from tasks import SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- shapes and presets
@@ -468,7 +468,7 @@ def bench_step(device, size, warmup, reps, peak_override):
     # least full bins of best-fit-decreasing are not timed)
     samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
     batches = data.pack(samples, s["length"])[:warmup + reps]
-    divisors = [max(1, train.loss_tokens(b)) for b in batches]
+    divisors = [max(1, loss_tokens(b)) for b in batches]
     batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
     runs = {}
     for backend in backends:
@@ -536,7 +536,7 @@ def bench_packing(device, size, reps):
     for stage_num in (2, 3):
         samples = synthetic_samples(stage_num, s["packing_samples"])
         useful = sum(len(x.tokens) for x in samples)
-        n_loss = sum(train.loss_tokens(data.collate([x])) for x in samples)
+        n_loss = sum(loss_tokens(data.collate([x])) for x in samples)
         layouts = {"packed": data.pack(samples, s["length"]),
                    "padded": pad_to_longest(samples, s["length"], data.Tokenizer().eos_id)}
         layouts = {k: [b.to(device) for b in v] for k, v in layouts.items()}
@@ -781,7 +781,7 @@ def peer_train(ours, theirs, samples, device, micro_batch, reps):
     hf_batches = [hf_inputs(samples[i:i + micro_batch], device) for i in range(0, len(samples), micro_batch)]
     budget = max(b["input_ids"].numel() for b in hf_batches)
     packed = [b.to(device) for b in data.pack(samples, budget, mrope=True)]
-    n_loss = sum(train.loss_tokens(b) for b in packed)
+    n_loss = sum(loss_tokens(b) for b in packed)
     hf_targets = [int((b["labels"][:, 1:] != -100).sum()) for b in hf_batches]
     ours_loss = lambda b: ours(b, loss_divisor=n_loss)[0]  # noqa: E731
     theirs_loss = lambda b, n: theirs(**b).loss * n / n_loss  # noqa: E731  (theirs: mean over its targets)
@@ -930,7 +930,7 @@ def bench_loader(device, size, reps):
                         b = next(loader)
                         per_batch.append(len(b.cu_seqlens) - 1)
                         if with_model:
-                            step((b.to(device), max(1, train.loss_tokens(b))))
+                            step((b.to(device), max(1, loss_tokens(b))))
                             synchronize(device)
                     timed[n].append((loader.reads - reads, time.perf_counter() - t0))
                     loader.close()
@@ -956,7 +956,7 @@ def bench_compile(device, size, warmup, reps):
     s = STEP[size]
     samples = synthetic_samples(3, (warmup + reps + 2) * s["length"] // 60)
     batches = data.pack(samples, s["length"])[:warmup + reps]
-    batches = [(b.to(device), max(1, train.loss_tokens(b))) for b in batches]
+    batches = [(b.to(device), max(1, loss_tokens(b))) for b in batches]
     runs = {}
     for name in ("eager", "compiled"):
         model = build_model(s["model"], device)

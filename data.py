@@ -2,9 +2,7 @@
 JSON array, Parquet, Arrow), mixing by ratio, packing into PackedBatch (flat token stream, no padding), and
 the loader with its worker processes. The synthetic curriculum the default run trains on is tasks.py.
 
-Label convention (Hugging Face's): labels are aligned with the tokens, labels[t] is the token at t
-when it carries loss, else -100. The model shifts within each sample (by cu_seqlens): position t
-learns labels[t + 1] of the same sample, never the next sample's first token.
+Every sample's labels are built by label_pieces, whose docstring states their convention (Hugging Face's).
 
 Data problems (unreadable image, bad record, too-long sample) raise `DataError` (a ValueError)
 naming the file:line / sample; loaders skip and count them instead when on_bad="skip".
@@ -532,7 +530,7 @@ def process_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
 @dataclass
 class Sample:
     tokens: list
-    labels: list  # aligned with tokens: tokens[i] where token i carries loss, else -100
+    labels: list  # label_pieces' labels of the tokens
     images: list  # [(patches [P, 588], (1, h, w))] in the order of their <|image_pad|> runs
     task: str
     answer: str = None  # reference reply (for_generation=True)
@@ -570,6 +568,18 @@ def check_record(record, need_reply=True):
     return None
 
 
+def label_pieces(pieces):
+    """(tokens, labels) of a sample written as (ids, has_loss) pieces. Labels follow Hugging Face's convention
+    throughout the recipe: aligned with the tokens (not shifted), labels[t] = tokens[t] where token t carries
+    loss, else IGNORE (-100); the model shifts them inside each sample (model.next_token_targets), so position t
+    learns labels[t + 1] of its own sample, never the next sample's first token."""
+    tokens, labels = [], []
+    for ids, loss in pieces:
+        tokens += ids
+        labels += ids if loss else [IGNORE] * len(ids)
+    return tokens, labels
+
+
 def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_generation=False):
     """Record dict -> Sample. Conversations are the tokenizer's chat template (encode_chat), or without one the
     built-in ChatML `<|im_start|>role\\n...<|im_end|>\\n`, with loss on assistant replies and their
@@ -582,56 +592,68 @@ def encode(record, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, for_
     reason = check_record(record, need_reply=not for_generation)
     if reason:
         raise DataError(f"{rid}: {reason}")
-    images = []
-    for img in record.get("images", []):
-        try:
-            budget = (min_pixels, max_pixels)
-            pil = load_image(img, budget) if isinstance(img, str) else \
-                load_image_bytes(img, budget) if isinstance(img, bytes) else img
-            images.append(process_image(pil, min_pixels, max_pixels))
-        except DataError as e:
-            named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
-            raise DataError(f"{rid}: {e}{named}", reason=e.reason) from e
+    images = [_record_image(img, rid, min_pixels, max_pixels) for img in record.get("images", [])]
     if record["format"] == "conversation" and tokenizer.chat is not None:
         return encode_chat(record, tokenizer, images, for_generation)
-    tok = tokenizer
-    tokens, labels, starts, ends, queue = [], [], [], [], iter(images)
+    if record["format"] != "conversation" and for_generation:
+        raise DataError(f"{rid}: for_generation needs a conversation record")
+    pieces, starts, ends, answer = _builtin_pieces(record, tokenizer, images, for_generation)
+    tokens, labels = label_pieces(pieces)
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
 
-    def add(ids, loss):
-        tokens.extend(ids)
-        labels.extend(ids if loss else [IGNORE] * len(ids))
+
+def _record_image(img, rid, min_pixels, max_pixels):
+    """One image of record `rid` (a path, encoded bytes or a PIL image) at the pixel budget, as process_image
+    gives it; a DataError names the record and the file."""
+    try:
+        budget = (min_pixels, max_pixels)
+        pil = load_image(img, budget) if isinstance(img, str) else \
+            load_image_bytes(img, budget) if isinstance(img, bytes) else img
+        return process_image(pil, min_pixels, max_pixels)
+    except DataError as e:
+        named = "" if not isinstance(img, str) or img in str(e) else f" ({img})"
+        raise DataError(f"{rid}: {e}{named}", reason=e.reason) from e
+
+
+def _builtin_pieces(record, tok, images, for_generation):
+    """A record in the built-in format (ChatML conversations; pre-training text between bos and eos) as
+    (ids, has_loss) pieces, with the token index of each image's first pad, the index just past each reply's
+    <|im_end|>, and the reply left out to generate (for_generation)."""
+    pieces, starts, ends, queue, answer, n = [], [], [], iter(images), None, 0
+
+    def add(ids, loss=False):
+        nonlocal n
+        pieces.append((ids, loss))
+        n += len(ids)
 
     def add_text(text, loss):  # text with <image> tags; content never parses special tokens
         for k, piece in enumerate(text.split(IMAGE_TAG)):
             if k:
                 _, (_, h, w) = next(queue)
-                add([tok.vision_start_id], False)
-                starts.append(len(tokens))
-                add([tok.image_pad_id] * (h * w // MERGE ** 2), False)
-                add([tok.vision_end_id], False)
+                add([tok.vision_start_id])
+                starts.append(n)
+                add([tok.image_pad_id] * (h * w // MERGE ** 2))
+                add([tok.vision_end_id])
             add(tok.encode(piece, special=False), loss)
 
-    answer = None
-    if record["format"] == "conversation":
-        turns = record["conversations"]
-        if for_generation:
-            turns, answer = _prompt_turns(turns, rid)
-        for t in turns:
-            reply = t["from"] == "gpt"
-            add([tok.im_start_id] + tok.encode(CHAT_ROLES[t["from"]] + "\n", special=False), False)
-            add_text(t["value"], reply)
-            add([tok.im_end_id], reply)
-            ends += [len(tokens)] if reply else []
-            add(tok.encode("\n", special=False), False)
-        if for_generation:
-            add([tok.im_start_id] + tok.encode("assistant\n", special=False), False)
-    else:
-        if for_generation:
-            raise DataError(f"{rid}: for_generation needs a conversation record")
-        add([tok.bos_id] if tok.bos_id is not None else [], False)
+    if record["format"] != "conversation":
+        add([tok.bos_id] if tok.bos_id is not None else [])
         add_text(record["text"], True)
         add([tok.eos_id], True)
-    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
+        return pieces, starts, ends, answer
+    turns = record["conversations"]
+    if for_generation:
+        turns, answer = _prompt_turns(turns, record.get("id", "?"))
+    for t in turns:
+        reply = t["from"] == "gpt"
+        add([tok.im_start_id] + tok.encode(CHAT_ROLES[t["from"]] + "\n", special=False))
+        add_text(t["value"], reply)
+        add([tok.im_end_id], reply)
+        ends += [n] if reply else []
+        add(tok.encode("\n", special=False))
+    if for_generation:
+        add([tok.im_start_id] + tok.encode("assistant\n", special=False))
+    return pieces, starts, ends, answer
 
 
 CHAT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -666,26 +688,35 @@ def encode_chat(record, tok, images, for_generation=False):
     text = tok.normalize(tok.chat.render(messages, add_generation_prompt=for_generation))
     spans = [] if for_generation else reply_spans(tok, messages, text, rid)
     ids = tok.encode(text)
-    offsets = tok.enc.decode_with_offsets(ids)[1] + [len(text)]
     if ids.count(tok.image_pad_id) != len(images):
         raise DataError(f"{rid}: the chat template wrote {ids.count(tok.image_pad_id)} image pads for "
                         f"{len(images)} images")
+    pieces, starts, ends = _template_pieces(tok, ids, text, spans, images)
+    tokens, labels = label_pieces(pieces)
+    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
+
+
+def _template_pieces(tok, ids, text, spans, images):
+    """The template's `ids` of `text` as (ids, has_loss) pieces, one a token, each image's pad repeated to its
+    merged-token count; a token carries loss where its characters overlap a reply span and it is no image
+    token. With the token index of each image's first pad and the index just past each span."""
+    offsets = tok.enc.decode_with_offsets(ids)[1] + [len(text)]
     image_ids = {tok.vision_start_id, tok.vision_end_id, tok.image_pad_id}
-    tokens, labels, starts, ends, queue = [], [], [], [], iter(images)
+    pieces, starts, ends, queue, n = [], [], [], iter(images), 0
     span_ends = [e for _, e in spans]
     for k, t in enumerate(ids):
-        n = 1
+        m = 1
         if t == tok.image_pad_id:
             _, (_, h, w) = next(queue)
-            starts.append(len(tokens))
-            n = h * w // MERGE ** 2
+            starts.append(n)
+            m = h * w // MERGE ** 2
         loss = t not in image_ids and any(offsets[k] < e and offsets[k + 1] > s for s, e in spans)
-        tokens += [t] * n
-        labels += [t if loss else IGNORE] * n
-        ends += [len(tokens)] if span_ends and offsets[k] < span_ends[0] <= offsets[k + 1] else []
+        pieces.append(([t] * m, loss))
+        n += m
+        ends += [n] if span_ends and offsets[k] < span_ends[0] <= offsets[k + 1] else []
         while span_ends and span_ends[0] <= offsets[k + 1]:
             span_ends.pop(0)
-    return Sample(tokens, labels, images, record.get("task", ""), answer, rid, starts, ends)
+    return pieces, starts, ends
 
 
 def reply_spans(tok, messages, text, rid):
@@ -1069,7 +1100,7 @@ class Mixture:
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [T] all samples concatenated
-    labels: torch.Tensor  # [T] input_ids where the token carries loss, else -100 (aligned, not shifted)
+    labels: torch.Tensor  # [T] the samples' labels (label_pieces), one after another
     position_ids: torch.Tensor  # [T], or [3, T] (t, h, w) for M-RoPE; restart at 0 for every sample
     cu_seqlens: torch.Tensor  # [B+1] int32 sample boundaries
     max_seqlen: int
@@ -1143,7 +1174,7 @@ def fit(sample, max_tokens, truncate=False):
         raise DataError(f"sample {sample.id} ({sample.task}): its images alone reach token {images_end} > "
                         f"the packing length {max_tokens}; text-only truncation cannot fit it "
                         "(raise --packing-length or lower --max-pixels)", reason="too long")
-    if all(label == IGNORE for label in sample.labels[1:max_tokens]):  # position 0 is never a target
+    if all(label == IGNORE for label in sample.labels[1:max_tokens]):  # a first label is never a target (shifted)
         raise DataError(f"sample {sample.id} ({sample.task}): --truncate to the packing length {max_tokens} cuts "
                         f"away its whole reply ({n} tokens)", reason=REPLY_CUT)
     return Sample(sample.tokens[:max_tokens], sample.labels[:max_tokens], sample.images, sample.task,

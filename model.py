@@ -760,10 +760,17 @@ class Decoder(nn.Module):
 
 
 def next_token_targets(labels, cu_seqlens):
-    """Position t's target: labels[t + 1] of the same sample, -100 (no loss) at each sample's last token."""
+    """Position t's target: labels[t + 1] of the same sample, -100 (no loss) at each sample's last token, so no
+    sample learns to predict the next sample's start (labels as data.label_pieces builds them)."""
     targets = torch.roll(labels, -1)
     targets[cu_seqlens[1:].long() - 1] = -100  # a sample's last token has nothing to predict
     return targets
+
+
+def loss_tokens(batch, lo=0, hi=None):
+    """How many of the packed batch's positions lo..hi carry loss: those whose next-token target is not -100
+    (the divisor of the token-mean loss)."""
+    return int((next_token_targets(batch.labels, batch.cu_seqlens)[lo:hi] != -100).sum())
 
 
 def next_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -782,10 +789,8 @@ def own_tokens(split, n_tokens):
 
 
 class MLLM(nn.Module):
-    """vision -> connector -> image features replace <|image_pad|> tokens -> decoder.
-
-    Labels follow the Hugging Face convention: labels[t] is the token at t (or -100); position t is trained
-    to predict labels[t + 1] of the same sample, so no sample learns to predict the next sample's start.
+    """vision -> connector -> image features replace <|image_pad|> tokens -> decoder; the loss is on
+    next_token_targets of the batch's labels.
 
     The arguments after `config` say how it runs, not what it is (not saved): the MM1 z-loss coefficient on
     logsumexp^2, activation checkpointing (blocks recomputed in backward), the kernels.varlen_attention
@@ -846,7 +851,7 @@ class MLLM(nn.Module):
         targets = next_token_targets(batch.labels, batch.cu_seqlens)[lo:hi]
         # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
         ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
-        n_loss = int((targets != -100).sum())
+        n_loss = loss_tokens(batch, lo, hi)
         # no loss token anywhere (a global divisor of 0): the sums are 0, so is the loss; never a 0 / 0
         divisor = loss_divisor or max(n_loss, 1)
         ce = ce_sum / divisor
@@ -1147,7 +1152,7 @@ def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "deco
     checkpointing, the chunked loss's logits for a z-loss) is not counted: model FLOPs, not hardware FLOPs."""
     v, t = config.vision, config.text
     tokens, patches = float(batch.input_ids.shape[0]), float(batch.image_grid.prod(-1).sum())
-    n_loss = float((next_token_targets(batch.labels, batch.cu_seqlens) != -100).sum())
+    n_loss = float(loss_tokens(batch))
     # decoder: layers over every token, the head over the loss tokens only (the chunked loss)
     dec_w = sum(_decoder_layer_weights(t, i) for i in range(t.num_layers)) * tokens
     qk, vd = (t.qk_nope_head_dim + t.qk_rope_head_dim, t.v_head_dim) if t.attention == "mla" else (t.head_dim,) * 2

@@ -49,8 +49,8 @@ import parallel
 import convert
 from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_damage, \
-    checkpoint_dir, cli, compile_blocks, config_from_preset, is_our_checkpoint, model_flops, read_json, replaced, \
-    stage_checkpoints, update_expert_bias, write_checkpoint, write_json
+    checkpoint_dir, cli, compile_blocks, config_from_preset, is_our_checkpoint, loss_tokens, model_flops, read_json, \
+    replaced, stage_checkpoints, update_expert_bias, write_checkpoint, write_json
 from tasks import MAX_TURNS, SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- the stage table
@@ -537,14 +537,6 @@ def build_source(cfg, stage_num, stage):
     sources = {t: SyntheticTasks([t], "train", seed, style=stage.style, max_turns=stage.max_turns)
                for t in stage.mix}
     return data.Mixture(sources, dict(stage.mix), seed)
-
-
-def loss_tokens(batch):
-    """Tokens that are targets: labels are aligned with the tokens (-100 = no loss) and each sample's
-    position t predicts its labels[t + 1], so a sample's first label is never a target."""
-    is_target = batch.labels != -100
-    is_target[batch.cu_seqlens[:-1].long()] = False
-    return int(is_target.sum())
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -1048,8 +1040,8 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
         loss_sum, finite, stopping = float(agreed[0]) / dist.world_size, bool(agreed[1] == 0), bool(agreed[2])
         tokens, skipped, n_model_tokens = int(agreed[3]) // cfg.cp, int(agreed[4]) // cfg.cp, int(agreed[5])
     if n_model_tokens != int(n_loss):
-        raise RuntimeError(f"model counted {n_model_tokens} loss tokens, the batch labels have {int(n_loss)}: "
-                           "model.py and data.py disagree on which labels are targets")
+        raise RuntimeError(f"the forwards counted {n_model_tokens} loss tokens, the step's micro-batches hold "
+                           f"{int(n_loss)}: the context-parallel ranks' shares of the tokens do not add up")
     return {"loss": loss_sum, "norm": float(norm), "finite": finite, "tokens": tokens, "loss_tokens": int(n_loss),
             "skipped": skipped, "stopping": stopping, "empty": empty}
 

@@ -12,7 +12,7 @@ from PIL import Image
 import data as D
 import parallel as P
 import train
-from model import MLLM, config_from_preset
+from model import MLLM, config_from_preset, loss_tokens
 from test_distributed import (STEPS, assert_same_run, finish, flags, mix, one_thread,  # noqa: F401 (fixtures)
                               result, start, stop_mid_run)
 from test_parallel import spawn
@@ -45,7 +45,7 @@ def job_forward_backward(dist, out_dir):
     if dist.world_size > 1:
         P.shard_context(model, dist, dist.world_size)
     batch = packed_batch()
-    n_loss = train.loss_tokens(batch)
+    n_loss = loss_tokens(batch)
     loss, stats = model(batch, loss_divisor=n_loss)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -64,7 +64,7 @@ def test_split_forward_and_gradients_equal_one_process(tmp_path):
     cut = ranks[0]["bounds"][1]
     starts = batch.cu_seqlens.tolist()
     assert cut not in starts and batch.input_ids[cut - 1] == batch.input_ids[cut] == build_tiny().config.image_pad_id
-    assert ranks[0]["n_loss"] + ranks[1]["n_loss"] == train.loss_tokens(batch)
+    assert ranks[0]["n_loss"] + ranks[1]["n_loss"] == loss_tokens(batch)
     for rank in ranks:
         torch.testing.assert_close(rank["loss"], ref["loss"], rtol=1e-6, atol=0)
         for name, g in ref["grads"].items():
@@ -78,7 +78,7 @@ def job_short_batch(dist, out_dir):
     if dist.world_size > 1:
         P.shard_context(model, dist, dist.world_size)
     batch = D.collate([D.encode({"format": "text", "text": "ab"}, D.Tokenizer())])
-    loss, _ = model(batch, loss_divisor=train.loss_tokens(batch))
+    loss, _ = model(batch, loss_divisor=loss_tokens(batch))
     loss.backward()
     return {"loss": P.all_reduce_sum(loss.detach(), dist), "n_tokens": batch.input_ids.shape[0],
             "grads": {n: P.all_reduce_sum(p.grad, dist) for n, p in model.named_parameters()}}
