@@ -11,6 +11,7 @@ import transformers
 from PIL import Image
 
 import chat
+import common
 import convert
 import data
 import evaluate
@@ -37,7 +38,7 @@ def trained(request, tmp_path_factory):
     image = root / "square.png"
     Image.new("RGB", (70, 50), (30, 60, 220)).save(image)
     return {"run": run, "hf": root / "hf", "image": str(image), "family": request.param,
-            "ckpt": M.checkpoint_dir(str(run / "stage3"))}
+            "ckpt": common.checkpoint_dir(str(run / "stage3"))}
 
 
 def prompt(trained, images):
