@@ -26,10 +26,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import convert
 import evaluate
-import model as model_lib
 import train
-from kernels import detect_device
+from common import checkpoint_dir, cli, detect_device, read_safetensors, save_plot, write_json
 from tasks import SIZES, SYNTHETIC_TASKS
 
 
@@ -73,7 +73,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     scores, chosen = {}, {}
     for name, path in runs.items():
-        model = evaluate.load_model(train.checkpoint_dir(os.path.join(out, path)), device)
+        model = evaluate.load_model(checkpoint_dir(os.path.join(out, path)), device)
         res = evaluate.evaluate_model(model, tokenizer, test, *budget, device=device)
         scores[name] = {t: r["scores"] for t, r in res.items()}
         log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
@@ -82,7 +82,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
                                                 test_default=res, device=device)
             scores[f"{name} + resolution search"], chosen[name] = search["test_searched_scores"], search["chosen"]
     result = {"seed": seed, "scores": scores, "chosen": chosen, "averaging": averaging}
-    evaluate.write_json(result, os.path.join(out, "scores.json"))
+    write_json(result, os.path.join(out, "scores.json"))
     return result
 
 
@@ -105,23 +105,23 @@ def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
     line between them, w(alpha) = (1 - alpha) w_first + alpha w_second. The inner alpha of least dev loss is
     written as OUT/stage3-avg-dev: the average with its weight chosen on dev."""
     def weights(path):
-        return model_lib.read_safetensors(os.path.join(train.checkpoint_dir(os.path.join(out, path)),
+        return read_safetensors(os.path.join(checkpoint_dir(os.path.join(out, path)),
                                                        "model.safetensors"))
     first, second, start = weights(f"stage3-{lengths[0]}"), weights(f"stage3-{lengths[1]}"), weights("stage2")
     flat = lambda s: torch.cat([s[k].double().flatten() for k in sorted(s)])  # noqa: E731
     da, db = flat(first) - flat(start), flat(second) - flat(start)
     study = {"moved_first": float(da.norm() / flat(start).norm()), "moved_second": float(db.norm() / flat(start).norm()),
              "cosine": float(da @ db / (da.norm() * db.norm())), "alphas": ALPHAS, "dev_loss": []}
-    ends, records = [train.checkpoint_dir(os.path.join(out, f"stage3-{n}")) for n in lengths[:2]], sum(dev.values(), [])
-    for alpha in ALPHAS:  # each point written as a weighted average (evaluate.average_checkpoints), then scored
+    ends, records = [checkpoint_dir(os.path.join(out, f"stage3-{n}")) for n in lengths[:2]], sum(dev.values(), [])
+    for alpha in ALPHAS:  # each point written as a weighted average (convert.average_checkpoints), then scored
         point = os.path.join(out, "interpolated")
-        evaluate.average_checkpoints(ends, [1 - alpha, alpha], out=point)
+        convert.average_checkpoints(ends, [1 - alpha, alpha], out=point)
         study["dev_loss"].append(evaluate.reply_loss(evaluate.load_model(point, device), tokenizer, records, *budget,
                                                      device))
         shutil.rmtree(point)
     inner = [(loss, a) for a, loss in zip(ALPHAS, study["dev_loss"]) if 0 < a < 1]
     study["dev_alpha"] = min(inner)[1]
-    evaluate.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, "stage3-avg-dev"),
+    convert.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, "stage3-avg-dev"),
                                  overwrite=True)
     log("averaging: " + ", ".join(f"alpha {a} loss {v:.4f}" for a, v in zip(ALPHAS, study["dev_loss"]))
         + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}; "
@@ -225,20 +225,15 @@ def averaging_markdown(seeds, lengths):
 
 
 def plot(table, out_png):
-    """The paired differences with their intervals, one row per comparison."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(table)))
-    y = np.arange(len(table))[::-1]
-    mean = np.array([100 * r["mean"] for r in table])
-    err = np.array([[100 * (r["mean"] - r["lo"]) for r in table], [100 * (r["hi"] - r["mean"]) for r in table]])
-    ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set(yticks=y, yticklabels=[r["comparison"] for r in table], xlabel="A - B, points (95% interval)")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    """The paired differences with their intervals, one row per comparison (not without matplotlib)."""
+    def draw(ax):
+        y = np.arange(len(table))[::-1]
+        mean = np.array([100 * r["mean"] for r in table])
+        err = np.array([[100 * (r["mean"] - r["lo"]) for r in table], [100 * (r["hi"] - r["mean"]) for r in table]])
+        ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set(yticks=y, yticklabels=[r["comparison"] for r in table], xlabel="A - B, points (95% interval)")
+    return save_plot(out_png, (8, 0.5 + 0.45 * len(table)), draw)
 
 
 def main(argv=None):
@@ -257,7 +252,7 @@ def main(argv=None):
             ", ".join(f"{t} {' / '.join(px)}" for t, px in picks.items())
     text += f"\n\naveraging, along w(alpha) = (1 - alpha) stage3-{lengths[0]} + alpha stage3-{lengths[1]}:\n\n" \
         + averaging_markdown(seeds, lengths)
-    evaluate.write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
+    write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
     with open(os.path.join(args.out, "audit.md"), "w") as f:
         f.write(text + "\n")
     plot(table, os.path.join(args.out, "audit.png"))
@@ -266,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    model_lib.cli(main)
+    cli(main)

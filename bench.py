@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import socket
 import statistics
@@ -46,9 +45,10 @@ import data
 import kernels
 import parallel
 import train
+from common import cli, device_name, peak_flops, resolve_device, synchronize
 from convert import load_hf
-from model import MLLM, Attention, AttentionInputs, TextConfig, cli, compile_blocks, config_from_preset, \
-    count_parameters, loss_tokens, model_flops, rope_cos_sin
+from model import MLLM, Attention, AttentionInputs, TextConfig, compile_blocks, config_from_preset, count_parameters, \
+    loss_tokens, model_flops, rope_cos_sin
 from tasks import SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- shapes and presets
@@ -69,7 +69,7 @@ OPS = {  # tokens, hidden, heads x head_dim (rotary), MLP width, cross-entropy t
 CE_CHUNK = {"quick": 128}  # else kernels.linear_cross_entropy's default chunk
 # the training loss at the 8B preset's vocabulary: micro-batch tokens, hidden width. Full fp32 logits of 16k
 # tokens are ~10 GB (and as much again for their gradient): on cpu the default stays at 4k, --loss-tokens 16384
-# runs the issue's size (the hidden width sets the time, not the logits' memory, so cpu keeps it small)
+# runs the accelerators' size (the hidden width sets the time, not the logits' memory, so cpu keeps it small)
 LOSS = {"accel": dict(tokens=(16384,), hidden=4096, vocab=151936),
         "cpu": dict(tokens=(4096,), hidden=256, vocab=151936),
         "quick": dict(tokens=(256,), hidden=32, vocab=151936)}
@@ -96,18 +96,7 @@ CP = {"cpu": dict(tokens=4096, hidden=512, heads=8, kv_heads=4, head_dim=64),
       "quick": dict(tokens=256, hidden=128, heads=4, kv_heads=2, head_dim=32)}
 CP["accel"] = CP["cpu"]
 
-# dense bf16 peak per device, from the vendors' datasheets (NVIDIA H100/H200 SXM: 989 TFLOP/s, H100 PCIe:
-# 756, A100: 312); Ascend 910B: ~313 as commonly quoted (Huawei publishes 256 fp16 for the first Ascend 910,
-# Hot Chips 2019, and no per-chip datasheet figure for the 910B) -- pass --peak-tflops for another figure
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("910B", 313.0))
-
-
 # ----------------------------------------------------------------------------- timing and memory
-
-
-def synchronize(device):
-    if device != "cpu":
-        getattr(torch, device).synchronize()
 
 
 def host_clock(device):
@@ -156,31 +145,6 @@ def peak_mib(fn, device):
     return (mod.max_memory_allocated() - base) / 2 ** 20
 
 
-def device_name(device):
-    if device == "cpu":
-        model = platform.processor() or platform.machine()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-        return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    return getattr(torch, device).get_device_name()
-
-
-def peak_flops(device, override_tflops):
-    """(FLOP/s, where the figure comes from) for MFU."""
-    if override_tflops:
-        return override_tflops * 1e12, "--peak-tflops"
-    if device == "cpu":
-        return (kernels.matmul_flops(torch.device("cpu"), torch.float32, host_clock("cpu")),
-                f"measured: fp32 1024^3 matmul, {torch.get_num_threads()} thread(s), best of 4")
-    name = device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12, f"datasheet: {key} dense bf16 {tflops:g} TFLOP/s"
-    return (kernels.matmul_flops(torch.device(device), torch.bfloat16),
-            f"measured: bf16 matmul ({name} not in bench.PEAK_TFLOPS)")
-
-
 # ----------------------------------------------------------------------------- attention
 
 
@@ -209,8 +173,8 @@ def split_tokens(tokens):
 
 
 def attention_call(backend, device):
-    """varlen_attention with `backend`; "sdpa" on cuda is pinned to SDPA's flash kernel (the issue's
-    baseline: FlashAttention-2 inside PyTorch)."""
+    """varlen_attention with `backend`; "sdpa" on cuda is pinned to SDPA's flash kernel, so our kernels are
+    measured against FlashAttention-2 as PyTorch ships it rather than whichever SDPA kernel it picks."""
     def call(q, k, v, cu, max_len, causal):
         if backend == "sdpa" and device == "cuda":
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -438,16 +402,17 @@ def synthetic_samples(stage_num, n, seed=0):
     return [data.encode(source[i], tok) for i in range(n)]
 
 
-def build_model(name, device, attn_backend=None):
-    """fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
+def step_model(name, device, attn_backend=None):
+    """The model of MODELS[name] a step benchmark trains: fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
     do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
     torch.manual_seed(0)
     config = config_from_preset("tiny", **MODELS[name])
     return MLLM(config, attn_backend=attn_backend).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
 
 
-def train_step(model, optimizer):
-    """bench's optimizer step on one (PackedBatch, loss divisor): forward, backward, clipping, AdamW."""
+def step_function(model, optimizer):
+    """The timed training step on one (PackedBatch, loss divisor): forward, backward, clipping, AdamW; returns
+    the loss (a tensor: reading it would wait for the device inside the timing)."""
     def step(batch):
         b, n_loss = batch
         loss, _ = model(b, loss_divisor=n_loss)
@@ -455,6 +420,7 @@ def train_step(model, optimizer):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -472,9 +438,9 @@ def bench_step(device, size, warmup, reps, peak_override):
     batches = [(b.to(device), n) for b, n in zip(batches, divisors)]
     runs = {}
     for backend in backends:
-        model = build_model(s["model"], device, backend)
+        model = step_model(s["model"], device, backend)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-        runs[backend] = (model, optimizer, train_step(model, optimizer), [])
+        runs[backend] = (model, optimizer, step_function(model, optimizer), [])
     clock = host_clock(device)
     for i, b in enumerate(batches):
         for model, optimizer, step, times in runs.values():
@@ -489,7 +455,9 @@ def bench_step(device, size, warmup, reps, peak_override):
     config = runs[ours][0].config
     # PaLM-style model FLOPs (model.model_flops: MoE activated experts, MLA dims), every module training
     flops = sum(sum(model_flops(config, b).values()) for b in timed)
-    peak, peak_source = peak_flops(device, peak_override)
+    peak, peak_source = peak_flops(device, torch.float32 if device == "cpu" else torch.bfloat16, peak_override,
+                                   host_clock(device))
+    print(f"step: MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     rows = []
     for backend, (model, optimizer, step, times) in runs.items():
         # weights and optimizer state are allocated before the profiled step
@@ -531,7 +499,7 @@ def pad_to_longest(samples, length, pad_id):
 
 def bench_packing(device, size, reps):
     s = STEP[size]
-    model = build_model(s["model"], device)
+    model = step_model(s["model"], device)
     rows = []
     for stage_num in (2, 3):
         samples = synthetic_samples(stage_num, s["packing_samples"])
@@ -879,7 +847,8 @@ def peer_compiled(device, path, p, reps):
 
 # ----------------------------------------------------------------------------- data workers and --compile
 
-# the issue's data-bound case: LLaVA-style records with large JPEGs at a 112x112 budget, tiny model, 4,096 tokens
+# a data-bound case: LLaVA-style records with large JPEGs at a 112x112 budget, tiny model, 4,096 tokens (the
+# decode and resize cost more than the step, which is what data workers are for)
 LOADER = {"accel": dict(records=400, size=(1600, 1200), length=4096, batches=6, model="tiny"),
           "cpu": dict(records=400, size=(1600, 1200), length=4096, batches=6, model="tiny"),
           "quick": dict(records=40, size=(320, 240), length=512, batches=2, model="tiny")}
@@ -916,9 +885,9 @@ def bench_loader(device, size, reps):
         start = data.PackedLoader(ds, data.Tokenizer(), **kw)
         next(start)
         state = start.state_dict()
-        model = build_model(s["model"], device)
+        model = step_model(s["model"], device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        step = train_step(model, opt)
+        step = step_function(model, opt)
         alone, loop, per_batch = {n: [] for n in LOADER_WORKERS}, {n: [] for n in LOADER_WORKERS}, []
         for _ in range(reps):
             for n in LOADER_WORKERS:
@@ -959,19 +928,16 @@ def bench_compile(device, size, warmup, reps):
     batches = [(b.to(device), max(1, loss_tokens(b))) for b in batches]
     runs = {}
     for name in ("eager", "compiled"):
-        model = build_model(s["model"], device)
+        model = step_model(s["model"], device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-        runs[name] = (compile_blocks(model) if name == "compiled" else model, [], [], opt)  # times, losses
+        model = compile_blocks(model) if name == "compiled" else model
+        runs[name] = (model, [], [], step_function(model, opt))  # times, losses
     clock, first = host_clock(device), {}
     for i, b in enumerate(batches):
-        for name, (model, times, losses, opt) in runs.items():
+        for name, (model, times, losses, step) in runs.items():
             synchronize(device)
             t0, wall = clock(), time.perf_counter()  # compiling runs in worker processes too: wall time
-            loss, _ = model(b[0], loss_divisor=b[1])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step(b)
             synchronize(device)
             times.append(clock() - t0)
             losses.append(loss.item())
@@ -992,12 +958,6 @@ def bench_compile(device, size, warmup, reps):
     return rows
 
 
-COLUMNS_25 = {
-    "loader": ["workers", "image", "max_pixels", "length", "loader_samples_per_s", "samples_per_batch",
-               "step_needs_samples_per_s", "loop_steps_per_s", "x_workers_0", "cpus"],
-    "compile": ["model", "length", "mode", "steps", "distinct_lengths", "step_ms", "tokens_per_s", "x_eager",
-                "compile_s", "first_loss_rel_diff", "max_loss_rel_diff"],
-}
 # the GPU table: README's one command fills it (--what gpu)
 GPU_TABLE = "attention,ops,loss,step,loader,compile,peer"
 
@@ -1020,8 +980,11 @@ COLUMNS = {
                "regs", "stack", "max_err_out", "max_err_grad"],
     "cp": ["tokens", "hidden", "heads", "kv_heads", "head_dim", "one_rank_ms", "two_ranks_ms", "all_to_all_ms",
            "x_one_rank"],
+    "loader": ["workers", "image", "max_pixels", "length", "loader_samples_per_s", "samples_per_batch",
+               "step_needs_samples_per_s", "loop_steps_per_s", "x_workers_0", "cpus"],
+    "compile": ["model", "length", "mode", "steps", "distinct_lengths", "step_ms", "tokens_per_s", "x_eager",
+                "compile_s", "first_loss_rel_diff", "max_loss_rel_diff"],
 }
-COLUMNS.update(COLUMNS_25)
 
 
 def fmt(v):
@@ -1067,13 +1030,6 @@ def summary(result):
         out[f"packing/padding useful tokens/s, stage {r['stage']}"] = r["speedup"]
     for r in result.get("cp", []):
         out[f"attention layer + all-to-all on 2 cpu ranks / 1 rank, {r['tokens']} tokens"] = r["x_one_rank"]
-    out.update(summary_25(result))
-    return out
-
-
-def summary_25(result):
-    """The throughput figures: data workers, --compile, the loss's RSS."""
-    out = {}
     for r in result.get("loader", [])[1:]:
         out[f"training loop steps/s, {r['workers']} data workers / 0 ({r['image']}, {r['cpus']} cpus)"] = r["x_workers_0"]
     for r in result.get("compile", [])[1:]:
@@ -1084,7 +1040,7 @@ def summary_25(result):
     return out
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, npu, cpu or auto (npu > cuda > cpu)")
     p.add_argument("--what", default=None,
@@ -1096,13 +1052,35 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bench.PEAK_TFLOPS "
-                   "by device name; on cpu a measured fp32 matmul)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: common.PEAK_TFLOPS "
+                   "by device name, else a measured matmul: fp32 on cpu, bf16 elsewhere)")
     p.add_argument("--loss-tokens", default=None, help="comma-separated token counts for the loss part (default "
                    "16384 on cuda/npu, 4096 on cpu: full fp32 logits of 16k tokens need ~30 GB)")
     p.add_argument("--loss-impls", default="chunked,full", help="loss part: chunked (ours), full (fp32 logits)")
+    return p
+
+
+def run_part(part, args, device, size, warmup, reps):
+    """The rows of one --what part."""
+    if part == "loss":
+        return bench_loss(device, size, reps, [int(t) for t in args.loss_tokens.split(",")] if args.loss_tokens
+                          else None, [i.strip() for i in args.loss_impls.split(",")])
+    return {"attention": lambda: bench_attention(device, size, warmup, reps),
+            "ops": lambda: bench_ops(device, size, warmup, reps, compile_too=not args.quick),
+            "peer": lambda: bench_peer(device, size, reps),
+            "step": lambda: bench_step(device, size, warmup, reps, args.peak_tflops),
+            "packing": lambda: bench_packing(device, size, reps),
+            "triton": lambda: bench_triton(device),
+            "cp": lambda: bench_cp(size, warmup, reps),
+            "loader": lambda: bench_loader(device, size, reps),
+            "compile": lambda: bench_compile(device, size, warmup, reps),
+            "data": lambda: bench_data(size)}[part]()
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    device = kernels.resolve_device(args.device)
+    device = resolve_device(args.device)
     on_gpu = device == "cuda" and kernels.triton is not None
     what = args.what or "attention,ops,loss,step,packing,cp" + (",triton" if on_gpu else "")
     parts = [w.strip() for w in (GPU_TABLE if what == "gpu" else what).split(",") if w.strip()]
@@ -1121,30 +1099,7 @@ def main(argv=None):
           f"median of {reps} after {warmup} warm-up, {result['host_clock']} on the host")
     for part in parts:
         t0 = time.perf_counter()
-        if part == "attention":
-            rows = bench_attention(device, size, warmup, reps)
-        elif part == "ops":
-            rows = bench_ops(device, size, warmup, reps, compile_too=not args.quick)
-        elif part == "loss":
-            rows = bench_loss(device, size, reps, [int(t) for t in args.loss_tokens.split(",")] if args.loss_tokens
-                              else None, [i.strip() for i in args.loss_impls.split(",")])
-        elif part == "peer":
-            rows = bench_peer(device, size, reps)
-        elif part == "step":
-            rows = bench_step(device, size, warmup, reps, args.peak_tflops)
-        elif part == "packing":
-            rows = bench_packing(device, size, reps)
-        elif part == "triton":
-            rows = bench_triton(device)
-        elif part == "cp":
-            rows = bench_cp(size, warmup, reps)
-        elif part == "loader":
-            rows = bench_loader(device, size, reps)
-        elif part == "compile":
-            rows = bench_compile(device, size, warmup, reps)
-        else:
-            rows = bench_data(size)
-        result[part] = rows
+        result[part] = rows = run_part(part, args, device, size, warmup, reps)
         result[f"{part}_seconds"] = time.perf_counter() - t0
         print_table(part, rows)
         result["summary"] = summary(result)

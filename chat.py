@@ -16,8 +16,8 @@ import torch
 import convert
 import data
 from evaluate import resolve_checkpoints, trained_budget
-from kernels import detect_device
-from model import MLLM, read_json
+from common import detect_device, read_json
+from model import MLLM
 
 HELP = "commands: /image PATH (attach to your next message), /reset (forget the conversation), /quit"
 

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints: the name tables between our modules and the published Qwen2.5-VL / Qwen2 / Qwen3 /
 Qwen3-MoE / DeepSeek-V3 layouts, loading their weights into model.py's modules (load_hf, load_hf_decoder) and
 exporting ours in their layout (hf_tensors, hf_decoder_tensors, *_config_to_hf, save_hf; export_hf writes a
-checkpoint as a directory transformers' from_pretrained loads). Kept beside model.py as DeepSeek-V3 keeps
-convert.py beside its model.py: model.py computes, this file only renames and reshapes.
+checkpoint as a directory transformers' from_pretrained loads), and the weighted average of our checkpoints
+(average_checkpoints). Kept beside model.py as DeepSeek-V3 keeps convert.py beside its model.py: model.py computes,
+this file only renames, reshapes and averages.
 """
 import json
 import math
@@ -13,9 +14,10 @@ import torch
 
 import data
 
-from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, \
-    _assign_state, _named_state, check_output_dir, is_our_checkpoint, output_dir, read_json, read_safetensors, \
-    save_safetensors, write_json
+from common import check_output_dir, is_our_checkpoint, output_dir, read_json, read_safetensors, save_safetensors, \
+    write_checkpoint, write_json
+from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, assign_state, \
+    named_state
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
@@ -80,7 +82,7 @@ def _hf_alias(key):
 def _take_hf(module, table, tensors, where):
     """Our state dict for `module`, popped from `tensors` (HF names); a missing key is named."""
     state = {}
-    for name in _named_state(module):
+    for name in named_state(module):
         hf = _hf_name(name, table)
         if hf not in tensors:
             raise KeyError(f"{where}: missing key {hf!r} (for our {name!r})")
@@ -249,7 +251,7 @@ def load_hf_decoder(path, attn_backend=None, activation_checkpointing=False):
         tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
     state = _take_hf(decoder, HF_DECODER_NAMES, tensors, path)
     _check_consumed(tensors, path)
-    _assign_state(decoder, state, path)
+    assign_state(decoder, state, path)
     return decoder
 
 
@@ -263,8 +265,8 @@ def load_hf_vision(path, **flags):
     vision_state = _take_hf(vision, HF_VISION_NAMES, tensors, path)
     merger_state = _take_hf(merger, HF_MERGER_NAMES, tensors, path)
     _check_consumed(tensors, path)
-    _assign_state(vision, vision_state, path)
-    _assign_state(merger, merger_state, path)
+    assign_state(vision, vision_state, path)
+    assign_state(merger, merger_state, path)
     return vision, merger
 
 
@@ -288,7 +290,7 @@ def load_hf(path, **runtime):
                                   ("decoder.", model.decoder, HF_DECODER_NAMES)):
         state |= {prefix + k: v for k, v in _take_hf(module, table, tensors, path).items()}
     _check_consumed(tensors, path)
-    _assign_state(model, state, path)
+    assign_state(model, state, path)
     return model
 
 
@@ -379,7 +381,7 @@ def hf_decoder_tensors(decoder, where="decoder"):
     per-expert matrices, e_score_correction_bias (DeepSeek-V3) and interleaved MLA rotary rows."""
     c = decoder.config
     kind = hf_decoder_type(c)
-    tensors = {_hf_name(n, HF_DECODER_NAMES): t.detach() for n, t in _named_state(decoder).items()}
+    tensors = {_hf_name(n, HF_DECODER_NAMES): t.detach() for n, t in named_state(decoder).items()}
     for i in range(c.first_k_dense, c.num_layers) if c.n_routed_experts else ():
         p = f"model.layers.{i}.mlp."
         gate, up = tensors.pop(p + "gate_up_proj").transpose(1, 2).chunk(2, dim=1)
@@ -438,7 +440,7 @@ def hf_tensors(model: MLLM, remote=False):
     or (remote) modeling_nanomindvl.py's, whose decoder sits under `language_model.`."""
     tensors = {}
     for module, table in ((model.vision, HF_VISION_NAMES), (model.connector, HF_MERGER_NAMES)):
-        for name, t in _named_state(module).items():
+        for name, t in named_state(module).items():
             hf = _hf_name(name, table)
             tensors[hf] = HF_CONVERT[hf][1](t.detach()) if hf in HF_CONVERT else t.detach()
     return tensors | {("language_model." if remote else "") + k: t for k, t in hf_decoder_tensors(model.decoder).items()}
@@ -558,3 +560,82 @@ def is_export_file(name):
     return name in HF_TOKENIZER_FILES + (EXPORT_MARKER, REMOTE_CODE, "config.json", "preprocessor_config.json",
                                          "model.safetensors.index.json") \
         or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def hf_origin(ckpt, hops=8):
+    """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
+    the args.json of each run (a stage directory holds args.json; its checkpoints sit one level below)."""
+    path = ckpt
+    for _ in range(hops):
+        up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
+        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
+        if args is None:
+            return None
+        path = read_json(args)["train_config"].get("init_from")
+        if not path or not os.path.isdir(path):
+            return None
+        if is_hf_dir(path):
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------- checkpoint averaging
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_diff(a, b):
+    """Dotted names of the config fields in which two config dicts differ."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
+AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png",
+                 *data.TOKENIZER_FILES)
+
+
+def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
+    """Model weight averaging (MindVL's abstract: of checkpoints trained at different sequence lengths; the
+    element-wise weighted mean is our reading): the mean of the checkpoints' weights (weights are
+    normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
+    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
+    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
+    if len(ckpts) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
+    if out is not None:
+        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
+    weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
+    configs = [read_json(os.path.join(c, "config.json")) for c in ckpts]
+    for c, cfg in zip(ckpts[1:], configs[1:]):
+        diff = config_diff(configs[0], cfg)
+        if diff:
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
+    states = [read_safetensors(os.path.join(c, "model.safetensors")) for c in ckpts]
+    for c, s in zip(ckpts[1:], states[1:]):
+        if s.keys() != states[0].keys():
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
+                             f"({sorted(s.keys() ^ states[0].keys())[:5]})")
+    total = sum(weights)
+    avg = {}
+    for name, t0 in states[0].items():
+        acc = torch.zeros(t0.shape, dtype=torch.float64)
+        for w, s in zip(weights, states):
+            acc += (w / total) * s[name].double()
+        avg[name] = acc.to(t0.dtype)
+    if out is not None:
+        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
+            write_checkpoint(tmp, avg, configs[0])
+            data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
+            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
+    return avg

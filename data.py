@@ -36,10 +36,12 @@ import tiktoken
 import torch
 from PIL import Image
 
+from common import read_json
+
 
 # the processor cuts images into the ViT's patches and groups them as its PatchMerger does (Qwen2.5-ViT's sizes).
 # They are the image processor's, as Qwen2-VL's preprocessor_config.json keeps them apart from the model config,
-# and data.py imports nothing of ours: a VisionConfig with another patch_size / spatial_merge_size needs these too
+# and data.py imports nothing of the model: a VisionConfig with another patch_size / spatial_merge_size needs these too
 PATCH, MERGE = 14, 2
 FACTOR = PATCH * MERGE
 MIN_PIXELS = 56 * 56  # Qwen2-VL processor defaults
@@ -242,7 +244,7 @@ def _hf_tokenizer_files(directory, tj, tok, chat):
             "normalized": False, "special": True} for s in tok.added]
     files = {"tokenizer.json": json.dumps(tj | {"added_tokens": tj.get("added_tokens", []) + new},
                                           ensure_ascii=False, indent=2).encode()}
-    config = _read_json_if(os.path.join(directory, "tokenizer_config.json")) or {}
+    config = read_json(os.path.join(directory, "tokenizer_config.json"), missing_ok=True) or {}
     config.pop("chat_template", None)
     decoder = config.get("added_tokens_decoder", {})
     config["added_tokens_decoder"] = decoder | {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in new}
@@ -253,14 +255,6 @@ def _hf_tokenizer_files(directory, tj, tok, chat):
         if os.path.isfile(os.path.join(directory, name)):
             files[name] = open(os.path.join(directory, name), "rb").read()
     return files
-
-
-def _read_json_if(path):
-    """A JSON file's contents, or None when there is no such file."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"  # a run's .tiktoken rank file, as its checkpoints keep it
@@ -305,7 +299,7 @@ class ChatFormat:
     def of(directory, chat_template, added):
         """The format of a tokenizer directory: `chat_template` ("chatml", a .jinja file or the template text),
         else the directory's chat_template.jinja, tokenizer_config.json's or chat_template.json's; None if none."""
-        config = _read_json_if(os.path.join(directory, "tokenizer_config.json")) or {}
+        config = read_json(os.path.join(directory, "tokenizer_config.json"), missing_ok=True) or {}
         template, required = chat_template, ()
         if template == "chatml":
             template, required = CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>")
@@ -315,14 +309,14 @@ class ChatFormat:
             template = open(os.path.join(directory, "chat_template.jinja"), encoding="utf-8").read()
         elif template is None:  # tokenizer_config.json's, else a processor's chat_template.json (Qwen2.5-VL's)
             template = config.get("chat_template") or (
-                _read_json_if(os.path.join(directory, "chat_template.json")) or {}).get("chat_template")
+                read_json(os.path.join(directory, "chat_template.json"), missing_ok=True) or {}).get("chat_template")
             if isinstance(template, list):  # [{"name", "template"}]: the default one
                 template = {t.get("name"): t.get("template") for t in template}.get("default")
         if template is None:
             return None
         tokens = {k: v.get("content") if isinstance(v, dict) else v for k in TEMPLATE_TOKENS
                   if (v := config.get(k)) is not None}
-        eos = (_read_json_if(os.path.join(directory, "generation_config.json")) or {}).get("eos_token_id")
+        eos = (read_json(os.path.join(directory, "generation_config.json"), missing_ok=True) or {}).get("eos_token_id")
         chat = ChatFormat(template, tokens, tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                           required)
         chat.end_of_turn = chat.token_after_reply([*added, *required])

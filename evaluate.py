@@ -1,6 +1,6 @@
 """Evaluation: greedy generation over eval sets, the scorers (exact match, VQA accuracy, ANLS, IoU@0.5,
-multiple-choice letter), checkpoint averaging and test-time resolution search (MindVL), and the report
-(markdown table + eval.json).
+multiple-choice letter), test-time resolution search (MindVL) and the report (markdown table + eval.json). The
+command line also averages checkpoints (convert.average_checkpoints) and exports them (convert.export_hf).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
     python evaluate.py --ckpt runs/tiny/stage3-avg --max-pixels 7056 --resolutions 56x56,112x112  # as train.py
@@ -20,10 +20,9 @@ import time
 import numpy as np
 import torch
 import data
-from convert import export_hf, is_hf_dir
-from kernels import detect_device
-from model import MLLM, check_output_dir, checkpoint_dir, cli, output_dir, read_json, read_safetensors, replaced, \
-    write_checkpoint, write_json
+from common import checkpoint_dir, cli, detect_device, read_json, replaced, save_plot, write_json
+from convert import average_checkpoints, export_hf, hf_origin
+from model import MLLM
 from tasks import SYNTHETIC_TASKS, TASK_METRIC, SyntheticTasks
 
 # ----------------------------------------------------------------------------- scorers
@@ -241,97 +240,6 @@ def scores_of(results):
     return {name: r["score"] for name, r in results.items() if r["score"] is not None}
 
 
-# ----------------------------------------------------------------------------- checkpoint averaging
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def config_diff(a, b):
-    """Dotted names of the config fields in which two config dicts differ."""
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
-
-
-def read_config(ckpt):
-    path = os.path.join(ckpt, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{ckpt}: not a checkpoint (no config.json)")
-    with open(path) as f:
-        return json.load(f)
-
-
-# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
-AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png",
-                 *data.TOKENIZER_FILES)
-
-
-def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
-    """Model weight averaging (MindVL's abstract: of checkpoints trained at different sequence lengths; the
-    element-wise weighted mean is our reading): the mean of the checkpoints' weights (weights are
-    normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
-    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
-    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
-    if len(ckpts) < 2:
-        raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
-    if out is not None:
-        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
-    weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
-    configs = [read_config(c) for c in ckpts]
-    for c, cfg in zip(ckpts[1:], configs[1:]):
-        diff = config_diff(configs[0], cfg)
-        if diff:
-            raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
-    states = [read_safetensors(os.path.join(c, "model.safetensors")) for c in ckpts]
-    for c, s in zip(ckpts[1:], states[1:]):
-        if s.keys() != states[0].keys():
-            raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
-                             f"({sorted(s.keys() ^ states[0].keys())[:5]})")
-    total = sum(weights)
-    avg = {}
-    for name, t0 in states[0].items():
-        acc = torch.zeros(t0.shape, dtype=torch.float64)
-        for w, s in zip(weights, states):
-            acc += (w / total) * s[name].double()
-        avg[name] = acc.to(t0.dtype)
-    if out is not None:
-        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
-            write_checkpoint(tmp, avg, configs[0])
-            data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
-            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
-    return avg
-
-
-# ----------------------------------------------------------------------------- export to Hugging Face
-
-
-def hf_origin(ckpt, hops=8):
-    """The Hugging Face directory a checkpoint's weights started from, or None: --init-from followed through
-    the args.json of each run (a stage directory holds args.json; its checkpoints sit one level below)."""
-    path = ckpt
-    for _ in range(hops):
-        up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
-        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
-        if args is None:
-            return None
-        with open(args) as f:
-            path = json.load(f)["train_config"].get("init_from")
-        if not path or not os.path.isdir(path):
-            return None
-        if is_hf_dir(path):
-            return path
-    return None
-
-
 # ----------------------------------------------------------------------------- test-time resolution search
 
 
@@ -445,38 +353,22 @@ def markdown_table(rows, tasks=None):
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files only (the Agg backend), or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_results(rows, out_png, tasks=None):
     """The markdown table as a picture: checkpoints x tasks (and their mean), scores in % in each cell. Returns
     whether it was written (not without matplotlib)."""
-    plt = pyplot()
-    if plt is None:
-        return False
     tasks = tasks or list(next(iter(rows.values())))
     scores = [[100 * s[t] for t in tasks] for s in rows.values()]
     scores = [r + [sum(r) / len(r)] for r in scores]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * (len(tasks) + 1), 1.0 + 0.45 * len(rows)))
-    ax.imshow(scores, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"], rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), list(rows))
-    for i, r in enumerate(scores):
-        for j, v in enumerate(r):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
-    ax.set_title("score (%)")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return True
+
+    def draw(ax):
+        ax.imshow(scores, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(tasks) + 1), [*tasks, "mean"], rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), list(rows))
+        for i, r in enumerate(scores):
+            for j, v in enumerate(r):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+        ax.set_title("score (%)")
+    return save_plot(out_png, (1.2 + 0.9 * (len(tasks) + 1), 1.0 + 0.45 * len(rows)), draw)
 
 
 def resolve_checkpoints(path):
@@ -593,18 +485,28 @@ def main(argv=None):
     if args.export_hf:
         return export_main(p, args)
     if args.average:
-        if not args.out:
-            p.error("--average needs --out DIR")
-        try:
-            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-        except ValueError:
-            p.error(f"--weights {args.weights}: expected comma-separated numbers")
-        ckpts = [one_checkpoint(p, path, "--average") for path in args.average]
-        average_checkpoints(ckpts, weights, args.out, args.overwrite)
-        print(f"wrote the average of {', '.join(ckpts)} to {args.out}")
+        average_main(p, args)
         if not args.ckpt:
             return
-        args.ckpt.append(args.out)
+        args.ckpt.append(args.out)  # then the average is evaluated beside the given checkpoints
+    evaluate_main(p, args)
+
+
+def average_main(p, args):
+    """--average: the weighted average of the checkpoints written to --out (convert.average_checkpoints)."""
+    if not args.out:
+        p.error("--average needs --out DIR")
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        p.error(f"--weights {args.weights}: expected comma-separated numbers")
+    ckpts = [one_checkpoint(p, path, "--average") for path in args.average]
+    average_checkpoints(ckpts, weights, args.out, args.overwrite)
+    print(f"wrote the average of {', '.join(ckpts)} to {args.out}")
+
+
+def evaluate_main(p, args):
+    """--ckpt: score the checkpoints (and the resolution search) into --out's eval.json, results.md/png."""
     if not args.ckpt:
         p.error("give --ckpt (or --average ... --out)")
     out = args.out or (args.ckpt[0] if os.path.isdir(args.ckpt[0]) else ".")

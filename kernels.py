@@ -1,4 +1,4 @@
-"""Compute kernels: device detection, varlen attention over packed sequences, and small ops.
+"""Compute kernels: varlen attention over packed sequences, and small ops.
 
 Every fast path sits beside its plain-torch reference. Tensors in attention are [T, heads, head_dim]
 (NPU's "TND"); sample boundaries are `cu_seqlens` (int32, starts with 0), FlashAttention's convention.
@@ -10,77 +10,19 @@ import functools
 import contextlib
 import math
 import os
-import time
 import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 
+from common import import_torch_npu
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # e.g. Ascend or CPU-only installs: the "triton" paths are then unavailable
     triton = None
-
-# ----------------------------------------------------------------------------- devices
-
-
-def detect_device():
-    """The best available device type: npu > cuda > cpu."""
-    try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
-        if torch.npu.is_available():
-            return "npu"
-    except ImportError:
-        pass
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(name=None):
-    """`--device` value -> device type; None/"auto" picks `detect_device()`. Asking for a device that
-    is not there is an error that says what is missing."""
-    if name in (None, "auto"):
-        return detect_device()
-    if name == "npu":
-        _torch_npu()
-        if not torch.npu.is_available():
-            raise RuntimeError("--device npu: torch_npu is installed but sees no NPU")
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device")
-    elif name not in ("npu", "cuda", "cpu"):
-        raise ValueError(f"--device {name!r}: choose from npu, cuda, cpu, auto")
-    return name
-
-
-def _torch_npu():
-    """torch_npu, imported only when an Ascend path is taken (it registers the "npu" device)."""
-    try:
-        import torch_npu
-    except ImportError as e:
-        raise RuntimeError("the npu paths need torch_npu (pip install -r requirements-npu.txt on an "
-                           "Ascend machine with CANN)") from e
-    return torch_npu
-
-
-@functools.lru_cache(maxsize=None)
-def matmul_flops(device, dtype, clock=time.perf_counter):
-    """A dense matmul's FLOP rate on this device and dtype: the MFU denominator when no peak is given (a
-    reachable peak, so MFU reads as a fraction of what this machine can do)."""
-    n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
-    best = 0.0
-    for _ in range(4):  # the best of a few short trials: a busy machine only ever slows a trial down
-        sync()
-        t0 = clock()
-        a @ a
-        sync()
-        best = max(best, 2 * n ** 3 / (clock() - t0))
-    del a
-    if device.type != "cpu":  # the probe's matrices are not training's: peak memory counts from here on
-        getattr(torch, device.type).reset_peak_memory_stats(device)
-    return best
 
 
 def _on_npu(x):
@@ -374,7 +316,7 @@ def _npu_attention(q, k, v, cu_q, cu_k, causal, scale):
     cq, ck = host_list(cu_q), host_list(cu_k)
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens for q ({len(cq)}) and k ({len(ck)}) differ in sample count")
-    npu, outs = _torch_npu(), []
+    npu, outs = import_torch_npu(), []
     for s in range(0, len(cq) - 1, NPU_MAX_SAMPLES):
         e = min(s + NPU_MAX_SAMPLES, len(cq) - 1)
         (q0, q1), (k0, k1) = (cq[s], cq[e]), (ck[s], ck[e])
@@ -661,7 +603,7 @@ def rms_norm(x, weight, eps=1e-6):
     """RMSNorm (Zhang & Sennrich 2019) in fp32, cast back before the gain as Qwen/Llama do.
     Fused: torch_npu.npu_rms_norm on Ascend, our Triton kernel on CUDA."""
     if _on_npu(x):
-        return _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+        return import_torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
     if x.is_cuda and triton is not None and x.numel() and not torch.compiler.is_compiling():  # else inductor fuses it
         return TritonRMSNorm.apply(x, weight, eps)
     xf = x.float()
@@ -801,7 +743,7 @@ def apply_rope(x, cos, sin):
     an elementwise op that torch.compile fuses with its neighbours, unmeasured against a kernel here."""
     if _on_npu(x) and x.shape[-1] % 64 == 0:  # npu_rotary_mul's head-dim limits vary by release
         c, s = (t.to(x.dtype)[None, :, None, :] for t in (cos, sin))  # BSND layout, cos/sin "1S1D"
-        return _torch_npu().npu_rotary_mul(x[None], c, s)[0]
+        return import_torch_npu().npu_rotary_mul(x[None], c, s)[0]
     xf = x.float()
     return (xf * cos[:, None, :] + rotate_half(xf) * sin[:, None, :]).to(x.dtype)
 
@@ -810,7 +752,7 @@ def swiglu(gate, up):
     """SwiGLU (Shazeer 2020): silu(gate) * up. npu_swiglu takes [gate, up] concatenated; on CUDA it
     stays plain torch (elementwise, left to torch.compile), like apply_rope."""
     if _on_npu(gate) and gate.numel():  # npu_swiglu refuses an empty tensor (an EP rank with no routed rows)
-        return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
+        return import_torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
     return F.silu(gate) * up
 
 
@@ -851,7 +793,7 @@ class NpuGroupedMM(torch.autograd.Function):
         ctx.save_for_backward(x, w, counts, ends)
         if not x.shape[0]:  # a rank with no routed rows: nothing reaches the op
             return x.new_empty(0, w.shape[2])
-        return _torch_npu().npu_grouped_matmul([x], [w], group_list=ends, split_item=2, group_type=0,
+        return import_torch_npu().npu_grouped_matmul([x], [w], group_list=ends, split_item=2, group_type=0,
                                                group_list_type=0)[0]
 
     @staticmethod
@@ -859,7 +801,7 @@ class NpuGroupedMM(torch.autograd.Function):
         x, w, counts, ends = ctx.saved_tensors
         if not x.shape[0]:
             return torch.zeros_like(x), torch.zeros_like(w), None
-        npu = _torch_npu()
+        npu = import_torch_npu()
         dx = npu.npu_grouped_matmul([dy], [w.transpose(1, 2)], group_list=ends, split_item=2,
                                     group_type=0, group_list_type=0)[0]
         dw = npu.npu_grouped_matmul([x.t()], [dy], group_list=ends, split_item=3, group_type=2,

@@ -1,26 +1,21 @@
 """The model: configs and presets, the Qwen2.5-ViT vision encoder, the PatchMerger connector, the dense
 Qwen2/Qwen3 decoder, the MLLM that splices image features into the packed token stream (loss and KV-cache
-generation), and our checkpoints (save_pretrained / from_pretrained). Hugging Face import and export: convert.py.
+generation), and our checkpoints (save_pretrained / from_pretrained; their files: common.py). Hugging Face
+import and export: convert.py.
 
 Everything runs on one flat packed stream (tensors [T, heads, head_dim], sample boundaries `cu_seqlens`,
 data.PackedBatch). Compute-heavy ops go through kernels.py so fused paths land in one place.
 """
-import contextlib
-import errno
-import json
 import math
 import os
-import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from common import read_json, read_safetensors, write_checkpoint
 from kernels import apply_rope, decode_attention, grouped_mm, linear_cross_entropy, rms_norm, swiglu, \
     varlen_attention
 
@@ -925,7 +920,7 @@ class MLLM(nn.Module):
 
     def save_pretrained(self, path):
         """`model.safetensors` (our key names, tied weights once) + `config.json`."""
-        write_checkpoint(path, _named_state(self), self.config)
+        write_checkpoint(path, named_state(self), self.config.to_dict())
 
     @staticmethod
     def from_pretrained(path, **runtime):
@@ -934,168 +929,8 @@ class MLLM(nn.Module):
         with torch.device("meta"):
             model = MLLM(config, **runtime)
         file = os.path.join(path, "model.safetensors")
-        _assign_state(model, read_safetensors(file), file)
+        assign_state(model, read_safetensors(file), file)
         return model
-
-
-@contextlib.contextmanager
-def replaced(path, tmp=None):
-    """Yields a temporary path (default: path + ".tmp") to write a file or a directory to; once that is done it
-    replaces `path` by a rename, so no reader and no crash meets half of it (a file: the old or the new one; a
-    directory, removed just before the rename: the old one, the new one or the complete temporary one). A write
-    that fails (disk full) removes its temporary path and leaves `path` as it was."""
-    tmp = tmp or path.rstrip("/") + ".tmp"
-    _remove(tmp)  # a crash's leftover
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if os.path.isdir(path):  # a rename does not replace a non-empty directory
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def _remove(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def write_json(obj, path):
-    with replaced(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-
-
-def write_checkpoint(path, tensors, config):
-    """Our checkpoint in directory `path`: `model.safetensors` ({our name: tensor}) + `config.json`."""
-    os.makedirs(path, exist_ok=True)
-    with replaced(os.path.join(path, "model.safetensors")) as tmp:
-        save_safetensors({n: t.detach().contiguous() for n, t in tensors.items()}, tmp)
-    write_json(config.to_dict() if isinstance(config, ModelConfig) else config, os.path.join(path, "config.json"))
-
-
-def save_safetensors(tensors, file, metadata=None):
-    """safetensors' save_file, its I/O errors as OSError naming the file (errno 28 when the disk is full)."""
-    try:
-        save_file(tensors, file, metadata=metadata)
-    except SafetensorError as e:
-        if "os error 28" in str(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file) from None
-        raise OSError(f"{file}: cannot write ({e})") from None
-
-
-def checkpoint_dir(path, log=print):
-    """A checkpoint directory: `path` itself, or in a stage directory the one its `latest` file names; when
-    `latest` is missing or names a missing or damaged checkpoint, the newest complete one, with a line saying so."""
-    has_latest = os.path.isfile(os.path.join(path, "latest"))
-    if not has_latest and os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    candidates = stage_checkpoints(path)
-    good = next((c for c in candidates if checkpoint_damage(c) is None), None)
-    if good is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint ({latest_problem(path)})" if candidates else
-                                f"{path}: no checkpoint (neither config.json nor a `latest` file)")
-    if not has_latest or good != candidates[0]:
-        log(f"warning: {latest_problem(path)}; using the newest complete checkpoint {good}")
-    return good
-
-
-def stage_checkpoints(stage_dir):
-    """The checkpoints a stage directory may hold, newest first: the one `latest` names (present or not), then
-    every step-NNNNNN directory."""
-    latest, named = os.path.join(stage_dir, "latest"), []
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            named = [os.path.join(stage_dir, f.read().strip())]
-    steps = sorted((d for d in os.listdir(stage_dir) if d.startswith("step-")), reverse=True) \
-        if os.path.isdir(stage_dir) else []
-    return named + [os.path.join(stage_dir, d) for d in steps if os.path.join(stage_dir, d) not in named]
-
-
-def latest_problem(stage_dir):
-    """Why a stage directory's `latest` does not lead to a complete checkpoint (a phrase)."""
-    named = stage_checkpoints(stage_dir)
-    if not os.path.isfile(os.path.join(stage_dir, "latest")):
-        return f"{stage_dir} has no `latest` file"
-    return f"{os.path.join(stage_dir, 'latest')} names {named[0]}: {checkpoint_damage(named[0])}"
-
-
-def checkpoint_damage(ckpt, files=("config.json", "model.safetensors")):
-    """None for a complete checkpoint, else what is wrong with it: a missing file, an unreadable config.json,
-    a safetensors header that does not cover the file (truncated)."""
-    if not os.path.isdir(ckpt):
-        return "no such directory"
-    for name in files:
-        if not os.path.isfile(os.path.join(ckpt, name)):
-            return f"no {name}"
-    try:
-        read_json(os.path.join(ckpt, "config.json"))
-        with safe_open(os.path.join(ckpt, "model.safetensors"), "pt"):
-            pass
-    except (ValueError, SafetensorError, OSError) as e:
-        return f"damaged ({e})"
-    return None
-
-
-def check_output_dir(out, flag, marker, ours, inputs=(), overwrite=False):
-    """Before a command writes its output directory `out`: `out` is new, empty, or this command's own earlier
-    output (it holds `marker` and only names `ours(name)` accepts), or with `overwrite` holds other files too
-    (kept; see output_dir); never an input nor a directory holding one, so nothing the command did not write is
-    deleted. Returns the names in `out` that are not the command's; an error names the flag and what is there."""
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{flag} {out}: is a file, not a directory; not overwriting it")
-    real = os.path.realpath(out)
-    for p in inputs:
-        if os.path.commonpath([real, os.path.realpath(p)]) in (real, os.path.realpath(p)):
-            raise ValueError(f"{flag} {out}: overlaps the input {p}; write to another directory")
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    others = [e for e in entries if not ours(e)]
-    if entries and (others or marker not in entries) and not overwrite:
-        shown = others or entries
-        raise FileExistsError(f"{flag} {out}: holds what this command did not write ({', '.join(shown[:5])}"
-                              f"{', ...' if len(shown) > 5 else ''}); not overwriting it: choose a new or empty "
-                              "directory, or --overwrite to replace only the files this command writes")
-    return others
-
-
-@contextlib.contextmanager
-def output_dir(out, ours, keep_others=False):
-    """Yields a temporary directory to write a command's output to, which then becomes `out` by a rename
-    (see replaced); with keep_others, the files `ours(name)` accepts are replaced in `out` and the others kept."""
-    if not keep_others:
-        with replaced(out) as tmp:
-            yield tmp
-        return
-    tmp = out.rstrip("/") + ".tmp"
-    _remove(tmp)
-    try:
-        yield tmp
-        for name in os.listdir(out):  # the command's earlier files (e.g. other shards) go, the others stay
-            if ours(name):
-                _remove(os.path.join(out, name))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    finally:
-        _remove(tmp)
-
-
-def is_our_checkpoint(path):
-    """A directory with our config.json (it has `vision` and `text`; a Hugging Face one does not)."""
-    config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and {"vision", "text"} <= read_json(config).keys()
-
-
-def read_safetensors(file, keep=lambda name: True):
-    """{name: tensor} of a safetensors file (only the names `keep` accepts); a missing, truncated or corrupt
-    file is an error naming it (safetensors' own message names no path)."""
-    try:
-        with safe_open(file, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: cannot read the checkpoint weights ({e}); the file may be truncated or "
-                         "still being written") from e
 
 
 def count_parameters(config: ModelConfig):
@@ -1186,14 +1021,14 @@ def model_flops(config: ModelConfig, batch, trains=("vision", "connector", "deco
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _named_state(module):
+def named_state(module):
     """Parameters and buffers by name; a tied weight appears once, under its first name."""
     return dict(module.named_parameters()) | dict(module.named_buffers())
 
 
-def _assign_state(module, state, where):
+def assign_state(module, state, where):
     """Load `state` (our names) into `module` (possibly on meta) exactly; missing/unexpected keys name `where`."""
-    expected = _named_state(module)
+    expected = named_state(module)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise KeyError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
@@ -1205,41 +1040,3 @@ def _assign_state(module, state, where):
     for m in module.modules():
         if isinstance(m, Decoder):
             m.tie_weights()
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path}")
-    with open(path, "rb") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:  # JSON syntax or encoding: the file is named (json's message names none)
-            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-
-
-# ----------------------------------------------------------------------------- command lines
-
-
-def cli(main, argv=None):
-    """A script's main(argv) as a command: an error the user can cause (a file, a path, a record, a full disk,
-    memory) ends it with one line `error: ...` and exit status 1, not a traceback; `--debug` (anywhere in argv)
-    or NANOMINDVL_DEBUG=1 shows the traceback. Usage errors and other one-line exits are SystemExit already."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("NANOMINDVL_DEBUG") == "1"
-    try:
-        return main([a for a in argv if a != "--debug"])
-    except (OSError, ValueError, KeyError, torch.OutOfMemoryError) as e:
-        if debug:
-            raise
-        raise SystemExit(f"error: {error_line(e)} (--debug shows the traceback)") from None
-
-
-def error_line(e):
-    """An exception as one line: a full disk said plainly, an OSError's file named, notes (what is kept) after."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        msg = "no space left on device" + (f" (writing {e.filename})" if e.filename else "")
-    elif isinstance(e, OSError) and e.strerror and e.filename:
-        msg = f"{e.filename}: {e.strerror[:1].lower()}{e.strerror[1:]}"
-    else:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
-    return " ".join("; ".join([msg, *getattr(e, "__notes__", [])]).split())

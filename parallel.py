@@ -44,8 +44,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from kernels import resolve_device
-from model import replaced
+from common import replaced, resolve_device
+from model import MoE
 
 # torch 2.13 renamed the flat collectives; torch_npu pins older torch releases that have only the old names
 _all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
@@ -465,7 +465,7 @@ def shard_experts(model, dist, ep=None):
     if not tdist.is_initialized():
         raise RuntimeError("shard_experts needs a process group: run under torchrun (see init_distributed)")
     ep = ep or dist.world_size
-    moes = [m for m in model.modules() if hasattr(m, "expert_dispatch")]
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
         raise ValueError("shard_experts: the model has no MoE layers (n_routed_experts = 0)")
     if dist.world_size % ep:
@@ -477,14 +477,17 @@ def shard_experts(model, dist, ep=None):
         n_experts = m.gate_up_proj.shape[0]
         if n_experts % ep:
             raise ValueError(f"shard_experts: {n_experts} routed experts do not split over {ep} ranks")
-        per_rank, e = n_experts // ep, layout.ep.rank
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(m, name)
-            own = nn.Parameter(full.detach()[e * per_rank:(e + 1) * per_rank].clone(), requires_grad=full.requires_grad)
-            own.expert_parallel = layout
-            setattr(m, name, own)
+        m.gate_up_proj, m.down_proj = (expert_shard(p, layout) for p in (m.gate_up_proj, m.down_proj))
         m.expert_dispatch = partial(expert_dispatch, group=layout.ep)
     return model
+
+
+def expert_shard(full, layout):
+    """This rank's routed experts of a stacked expert weight [E, ...] as a parameter of its own, tagged with the
+    layout (`expert_parallel`: gradient reduction, FSDP and checkpoints treat the tagged parameters apart)."""
+    own = nn.Parameter(_own_experts(full.detach(), layout).clone(), requires_grad=full.requires_grad)
+    own.expert_parallel = layout
+    return own
 
 
 def all_reduce_grads(model, dist):
@@ -515,7 +518,7 @@ def memory_plan(model, world_size, ep=1, fsdp=True, compute_bytes=4):
     parameters, fp32 gradients and AdamW's two fp32 moments, every parameter trained (stages 2 and 3); under
     FSDP also the gathered compute-dtype copies at the forward's peak (the root unit and the two largest
     blocks: the running one and the prefetched one)."""
-    experts = {id(p) for m in model.modules() if hasattr(m, "expert_dispatch") for p in (m.gate_up_proj, m.down_proj)}
+    experts = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.gate_up_proj, m.down_proj)}
     unsharded = lambda params: sum(p.numel() / (ep if id(p) in experts else 1) for p in params)  # noqa: E731
     n_experts = sum(p.numel() for p in model.parameters() if id(p) in experts)
     n_rest = sum(p.numel() for p in model.parameters()) - n_experts

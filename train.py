@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -47,10 +46,11 @@ import data
 import evaluate
 import parallel
 import convert
-from kernels import ATTENTION_BACKENDS, detect_device, matmul_flops
-from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, checkpoint_damage, \
-    checkpoint_dir, cli, compile_blocks, config_from_preset, is_our_checkpoint, loss_tokens, model_flops, read_json, \
-    replaced, stage_checkpoints, update_expert_bias, write_checkpoint, write_json
+from common import accelerators, checkpoint_damage, checkpoint_dir, cli, detect_device, is_our_checkpoint, \
+    peak_flops, peak_memory_gb, read_json, replaced, save_plot, stage_checkpoints, write_checkpoint, write_json
+from kernels import ATTENTION_BACKENDS
+from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, compile_blocks, \
+    config_from_preset, loss_tokens, model_flops, update_expert_bias
 from tasks import MAX_TURNS, SYNTHETIC_TASKS, SyntheticTasks
 
 # ----------------------------------------------------------------------------- the stage table
@@ -153,7 +153,7 @@ class TrainConfig:
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept per stage (the newest K; older ones are removed)"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite-loss steps in a row"})
     log_every: int = field(default=10, metadata={"help": "print a progress line every N steps"})
-    peak_tflops: typing.Optional[float] = field(default=None, metadata={"help": "device peak for MFU (default: measured dense matmul rate)"})
+    peak_tflops: typing.Optional[float] = field(default=None, metadata={"help": "device peak TFLOP/s for MFU (default: the datasheet's for a device in common.PEAK_TFLOPS, else a measured dense matmul rate)"})
     fsdp: str = field(default="", metadata={"help": "shard the model under torchrun: 'ours' (parallel.py's FSDP; "
                                                     "bare --fsdp) or 'torch' (PyTorch's FSDP2)",
                                             "choices": ["", "ours", "torch"]})
@@ -590,12 +590,6 @@ def resolve_dtype(name, device_type):
     return name if name != "auto" else "fp32" if device_type == "cpu" else "bf16"
 
 
-def peak_memory_gb(device):
-    if device.type in ("cuda", "npu"):
-        return getattr(torch, device.type).max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB; the process's peak RSS
-
-
 def activation_bytes(config, tokens, compute_bytes, checkpointing=False):
     """A rough size of the decoder activations one micro-batch of `tokens` packed tokens keeps for backward:
     per layer and token the residual stream and norm inputs (4h), q, k, v and the attention output, the MLP's
@@ -651,22 +645,16 @@ def print_memory_plan(cfg, overrides, log=print):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _accelerators():
-    """The accelerator modules present (torch.npu exists once torch_npu is imported)."""
-    return {name: getattr(torch, name) for name in ("cuda", "npu")
-            if hasattr(torch, name) and getattr(torch, name).is_available()}
-
-
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": None, "npu": None}
-    state.update({name: mod.get_rng_state_all() for name, mod in _accelerators().items()})
+    state.update({name: mod.get_rng_state_all() for name, mod in accelerators().items()})
     return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    for name, mod in _accelerators().items():
+    for name, mod in accelerators().items():
         if state.get(name) is not None:
             mod.set_rng_state_all(state[name])
 
@@ -686,7 +674,7 @@ def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokeniz
             full = parallel.gather_full_state_dict(model, dist)
             parallel.save_sharded(model, optimizer, dist, tmp, extra=state)  # exact resume at this world size
             if dist.is_main:
-                write_checkpoint(tmp, full, model.config)
+                write_checkpoint(tmp, full, model.config.to_dict())
             parallel.barrier(dist)
         elif dist.is_main:
             model.save_pretrained(tmp)
@@ -819,9 +807,6 @@ def plot_loss(metrics_path, out_png):
     """loss.png from metrics.jsonl: the raw loss, its exponential moving average over it (what a reader follows),
     the dev loss where it was measured and the learning rate on a second axis; False when matplotlib (in
     requirements.txt) is missing."""
-    plt = evaluate.pyplot()
-    if plt is None:
-        return False
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
     ok = [r for r in rows if r["loss"] is not None]
@@ -829,21 +814,19 @@ def plot_loss(metrics_path, out_png):
     for x in losses:  # debiased EMA (as in Adam): the first points are not pulled towards zero
         smooth.append(0.9 * (smooth[-1] if smooth else 0.0) + 0.1 * x)
     smooth = [s / (1 - 0.9 ** (k + 1)) for k, s in enumerate(smooth)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
-    ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="loss, EMA 0.9")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.dirname(metrics_path)))
-    dev = [r for r in rows if r.get("dev_loss") is not None]
-    ax.scatter([r["step"] for r in dev], [r["dev_loss"] for r in dev], color="tab:red", zorder=3, s=18,
-               label="dev loss")
-    lr = ax.twinx()
-    lr.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, label="lr")
-    lr.set_ylabel("learning rate", color="tab:orange")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return True
+
+    def draw(ax):
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
+        ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="loss, EMA 0.9")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.dirname(metrics_path)))
+        dev = [r for r in rows if r.get("dev_loss") is not None]
+        ax.scatter([r["step"] for r in dev], [r["dev_loss"] for r in dev], color="tab:red", zorder=3, s=18,
+                   label="dev loss")
+        lr = ax.twinx()
+        lr.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", lw=1, label="lr")
+        lr.set_ylabel("learning rate", color="tab:orange")
+        ax.legend(loc="upper right", fontsize=8)
+    return save_plot(out_png, (6, 3.5), draw)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -1075,7 +1058,8 @@ class StageLog:
         self.cfg, self.stage_num, self.plan, self.stage_dir, self.dist, self.log = \
             cfg, stage_num, plan, stage_dir, ctx.dist, ctx.log
         self.trains = STAGES[stage_num].trains
-        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_flops(self.dist.device, compute_dtype(cfg))
+        self.peak, source = peak_flops(self.dist.device, compute_dtype(cfg), cfg.peak_tflops)
+        self.log(f"stage {stage_num}: MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({source})")
         self.metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
             if self.dist.is_main else None
         self.t_start, self.dt_avg = time.time(), None
@@ -1324,7 +1308,7 @@ def train_recipe(cfg, ctx):
             if results[name].status != "done":
                 return {"stages": results, "wall_s": time.time() - t0}
         if dist.is_main:
-            evaluate.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
+            convert.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
                                          out=os.path.join(cfg.out, "stage3-avg"))
             log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}")
     train_wall = time.time() - t0

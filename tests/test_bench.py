@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import common
 import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,10 @@ def test_quick_cpu_run_writes_every_part(tmp_path):
     for step in res["step"]:
         assert step["model"] == "tiny" and positive(step, ["step_ms", "tokens_per_s", "tflops", "mfu", "peak_tflops",
                                                            "peak_mib", "x_default"])
+        # MFU = model FLOP/s over common.peak_flops' figure; on cpu a measured fp32 matmul, named in the output
+        assert math.isclose(step["mfu"], step["tflops"] / step["peak_tflops"], rel_tol=1e-9)
+        assert step["peak_source"].startswith("measured: float32 1024^3 matmul")
+    assert f"MFU against {res['step'][0]['peak_tflops']:.3g} TFLOP/s (measured: float32" in proc.stdout
 
     pk = res["packing"]
     assert [r["stage"] for r in pk] == [2, 3]
@@ -85,6 +90,22 @@ def test_attention_flops_convention():
     assert bench.attention_flops([1024], 16, 128, causal=False) == 4 * 1024 ** 2 * 16 * 128
     assert bench.attention_flops([1024, 512], 2, 64, causal=True) == 2 * (1024 ** 2 + 512 ** 2) * 2 * 64
     assert sum(bench.split_tokens(4097)) == 4097
+
+
+def test_mfu_peak_is_the_flag_then_the_datasheet_then_a_measured_matmul(monkeypatch):
+    """common.peak_flops, the one denominator of MFU in train.py and bench.py."""
+    assert common.peak_flops("cpu", torch.float32, peak_tflops=2.5) == (2.5e12, "--peak-tflops 2.5")
+    for name, key, tflops in (("NVIDIA H100 80GB HBM3", "H100", 989), ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+                              ("NVIDIA A100-SXM4-80GB", "A100", 312), ("Ascend910B2", "910B", 313)):
+        monkeypatch.setattr(common, "device_name", lambda device: name)
+        device = "npu" if "Ascend" in name else "cuda"
+        assert common.peak_flops(device, torch.bfloat16) == (tflops * 1e12, f"datasheet: {key} dense bf16 {tflops} TFLOP/s")
+        assert common.peak_flops(device, torch.bfloat16, peak_tflops=100)[0] == 100e12  # the flag wins
+    monkeypatch.undo()
+    clock = iter(range(100)).__next__  # each timed 1024^3 matmul takes one tick of this clock
+    flops, source = common.peak_flops("cpu", torch.float32, clock=clock)
+    assert flops == 2 * 1024 ** 3 and source.startswith("measured: float32 1024^3 matmul on ")
+    assert common.peak_flops("cpu", torch.float32)[0] > 0
 
 
 def test_cpu_peak_memory_counts_allocations_above_the_start():

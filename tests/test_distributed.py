@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import train
 from model import MLLM, config_from_preset
@@ -87,7 +88,7 @@ def result(out, stage="2"):
     stage_dir = os.path.join(out, f"stage{stage}")
     with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return rows, load_file(os.path.join(train.checkpoint_dir(stage_dir), "model.safetensors"))
+    return rows, load_file(os.path.join(common.checkpoint_dir(stage_dir), "model.safetensors"))
 
 
 def assert_same_run(got, want, what, rtol=RTOL, atol=ATOL):
@@ -163,7 +164,7 @@ def data_parallel(mix, tmp_path_factory):
 def test_data_parallel_equals_one_process_and_rank_0_writes(data_parallel, one_process):
     out, log = data_parallel
     assert_same_run(result(out), one_process("2"), "2 ranks, data parallel")
-    ckpt = train.checkpoint_dir(str(out / "stage2"))
+    ckpt = common.checkpoint_dir(str(out / "stage2"))
     assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "train_state.pt"]  # no per-rank shards
     assert set(os.listdir(out)) == {".lock", "stage2"}
     assert set(os.listdir(out / "stage2")) - {"loss.png"} == {"args.json", "first_samples.jsonl", "latest",
@@ -195,7 +196,7 @@ def test_ep_times_fsdp_on_2_ranks_equals_one_process_and_resumes(mix, one_proces
     a step, then --resume (per-rank shards): losses, grad norms, weights and expert_bias as one process."""
     argv = flags(tmp_path, mix, "2", "--preset", "tiny-moe", "--ep", "2", "--fsdp")
     stop_mid_run(2, argv, tmp_path, signal.SIGTERM, rank=0)
-    ckpt = train.checkpoint_dir(str(tmp_path / "stage2"))
+    ckpt = common.checkpoint_dir(str(tmp_path / "stage2"))
     assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "shard_rank00000_of00002.pt",
                                         "shard_rank00001_of00002.pt", "train_state.pt"]
     finish(start(2, [*argv, "--resume"]))
@@ -258,7 +259,7 @@ def test_signal_stops_every_rank_at_one_step_and_resume_equals_uninterrupted(
                            tmp_path, sig, rank=1)
     assert seconds < 30
     stage_dir = tmp_path / "stage2"
-    step = train.load_train_state(train.checkpoint_dir(str(stage_dir)))["step"]
+    step = train.load_train_state(common.checkpoint_dir(str(stage_dir)))["step"]
     assert 1 <= step < STEPS and len(result(tmp_path)[0]) == step
     assert [d for d in os.listdir(stage_dir) if d.startswith(("step-", ".tmp"))] == [f"step-{step:06d}"]
     if nproc:

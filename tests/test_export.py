@@ -50,7 +50,7 @@ def test_qwen2_5_vl_export_after_training_matches_transformers(tmp_path, capsys)
                   mm_token_type_ids=mm_types).logits[0]
         got = ours.logits(pack([(tokens, tokens, images)], positions=positions[:, 0]))
     assert want.abs().max() > 0.5 and (got - want).abs().max() < TOL
-    back, trained = M._named_state(convert.load_hf(str(out))), M._named_state(ours)  # ours -> HF -> ours: bit for bit
+    back, trained = M.named_state(convert.load_hf(str(out))), M.named_state(ours)  # ours -> HF -> ours: bit for bit
     assert back.keys() == trained.keys() and all(torch.equal(t, back[k]) for k, t in trained.items())
 
 

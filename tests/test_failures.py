@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import evaluate
-import model
 import train
 from data import DataError, FileDataset, PackedLoader, Tokenizer, encode
 
@@ -95,7 +95,7 @@ def test_torn_metrics_line_is_dropped_on_resume_and_resume_is_exact(tmp_path):
     assert any("metrics.jsonl: dropped 1 unreadable line" in line for line in lines)
     assert [json.loads(x)["step"] for x in open(stage / "metrics.jsonl")] == [1, 2, 3, 4]
     a = load_file(os.path.join(full["stages"]["stage1"].checkpoint, "model.safetensors"))
-    b = load_file(os.path.join(train.checkpoint_dir(str(stage)), "model.safetensors"))
+    b = load_file(os.path.join(common.checkpoint_dir(str(stage)), "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -150,7 +150,7 @@ def test_too_short_packing_length_names_the_flag(done_run, tmp_path):
 def test_truncated_checkpoint_names_its_file(done_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    src = train.checkpoint_dir(done_run.out + "/stage1")
+    src = common.checkpoint_dir(done_run.out + "/stage1")
     (ckpt / "config.json").write_bytes(open(os.path.join(src, "config.json"), "rb").read())
     blob = open(os.path.join(src, "model.safetensors"), "rb").read()
     (ckpt / "model.safetensors").write_bytes(blob[:len(blob) // 2])
@@ -281,8 +281,8 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    a = load_file(os.path.join(train.checkpoint_dir(str(tmp_path / "full" / "stage1")), "model.safetensors"))
-    b = load_file(os.path.join(train.checkpoint_dir(out + "/stage1"), "model.safetensors"))
+    a = load_file(os.path.join(common.checkpoint_dir(str(tmp_path / "full" / "stage1")), "model.safetensors"))
+    b = load_file(os.path.join(common.checkpoint_dir(out + "/stage1"), "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x)["loss"] for x in open(tmp_path / "full" / "stage1" / "metrics.jsonl")]
     rb = [json.loads(x)["loss"] for x in open(out + "/stage1/metrics.jsonl")]
@@ -299,7 +299,7 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     with pytest.raises(DataError, match=r"t.jsonl:1501: malformed JSON"):
         train.run(cfg, SMALL, log=logs.append)
     stage = str(tmp_path / "run" / "stage1")
-    state = train.load_train_state(train.checkpoint_dir(stage))
+    state = train.load_train_state(common.checkpoint_dir(stage))
     assert 0 < state["step"] < 200 and any("bad data at step" in line for line in logs)
     # resuming with the record skipped continues from that checkpoint
     out = train.run(replace(cfg, resume=True, on_bad="skip", max_skip_rate=0.5), SMALL, **QUIET)
@@ -322,9 +322,9 @@ def copy_of(cfg, tmp_path):
 
 
 def one_line_error(main, argv):
-    """The message of the SystemExit model.cli ends `main(argv)` with (what the user sees): one line."""
+    """The message of the SystemExit common.cli ends `main(argv)` with (what the user sees): one line."""
     with pytest.raises(SystemExit) as e:
-        model.cli(main, argv)
+        common.cli(main, argv)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
     return message
@@ -372,7 +372,7 @@ def test_average_never_replaces_what_it_did_not_write(checkpointed, done_run, tm
 
 
 def test_export_hf_never_replaces_a_downloaded_model(done_run, tmp_path):
-    ckpt = train.checkpoint_dir(os.path.join(done_run.out, "stage1"))
+    ckpt = common.checkpoint_dir(os.path.join(done_run.out, "stage1"))
     downloaded = tmp_path / "Qwen2-0.5B"  # what a user fetched from the Hub: files export_hf does not write
     downloaded.mkdir()
     for name in ("config.json", "model.safetensors", "README.md", "generation_config.json"):
@@ -439,7 +439,7 @@ def test_resume_refuses_changed_model_flags_and_names_the_flags_it_takes(checkpo
     assert len(taken) == 1 and "--max-steps 4 (was 3)" in taken[0] and "--lr 0.001 (was the default)" in taken[0]
     args = json.load(open(os.path.join(cfg.out, "stage1", "args.json")))
     assert args["train_config"]["lr"] == 1e-3 and args["model_overrides"]["text.num_layers"] == 2
-    state = train.load_train_state(train.checkpoint_dir(os.path.join(cfg.out, "stage1")))
+    state = train.load_train_state(common.checkpoint_dir(os.path.join(cfg.out, "stage1")))
     assert state["step"] == 4 and state["total_steps"] == 4
 
 
@@ -502,11 +502,11 @@ def test_disk_full_says_so_and_what_is_kept(checkpointed, tmp_path, monkeypatch)
     assert message.startswith("error: no space left on device") and \
         f"kept: {os.path.join(stage, 'step-000003')} (complete; --resume continues from there)" in message
     assert not [d for d in os.listdir(stage) if d.startswith(".tmp")]  # the half-written checkpoint is removed
-    assert train.checkpoint_dir(stage) == os.path.join(stage, "step-000003")
+    assert common.checkpoint_dir(stage) == os.path.join(stage, "step-000003")
 
 
 def test_train_and_evaluate_errors_are_one_line(done_run, tmp_path):
-    ckpt = train.checkpoint_dir(os.path.join(done_run.out, "stage1"))
+    ckpt = common.checkpoint_dir(os.path.join(done_run.out, "stage1"))
     stage_copy = tmp_path / "stage1"
     shutil.copytree(os.path.dirname(ckpt), stage_copy)
     (stage_copy / "latest").write_text("step-000099")  # a `latest` naming a deleted checkpoint: the newest one
@@ -526,7 +526,7 @@ def test_train_and_evaluate_errors_are_one_line(done_run, tmp_path):
     assert "bad.json:1: not UTF-8 (byte 0xe9)" in one_line_error(
         evaluate.main, ["--ckpt", ckpt, "--tasks", "", "--data", f"b={tmp_path / 'bad.json'}", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError):  # --debug: the traceback (the exception itself) comes through
-        model.cli(evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--debug"])
+        common.cli(evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--debug"])
 
 
 # ----------------------------------------------------------------------------- data files

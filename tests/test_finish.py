@@ -11,6 +11,7 @@ import transformers
 from PIL import Image
 
 import chat
+import common
 import convert
 import data
 import evaluate
@@ -29,15 +30,15 @@ def trained(request, tmp_path_factory):
     vl = qwen2_5_vl_vision_dir(root / "vl")
     llm = (qwen3_dir if request.param == "qwen3" else llama_dir)(root / "llm")
     run = root / "run"
-    common = ["--out", str(run), "--packing-length", "256", "--device", "cpu", "--log-every", "1000",
-              "--peak-tflops", "1", "--max-pixels", "3136"]
-    train.main(["--stage", "1", "--max-steps", "2", "--init-vision-from", str(vl), "--init-text-from", str(llm), *common])
-    train.main(["--stage", "3", "--max-steps", "3", "--init-from", str(run / "stage1"), *common])
+    flags = ["--out", str(run), "--packing-length", "256", "--device", "cpu", "--log-every", "1000",
+           "--peak-tflops", "1", "--max-pixels", "3136"]
+    train.main(["--stage", "1", "--max-steps", "2", "--init-vision-from", str(vl), "--init-text-from", str(llm), *flags])
+    train.main(["--stage", "3", "--max-steps", "3", "--init-from", str(run / "stage1"), *flags])
     evaluate.main(["--export-hf", str(root / "hf"), "--ckpt", str(run / "stage3")])
     image = root / "square.png"
     Image.new("RGB", (70, 50), (30, 60, 220)).save(image)
     return {"run": run, "hf": root / "hf", "image": str(image), "family": request.param,
-            "ckpt": M.checkpoint_dir(str(run / "stage3"))}
+            "ckpt": common.checkpoint_dir(str(run / "stage3"))}
 
 
 def prompt(trained, images):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+import common
 import convert
 import data
 import evaluate
@@ -141,17 +142,17 @@ def stage1(out, *flags):
 @pytest.mark.parametrize("llm", ["qwen3", "llama"])
 def test_stage1_moves_only_the_connector_and_the_run_keeps_its_tokenizer(sources, tmp_path, llm, capsys):
     train.main(stage1(tmp_path / "run", "--init-vision-from", sources["vl"], "--init-text-from", sources[llm]))
-    ckpt = M.checkpoint_dir(str(tmp_path / "run" / "stage1"))
+    ckpt = common.checkpoint_dir(str(tmp_path / "run" / "stage1"))
     model = M.MLLM.from_pretrained(ckpt)
     vision, merger = convert.load_hf_vision(sources["vl"])
     decoder = convert.load_hf_decoder(sources[llm])
     tok = data.load_tokenizer(sources[llm])
     assert model.config.image_pad_id == tok.image_pad_id and model.config.text.family == llm
-    for name, t in M._named_state(vision).items():
-        assert torch.equal(M._named_state(model.vision)[name], t), name
+    for name, t in M.named_state(vision).items():
+        assert torch.equal(M.named_state(model.vision)[name], t), name
     grown = [tok.special_tokens[s] for s in tok.added]
-    for name, t in M._named_state(decoder).items():
-        ours = M._named_state(model.decoder)[name]
+    for name, t in M.named_state(decoder).items():
+        ours = M.named_state(model.decoder)[name]
         if name in ("embed_tokens.weight", "lm_head.weight"):
             rows = torch.ones(len(ours), dtype=torch.bool)
             rows[grown] = False
@@ -164,8 +165,8 @@ def test_stage1_moves_only_the_connector_and_the_run_keeps_its_tokenizer(sources
                                              sources[llm]))
     start = train.compose_model(cfg, train.build_tokenizer(cfg), overrides)  # what stage 1 started from
     assert model.connector.fc2.weight.shape == (decoder.config.hidden_size, 4 * vision.config.hidden_size)
-    for name, t in M._named_state(start).items():  # stage 1 trained the connector alone
-        assert torch.equal(t, M._named_state(model)[name]) != name.startswith("connector."), name
+    for name, t in M.named_state(start).items():  # stage 1 trained the connector alone
+        assert torch.equal(t, M.named_state(model)[name]) != name.startswith("connector."), name
     # the run's tokenizer and chat format travel with it: stage 3 needs no source flags
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(os.listdir(ckpt))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "stage1" / "first_samples.jsonl")]
@@ -175,16 +176,16 @@ def test_stage1_moves_only_the_connector_and_the_run_keeps_its_tokenizer(sources
                 "--max-steps", "1", "--packing-length", "256", "--device", "cpu", "--peak-tflops", "1"])
     rows = [json.loads(line) for line in open(tmp_path / "run" / "stage3" / "first_samples.jsonl")]
     assert len(rows) == len(train.STAGES[3].mix)
-    saved = data.load_tokenizer(M.checkpoint_dir(str(tmp_path / "run" / "stage3")))
+    saved = data.load_tokenizer(common.checkpoint_dir(str(tmp_path / "run" / "stage3")))
     record = as_record(CONVERSATIONS[1])
     assert data.encode(record, saved).tokens == data.encode(record, tok).tokens
-    hf = transformers.AutoTokenizer.from_pretrained(M.checkpoint_dir(str(tmp_path / "run" / "stage3")))
+    hf = transformers.AutoTokenizer.from_pretrained(common.checkpoint_dir(str(tmp_path / "run" / "stage3")))
     assert ids_of(hf.apply_chat_template(CONVERSATIONS[1], tokenize=True)) == data.encode(record, tok).tokens
     if llm == "llama":  # --decoder-only export: transformers' Llama computes our trained decoder, tokenizer beside it
         evaluate.main(["--export-hf", str(tmp_path / "hf"), "--ckpt", str(tmp_path / "run" / "stage3"),
                        "--decoder-only"])
         hf_lm = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-        trained = M.MLLM.from_pretrained(M.checkpoint_dir(str(tmp_path / "run" / "stage3"))).decoder.eval()
+        trained = M.MLLM.from_pretrained(common.checkpoint_dir(str(tmp_path / "run" / "stage3"))).decoder.eval()
         ids = torch.tensor(data.encode(record, tok).tokens)
         with torch.no_grad():
             got = trained(ids, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids))
@@ -260,5 +261,5 @@ def test_refused_starts_name_the_flag_and_touch_nothing(sources, tmp_path):
 
 def test_random_vision_is_an_explicit_choice(sources, tmp_path):
     train.main(stage1(tmp_path / "run", "--init-text-from", sources["llama"], "--random-vision", "--max-steps", "1"))
-    model = M.MLLM.from_pretrained(M.checkpoint_dir(str(tmp_path / "run" / "stage1")))
+    model = M.MLLM.from_pretrained(common.checkpoint_dir(str(tmp_path / "run" / "stage1")))
     assert model.config.vision == M.config_from_preset("tiny").vision and model.config.text.family == "llama"

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import evaluate
 import train
 from model import MLLM
@@ -27,7 +28,7 @@ def config(tmp_path, **kw):
 
 
 def weights(path):
-    return load_file(os.path.join(train.checkpoint_dir(path), "model.safetensors"))
+    return load_file(os.path.join(common.checkpoint_dir(path), "model.safetensors"))
 
 
 def changed_groups(before, after):
@@ -178,7 +179,7 @@ def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path, keep_las
     kept = ["step-000002", "step-000003"][-keep_last:]
     assert sorted(set(os.listdir(stage_dir)) - {"loss.png"}) == ["args.json", "first_samples.jsonl", "latest",
                                                                  "metrics.jsonl", *kept]
-    assert train.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
+    assert common.checkpoint_dir(str(stage_dir)) == out["stages"]["stage1"].checkpoint
     state = train.load_train_state(out["stages"]["stage1"].checkpoint)
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
 
@@ -191,6 +192,7 @@ def test_stage_writes_loss_png(tmp_path, capsys):
     png = tmp_path / "run" / "stage1" / "loss.png"
     out = capsys.readouterr().out
     assert f"wrote {png}" in out and "fp32 compute on cpu" in out  # the start line states --dtype auto's pick
+    assert "stage 1: MFU against 1 TFLOP/s per device (--peak-tflops 1)" in out  # the peak and its source
     with Image.open(png) as img:
         assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2  # drawn on, not blank
 
