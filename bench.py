@@ -403,8 +403,9 @@ def synthetic_samples(stage_num, n, seed=0):
 
 
 def step_model(name, device, attn_backend=None):
-    """The model of MODELS[name] a step benchmark trains: fp32 on cpu; bf16 weights and activations on cuda/npu (train.py's fp32 weights under bf16 autocast
-    do the same matmul work in bf16; here the weights are bf16 too, the usual throughput benchmark setup)."""
+    """The model MODELS[name] that a step benchmark trains: fp32 on cpu; bf16 weights and activations on cuda/npu
+    (train.py's fp32 weights under bf16 autocast do the same matmul work in bf16; here the weights are bf16 too,
+    the usual throughput benchmark setup)."""
     torch.manual_seed(0)
     config = config_from_preset("tiny", **MODELS[name])
     return MLLM(config, attn_backend=attn_backend).to(device, torch.float32 if device == "cpu" else torch.bfloat16).train()
