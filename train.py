@@ -67,7 +67,7 @@ class Stage:
     style: str           # data.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
     mix: dict            # synthetic task -> sampling weight (ignored when --data is given)
     max_turns: int = 1   # synthetic conversations of 1..max_turns turns, cut at whole turns to the packing length
-    image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: MAX_PIXELS)
+    image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: data.MAX_PIXELS)
 
 
 MODULE_GROUPS = ("vision", "connector", "decoder")
@@ -108,7 +108,6 @@ STAGE3_LENGTHS = "512,1024"
 # resolution search's candidates, min:max pixels: fewer pixels, and small images upscaled 2x (our choice)
 EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 64, "56x56:56x56,112x112:1M"
 DEV_LOSS_N = 4  # dev records per task of a stage's mix whose loss is measured at checkpoints (loss.png's dots)
-MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -126,14 +125,14 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
+    datasets: list = field(default_factory=list, metadata={"flag": "--data", "help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
     image_root: str = field(default=".", metadata={"help": "directory the data files' image paths are relative to"})
     allow_outside_image_root: bool = field(default=False, metadata={"help": "let dataset image paths leave --image-root (absolute or ../ paths)"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
     data_workers: typing.Optional[int] = field(default=None, metadata={"help": "processes that read, decode and tokenize samples ahead of the step, the same batches as 0 (in the training process); default: the CPUs per local rank less 2, at most 8"})
     truncate: bool = field(default=False, metadata={"help": "cut the text of samples longer than --packing-length (else they are bad samples)"})
-    min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
+    min_pixels: int = field(default=data.MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
     max_pixels: typing.Optional[int] = field(default=None, metadata={"help": "image pixel budget for smart resize (default: the stage table's: a share of the packing length in stage 3, else the processor's)"})
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
@@ -175,12 +174,9 @@ class TrainConfig:
 
 
 def _base_type(tp):
-    """(python type, optional) of a dataclass annotation such as `int | None` or typing.Optional[float]."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing})  # model.py annotations are plain types, tuples and `X | None`
-    args = typing.get_args(tp)
+    """(python type, optional) of a resolved annotation such as `int | None` or typing.Optional[float]."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(a for a in args if a is not type(None)), True
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
     return tp, False
 
 
@@ -200,15 +196,20 @@ def _parser_for(tp, optional):
     return lambda s: None if optional and s.lower() == "none" else tp(s)
 
 
+def typed_fields(config_class):
+    """(field, python type, optional) of a dataclass, its annotations resolved to types (typing.get_type_hints)."""
+    hints = typing.get_type_hints(config_class)
+    return [(f, *_base_type(hints[f.name])) for f in fields(config_class)]
+
+
 def model_fields():
     """(dotted name, type, optional) for every ModelConfig field, nested configs flattened."""
     out = []
-    for f in fields(ModelConfig):
+    for f, tp, optional in typed_fields(ModelConfig):
         if f.name in ("vision", "text"):
-            for g in fields(VisionConfig if f.name == "vision" else TextConfig):
-                out.append((f"{f.name}.{g.name}", *_base_type(g.type)))
+            out += [(f"{f.name}.{g.name}", gtp, gopt) for g, gtp, gopt in typed_fields(tp)]
         else:
-            out.append((f.name, *_base_type(f.type)))
+            out.append((f.name, tp, optional))
     return out
 
 
@@ -222,17 +223,17 @@ def model_help(dotted):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    for f in fields(TrainConfig):
-        tp, optional = _base_type(f.type)
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+    for f, tp, optional in typed_fields(TrainConfig):
+        names, help_ = [flag(f.name)], f.metadata["help"]
         if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif tp is list:
-            p.add_argument(flag, action="append", default=[], help=help_)
+            p.add_argument(*names, dest=f.name, action="append", default=[], metavar=names[0][2:].upper(), help=help_)
         elif f.name == "fsdp":  # a bare --fsdp means our own FSDP
-            p.add_argument(flag, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
+            p.add_argument(*names, dest=f.name, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
         else:
-            p.add_argument(flag, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
+            p.add_argument(*names, dest=f.name, type=tp, default=f.default, choices=f.metadata.get("choices"),
+                           help=help_)
     g = p.add_argument_group("model config (override the preset; ModelConfig / VisionConfig / TextConfig)")
     for name, tp, optional in model_fields():
         g.add_argument("--" + name.replace(".", "-").replace("_", "-"), dest="model." + name, default=argparse.SUPPRESS,
@@ -242,19 +243,25 @@ def build_parser():
 
 
 def flag(name):
-    return "--" + name.replace("_", "-")
+    """The command-line spelling of a TrainConfig field (its metadata's "flag", else --the-field-name)."""
+    field_ = TrainConfig.__dataclass_fields__.get(name)
+    return field_.metadata.get("flag") if field_ and "flag" in field_.metadata else "--" + name.replace("_", "-")
+
+
+# a numeric flag's lower bound: name -> (bound, strict); strict: the value must exceed it, else reach it
+BOUNDS = {"max_steps": (1, False), "packing_length": (1, False), "grad_accum": (1, False), "log_every": (1, False),
+          "keep_last": (1, False), "ep": (1, False), "cp": (1, False), "eval_n": (1, False), "eval_dev_n": (1, False),
+          "min_pixels": (1, False), "max_bad_steps": (1, False), "warmup": (0, False), "ckpt_every": (0, False),
+          "clip": (0, False), "weight_decay": (0, False), "data_workers": (0, False), "lr": (0, True)}
 
 
 def check_config(cfg, overrides):
     """Every flag, path and the init checkpoint checked before the run directory is touched: a SystemExit that
     names the flag, so a typo costs nothing already on disk."""
-    at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1, "cp": 1,
-                "eval_n": 1, "eval_dev_n": 1, "min_pixels": 1, "warmup": 0, "ckpt_every": 0, "clip": 0,
-                "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30, "data_workers": 0}
-    for name, low in at_least.items():
+    for name, (bound, strict) in BOUNDS.items():
         value = getattr(cfg, name)
-        if value is not None and not value >= low:  # `not >=` also catches NaN
-            raise SystemExit(f"{flag(name)} {value}: must be {'> 0' if low == 1e-30 else f'>= {low}'}")
+        if value is not None and not (value > bound if strict else value >= bound):  # `not` also catches NaN
+            raise SystemExit(f"{flag(name)} {value}: must be {'>' if strict else '>='} {bound}")
     if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
         raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
     for name in ("max_pixels", "eval_max_pixels"):
@@ -265,7 +272,7 @@ def check_config(cfg, overrides):
         raise SystemExit(f"--compile with {sharded}: not supported (the sharded blocks' hooks gather weights or "
                          "exchange tokens, which the compiled graphs would have to trace); drop --compile")
     data_specs(cfg)
-    if cfg.data and not os.path.isdir(cfg.image_root):
+    if cfg.datasets and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
     fixed = [k for k in overrides if not (cfg.random_vision and k.startswith("vision."))]
     start = cfg.init_from or cfg.init_text_from
@@ -396,7 +403,7 @@ def stage_dirs(cfg):
 def data_specs(cfg):
     """[(name, path, weight)] of the --data flags: names unique, files present."""
     try:
-        specs = [data.parse_data_flag(s) for s in cfg.data]
+        specs = [data.parse_data_flag(s) for s in cfg.datasets]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     names = [name for name, _, _ in specs]
@@ -406,7 +413,7 @@ def data_specs(cfg):
         if not os.path.isfile(path):
             raise SystemExit(f"--data {name}={path}: no such file")
     if specs and not any(w > 0 for _, _, w in specs):
-        raise SystemExit(f"--data: every weight is 0 ({', '.join(cfg.data)}); give at least one dataset a weight > 0")
+        raise SystemExit(f"--data: every weight is 0 ({', '.join(cfg.datasets)}); give at least one dataset a weight > 0")
     return specs
 
 
@@ -525,7 +532,7 @@ def build_source(cfg, stage_num, stage):
     """What a stage reads: the --data files mixed by their weights, else the synthetic tasks of the
     stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
     seed = cfg.seed + 1000 * stage_num
-    if cfg.data:
+    if cfg.datasets:
         sources, weights = {}, {}
         for name, path, weight in data_specs(cfg):
             sources[name] = data.FileDataset(path, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root)
@@ -921,7 +928,7 @@ class Plan:
         total, length = cfg.max_steps if cfg.max_steps is not None else stage.steps, cfg.packing_length or \
             stage.packing_length
         budget = max(cfg.min_pixels, int(length * stage.image_share) * data.FACTOR ** 2) if stage.image_share else \
-            MAX_PIXELS
+            data.MAX_PIXELS
         return Plan(total, length, min(cfg.warmup if cfg.warmup is not None else stage.warmup, total),
                     cfg.lr if cfg.lr is not None else stage.lr, cfg.max_pixels or budget)
 
@@ -1087,7 +1094,7 @@ class StageLog:
             if self.dist.is_main else None
         self.t_start, self.dt_avg = time.time(), None
         stage = STAGES[stage_num]  # dev loss in the stage's own format: synthetic runs in one process
-        self.dev, self.tokenizer = [] if cfg.data or self.dist.world_size > 1 else [
+        self.dev, self.tokenizer = [] if cfg.datasets or self.dist.world_size > 1 else [
             r for t in stage.mix for r in evaluate.synthetic_eval_set(t, "dev", DEV_LOSS_N, cfg.seed, stage.max_turns,
                                                                      stage.style)], ctx.tokenizer
 
@@ -1211,7 +1218,7 @@ def build_stage(cfg, ctx, stage_num, plan, init):
                                world_size=dist.world_size // cfg.cp,
                                min_pixels=cfg.min_pixels, max_pixels=plan.max_pixels,
                                mrope=model.config.text.mrope_section is not None,
-                               truncate=cfg.truncate or (not cfg.data and stage.max_turns > 1),
+                               truncate=cfg.truncate or (not cfg.datasets and stage.max_turns > 1),
                                on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate,
                                workers=data_workers(cfg.data_workers))
     return model, optimizer, loader

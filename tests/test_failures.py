@@ -124,7 +124,7 @@ def test_bad_flag_is_named_and_nothing_changes(done_run, flags, match):
 
 def test_duplicate_data_names_are_refused(done_run, tmp_path):
     path = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"a={path}", f"a={path}:2"]), "the name 'a' is given 2 times")
+    refused(replace(done_run, datasets=[f"a={path}", f"a={path}:2"]), "the name 'a' is given 2 times")
 
 
 def test_resume_of_a_missing_run_is_refused(tmp_path):
@@ -135,10 +135,10 @@ def test_resume_of_a_missing_run_is_refused(tmp_path):
 
 def test_too_short_packing_length_names_the_flag(done_run, tmp_path):
     path = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8),
+    refused(replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8),
             r"colors.jsonl:\d+ .*> the packing length 8 \(raise --packing-length", error=DataError)
     # skipping cannot help when no sample fits: the loader gives up instead of spinning
-    cfg = replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8,
+    cfg = replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8,
                         on_bad="skip", max_skip_rate=1.0)
     with pytest.raises(DataError, match="c: too long x"):
         loader = PackedLoader(train.build_source(cfg, 1, train.STAGES[1]), Tokenizer(), 8, on_bad="skip",
@@ -171,7 +171,7 @@ def bad_lines_jsonl(tmp_path, n_bad, n_good=1):
 
 def test_mostly_bad_file_stops_the_run_naming_it(done_run, tmp_path):
     path = bad_lines_jsonl(tmp_path, 30)
-    refused(replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), on_bad="skip"),
+    refused(replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), on_bad="skip"),
             r"data source 'c': \d+ of \d+ samples skipped \(9\d%\), more than --max-skip-rate 0.1 \(c: malformed "
             r"JSON x\d+\); last: .*colors.jsonl:\d+: malformed JSON", error=DataError)
 
@@ -179,7 +179,7 @@ def test_mostly_bad_file_stops_the_run_naming_it(done_run, tmp_path):
 def test_skips_are_reported_in_the_log_and_metrics(tmp_path):
     path = bad_lines_jsonl(tmp_path, 2, n_good=12)
     lines = []
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"c={path}"], image_root=str(tmp_path / "img"),
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"c={path}"], image_root=str(tmp_path / "img"),
                  on_bad="skip", max_skip_rate=0.5, log_every=1)
     train.run(cfg, SMALL, log=lines.append)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
@@ -294,7 +294,7 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     lines = [json.dumps({"text": f"sample number {i} " * 4}) for i in range(2000)]
     lines[1500] = "{not json"
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = config(tmp_path, stage="1", max_steps=200, packing_length=1024, data=[f"t={tmp_path / 't.jsonl'}"])
+    cfg = config(tmp_path, stage="1", max_steps=200, packing_length=1024, datasets=[f"t={tmp_path / 't.jsonl'}"])
     logs = []
     with pytest.raises(DataError, match=r"t.jsonl:1501: malformed JSON"):
         train.run(cfg, SMALL, log=logs.append)
@@ -472,7 +472,7 @@ def test_samples_whose_reply_truncate_cuts_away_are_dropped_and_reported(tmp_pat
     with open(path, "a") as f:
         f.writelines(json.dumps(long_prompt) + "\n" for _ in range(2))
     lines = []
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"c={path}"], image_root=str(tmp_path / "img"),
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"c={path}"], image_root=str(tmp_path / "img"),
                  truncate=True, log_every=1)
     result = train.run(cfg, SMALL, log=lines.append)["stages"]["stage3"]
     assert result.status == "done"
@@ -556,7 +556,7 @@ def test_bad_files_are_named(tmp_path):
 def test_empty_file_and_zero_weights_name_the_flag(done_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     good = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"e={tmp_path / 'empty.jsonl'}", f"c={good}"], image_root=str(tmp_path / "img")),
+    refused(replace(done_run, datasets=[f"e={tmp_path / 'empty.jsonl'}", f"c={good}"], image_root=str(tmp_path / "img")),
             r"--data e=.*empty.jsonl: the file holds no records")
-    refused(replace(done_run, data=[f"c={good}:0"], image_root=str(tmp_path / "img")),
+    refused(replace(done_run, datasets=[f"c={good}:0"], image_root=str(tmp_path / "img")),
             r"--data: every weight is 0 \(c=.*:0\)")

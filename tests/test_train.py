@@ -163,7 +163,7 @@ def test_every_config_field_is_a_flag_with_help():
         assert actions["model." + name].help
     cfg, overrides = train.parse_args(["--stage", "2", "--text-num-layers", "3", "--vision-fullatt-blocks", "0",
                                        "--text-mrope-section", "none", "--data", "a=x.jsonl:2", "--data", "b=y.jsonl"])
-    assert cfg.stage == "2" and cfg.data == ["a=x.jsonl:2", "b=y.jsonl"] and cfg.out == os.path.join("runs", "tiny")
+    assert cfg.stage == "2" and cfg.datasets == ["a=x.jsonl:2", "b=y.jsonl"] and cfg.out == os.path.join("runs", "tiny")
     assert overrides == {"text.num_layers": 3, "vision.fullatt_blocks": (0,), "text.mrope_section": None}
     assert train.config_from_preset("tiny", **overrides).text.num_layers == 3
     with pytest.raises(SystemExit):
@@ -214,7 +214,7 @@ def make_jsonl(tmp_path, n):
 def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     path = make_jsonl(tmp_path, 12)
     cfg = config(tmp_path, stage="3", max_steps=20, packing_length=512, lr=3e-3, warmup=2,
-                 data=[f"colors={path}:1"], image_root=str(tmp_path / "img"))
+                 datasets=[f"colors={path}:1"], image_root=str(tmp_path / "img"))
     out = train.run(cfg, SMALL, log=lambda *a: None)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
     assert out["stages"]["stage3"].status == "done" and rows[-1]["loss"] < rows[0]["loss"] / 2
@@ -234,7 +234,7 @@ def test_every_data_format_trains_and_evaluates(tmp_path):
     """--data name=path: JSONL, a JSON array, OpenAI messages (JSONL, JSON), Parquet and Arrow with image bytes,
     told from the file, mixed in one run (256 buffered reads: each file is read) and each evaluated."""
     paths = {fmt.replace(".", "_"): write_records(tmp_path, fmt, ["red"] * 4)[0] for fmt in FORMATS}
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"{k}={p}:1" for k, p in paths.items()],
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"{k}={p}:1" for k, p in paths.items()],
                  image_root=str(tmp_path))
     assert train.run(cfg, SMALL, log=lambda *a: None)["stages"]["stage3"].status == "done"
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
