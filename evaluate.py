@@ -267,8 +267,12 @@ def read_config(ckpt):
         return json.load(f)
 
 
+# the files of a run directory that evaluation writes or reads (one home; train.py and chat.py use them from here)
+RUN_ARGS = "args.json"  # train.py's flags and pixel budget, beside a stage's checkpoints
+EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT, PREDICTIONS = "eval.json", "results.md", "results.png", "predictions.jsonl"
+AVERAGED_FROM = "averaged_from.json"  # an average's sources and weights
 # what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
-AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png",
+AVERAGE_FILES = ("model.safetensors", "config.json", AVERAGED_FROM, EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT,
                  *data.TOKENIZER_FILES)
 
 
@@ -281,7 +285,7 @@ def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
     if len(ckpts) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
     if out is not None:
-        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
+        others = check_output_dir(out, "--out", AVERAGED_FROM, AVERAGE_FILES.__contains__, ckpts, overwrite)
     weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
@@ -306,7 +310,7 @@ def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
         with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
             write_checkpoint(tmp, avg, configs[0])
             data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
-            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
+            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, AVERAGED_FROM))
     return avg
 
 
@@ -319,7 +323,7 @@ def hf_origin(ckpt, hops=8):
     path = ckpt
     for _ in range(hops):
         up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
-        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
+        args = next((os.path.join(d, RUN_ARGS) for d in up if os.path.isfile(os.path.join(d, RUN_ARGS))), None)
         if args is None:
             return None
         with open(args) as f:
@@ -517,12 +521,12 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
         log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" if r["score"] is not None else
                                          f"{t} ({len(test_sets[t])} predictions, no references)"
                                          for t, r in res.items()))
-    with replaced(os.path.join(out, "predictions.jsonl")) as tmp, open(tmp, "w") as f:
+    with replaced(os.path.join(out, PREDICTIONS)) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
     if not any(rows.values()):  # predictions only: nothing to tabulate or search
-        write_json(report | {"wall_s": time.time() - t0}, os.path.join(out, "eval.json"))
-        log(f"no references to score: wrote the predictions to {os.path.join(out, 'predictions.jsonl')}")
+        write_json(report | {"wall_s": time.time() - t0}, os.path.join(out, EVAL_REPORT))
+        log(f"no references to score: wrote the predictions to {os.path.join(out, PREDICTIONS)}")
         return report
     if search:
         (name, ckpt), (dev_sets, search_sets, resolutions) = ckpts[-1], search
@@ -536,15 +540,15 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
         rows[f"{name} + resolution search"] = found["test_searched"]
     table = markdown_table(rows)
     report["table"], report["wall_s"] = table, time.time() - t0
-    write_json(report, os.path.join(out, "eval.json"))
-    with open(os.path.join(out, "results.md"), "w") as f:
+    write_json(report, os.path.join(out, EVAL_REPORT))
+    with open(os.path.join(out, RESULTS_TABLE), "w") as f:
         f.write(table + "\n")
-    plot_results(rows, os.path.join(out, "results.png"))
+    plot_results(rows, os.path.join(out, RESULTS_PLOT))
     log("\n" + table)
     if search:
         log("resolution search picked (min:max pixels) per task: "
             + ", ".join(f"{t} {px}" for t, px in report["resolution_search"]["chosen"].items()))
-    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, 'eval.json')}")
+    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, EVAL_REPORT)}")
     return report
 
 
@@ -663,12 +667,12 @@ def trained_budget(ckpt):
     """(min_pixels, max_pixels) the checkpoint's stage trained at, from the args.json beside it (an averaged
     checkpoint: its first source's; the processor's defaults when none is found)."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.abspath(ckpt)):
-        args = os.path.join(d, "args.json")
+        args = os.path.join(d, RUN_ARGS)
         if os.path.isfile(args):  # the budget it trained at (older runs: their flags)
             saved = read_json(args)
             return tuple(saved.get("pixels") or (saved["train_config"]["min_pixels"],
                                                  saved["train_config"]["max_pixels"] or data.MAX_PIXELS))
-    sources = os.path.join(ckpt, "averaged_from.json")
+    sources = os.path.join(ckpt, AVERAGED_FROM)
     if os.path.isfile(sources):
         return trained_budget(read_json(sources)["checkpoints"][0])
     return data.MIN_PIXELS, data.MAX_PIXELS
@@ -678,7 +682,7 @@ def searched_budget(ckpt):
     """(min_pixels, max_pixels) the resolution search picked for the checkpoint (the eval.json of its run:
     the budget most tasks chose), or None when no search ran on it."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))):
-        report = os.path.join(d, "eval.json")
+        report = os.path.join(d, EVAL_REPORT)
         search = read_json(report).get("resolution_search") if os.path.isfile(report) else None
         if search and os.path.abspath(search["checkpoint"]) == os.path.abspath(ckpt):
             picks = list(search["chosen"].values())

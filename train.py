@@ -109,6 +109,16 @@ STAGE3_LENGTHS = "512,1024"
 EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 64, "56x56:56x56,112x112:1M"
 DEV_LOSS_N = 4  # dev records per task of a stage's mix whose loss is measured at checkpoints (loss.png's dots)
 
+# the names of what a run writes under --out (one home each; evaluate.py owns its report's: evaluate.EVAL_REPORT, ...)
+AVERAGE_DIR = "stage3-avg"  # the average of the stage-3 runs
+METRICS_FILE, LOSS_PLOT, FIRST_SAMPLES = "metrics.jsonl", "loss.png", "first_samples.jsonl"  # in each stage dir
+
+
+def stage_name(num, length=None):
+    """A stage's directory under --out: stage1, stage2, stage3, or stage3-<packing length> for each stage-3 run of
+    --stage all."""
+    return f"stage{num}" + (f"-{length}" if length else "")
+
 
 # ----------------------------------------------------------------------------- flags
 
@@ -395,9 +405,10 @@ def vision_source_config(path):
 def stage_dirs(cfg):
     """The directories under --out that this run writes."""
     if cfg.stage != "all":
-        return [f"stage{cfg.stage}"]
+        return [stage_name(cfg.stage)]
     runs = stage3_runs(cfg)
-    return ["stage1", "stage2"] + ([f"stage3-{n}" for n, _ in runs] + ["stage3-avg"] if len(runs) > 1 else ["stage3"])
+    return [stage_name(1), stage_name(2)] + ([stage_name(3, n) for n, _ in runs] + [AVERAGE_DIR] if len(runs) > 1
+                                             else [stage_name(3)])
 
 
 def data_specs(cfg):
@@ -789,7 +800,7 @@ def check_resume_flags(cfg, overrides, saved, ckpt, log=print):
     then = saved["train_config"]
     then_overrides = saved.get("model_overrides")
     if then_overrides is None:  # checkpoints written before train_state.pt kept them: the stage's args.json
-        with open(os.path.join(os.path.dirname(ckpt), "args.json")) as f:
+        with open(os.path.join(os.path.dirname(ckpt), evaluate.RUN_ARGS)) as f:
             then_overrides = json.load(f)["model_overrides"]
     same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 (tuples = lists)
     model_flags = [f"--preset {cfg.preset} (was {then['preset']})"] if cfg.preset != then["preset"] else []
@@ -957,7 +968,7 @@ def train_stage(cfg, ctx, stage_num, stage_dir, init):
         if st.step >= plan.total:
             return StageResult(resume_ckpt, st.step, st.bad_total, "done", 0.0)
         if dist.is_main:
-            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), st.step, log)
+            keep_metrics_until(os.path.join(stage_dir, METRICS_FILE), st.step, log)
     st.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
     if st.loader.skipped and not resume_ckpt:
         log(f"stage {stage_num}: warning: skipped {st.loader.skipped} samples at start ({st.loader.skip_summary()})")
@@ -1090,7 +1101,7 @@ class StageLog:
             cfg, stage_num, plan, stage_dir, ctx.dist, ctx.log
         self.trains = STAGES[stage_num].trains
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_flops(self.dist.device, compute_dtype(cfg))
-        self.metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
+        self.metrics = os.open(os.path.join(stage_dir, METRICS_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
             if self.dist.is_main else None
         self.t_start, self.dt_avg = time.time(), None
         stage = STAGES[stage_num]  # dev loss in the stage's own format: synthetic runs in one process
@@ -1144,11 +1155,11 @@ class StageLog:
         if loader.skipped:
             self.log(f"stage {self.stage_num}: skipped {loader.skipped} samples"
                      f"{' on rank 0' if self.dist.world_size > 1 else ''} ({loader.skip_summary()}; last: "
-                     f"{loader.last_error}); see metrics.jsonl 'skipped_samples'")
+                     f"{loader.last_error}); see {METRICS_FILE} 'skipped_samples'")
         if self.metrics is not None:
             os.close(self.metrics)
-            png = os.path.join(self.stage_dir, "loss.png")
-            if plot_loss(os.path.join(self.stage_dir, "metrics.jsonl"), png):
+            png = os.path.join(self.stage_dir, LOSS_PLOT)
+            if plot_loss(os.path.join(self.stage_dir, METRICS_FILE), png):
                 self.log(f"wrote {png}")
         self.log(f"stage {self.stage_num}: {status} at step {st.step} in {wall:.0f}s ({st.bad_total} skipped "
                  f"steps{f', {st.empty_total} without loss tokens' if st.empty_total else ''}); checkpoint {ckpt}")
@@ -1160,12 +1171,12 @@ def write_first_samples(loader, tokenizer, stage_dir, log):
     first_samples.jsonl ({"source", "input_ids", "labels"}; labels -100 where no loss): what the stage trains on."""
     samples = data.first_samples(loader.source, tokenizer, loader.min_pixels, loader.max_pixels)
     rows = [{"source": name, "id": s.id, "input_ids": s.tokens, "labels": s.labels} for name, s in samples.items()]
-    with replaced(os.path.join(stage_dir, "first_samples.jsonl")) as tmp, open(tmp, "w") as f:
+    with replaced(os.path.join(stage_dir, FIRST_SAMPLES)) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for name, s in samples.items():
         n_loss = sum(label != data.IGNORE for label in s.labels)
         text = repr(data.show_sample(s, tokenizer))
-        cut = f"... ({len(text) - 1500:,} more characters in first_samples.jsonl)" if len(text) > 1600 else ""
+        cut = f"... ({len(text) - 1500:,} more characters in {FIRST_SAMPLES})" if len(text) > 1600 else ""
         log(f"first sample of {name} ({s.id}): {len(s.tokens)} tokens, {n_loss} with loss [[marked]]:\n"
             f"  {text[:1500] if cut else text}{cut}")
 
@@ -1184,7 +1195,7 @@ def prepare_stage_dir(stage_dir, fresh, args, log):
         log(f"starting over in {stage_dir}: its old contents are removed")
         shutil.rmtree(stage_dir)
     os.makedirs(stage_dir, exist_ok=True)
-    write_json(args, os.path.join(stage_dir, "args.json"))
+    write_json(args, os.path.join(stage_dir, evaluate.RUN_ARGS))
 
 
 def build_stage(cfg, ctx, stage_num, plan, init):
@@ -1325,22 +1336,22 @@ def train_recipe(cfg, ctx):
     for n in stage_nums:
         if n == 3 and cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
             break
-        name = f"stage{n}"
+        name = stage_name(n)
         results[name] = train_stage(cfg, ctx, n, os.path.join(cfg.out, name), init)
         if results[name].status != "done":
             return {"stages": results, "wall_s": time.time() - t0}
         init = results[name].checkpoint
     if cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
         for length, steps in stage3_runs(cfg):
-            name = f"stage3-{length}"
+            name = stage_name(3, length)
             run_cfg = replace(cfg, packing_length=length, max_steps=steps)
             results[name] = train_stage(run_cfg, ctx, 3, os.path.join(cfg.out, name), init)
             if results[name].status != "done":
                 return {"stages": results, "wall_s": time.time() - t0}
         if dist.is_main:
-            evaluate.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
-                                         out=os.path.join(cfg.out, "stage3-avg"))
-            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}")
+            evaluate.average_checkpoints([results[stage_name(3, n)].checkpoint for n, _ in stage3_runs(cfg)],
+                                         out=os.path.join(cfg.out, AVERAGE_DIR))
+            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, AVERAGE_DIR)}")
     train_wall = time.time() - t0
     summary = {"stages": results, "train_wall_s": train_wall}
     if cfg.stage == "all" and cfg.eval and dist.is_main:
@@ -1369,11 +1380,11 @@ def evaluate_recipe(cfg, tokenizer, device, log=print):
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     ckpts = evaluate.resolve_checkpoints(cfg.out)
     earlier = {name: evaluate.reply_loss(evaluate.load_model(ckpt, device), tokenizer, sum(dev.values(), []), *budget,
-                                         device=device) for name, ckpt in ckpts if not name.startswith("stage3")}
+                                         device=device) for name, ckpt in ckpts if not name.startswith(stage_name(3))}
     if earlier:
         log("not scored on replies (trained on pre-training text only); dev reply loss: "
             + ", ".join(f"{name} {loss:.3f}" for name, loss in earlier.items()))
-    return evaluate.evaluate_run([c for c in ckpts if c[0].startswith("stage3")], tokenizer, test_sets, cfg.out,
+    return evaluate.evaluate_run([c for c in ckpts if c[0].startswith(stage_name(3))], tokenizer, test_sets, cfg.out,
                                  *budget, (dev, test_sets, resolutions) if resolutions else None,
                                  report={"dev_reply_loss_not_scored": earlier}, log=log, device=device,
                                  dtype=compute_dtype(cfg))
