@@ -3,7 +3,7 @@ multiple-choice letter), checkpoint averaging and test-time resolution search (M
 (markdown table + eval.json).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
-    python evaluate.py --ckpt runs/tiny/stage3-avg --max-pixels 7056 --resolutions 56x56,112x112  # as train.py
+    python evaluate.py --ckpt runs/tiny/stage3-avg --eval-max-pixels 7056 --resolutions 56x56,112x112  # as train.py
     python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/  # that set only
     python evaluate.py --average runs/tiny/stage3-512 runs/tiny/stage3-1024 --weights 1,1 --out runs/tiny/avg
     python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
@@ -562,16 +562,17 @@ def build_parser():
                         "scored by data.TASK_METRIC of its task, else VQA accuracy)")
     p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
-    p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
+    p.add_argument("--eval-n", type=int, default=128, help="test samples per task")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
     p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image pixel floor (smart resize)")
-    p.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel budget = the default resolution")
+    p.add_argument("--eval-max-pixels", type=int, default=data.MAX_PIXELS,
+                   help="test-time image pixel budget: the default resolution")
     p.add_argument("--resolutions", default="", help="test-time resolution search over these pixel budgets, "
                    "MAX or MIN:MAX (a MIN above an image's size upscales it), e.g. 56x56:56x56,112x112:1M")
-    p.add_argument("--dev-n", type=int, default=64, help="dev samples per task for the resolution search")
+    p.add_argument("--eval-dev-n", type=int, default=64, help="dev samples per task for the resolution search")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
-    p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="autocast dtype for generation; with --export-hf, the weights' dtype (fp32: as trained)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level); "
@@ -587,6 +588,9 @@ def build_parser():
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
                    "files: replace only the files this command writes, keep the others")
+    # earlier spellings, still read (train.py's --max-pixels is the training budget)
+    for old, new in (("--n", "eval_n"), ("--dev-n", "eval_dev_n"), ("--max-pixels", "eval_max_pixels")):
+        p.add_argument(old, dest=new, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -619,16 +623,16 @@ def main(argv=None):
     if not tasks and not args.data:
         p.error("nothing to evaluate: --tasks '' and no --data")
     files = [data.parse_data_flag(s)[:2] for s in args.data]
-    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
+    test_sets = build_eval_sets(tasks, args.split, args.eval_n, args.seed, files, args.image_root)
     search = None
     if args.resolutions:
-        dev, search_test = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
+        dev, search_test = resolution_eval_sets(tasks, args.eval_dev_n, args.eval_n, args.seed, files, args.image_root)
         same = not files and args.split == "test"  # then the search's test sets are the ones just built
         search = (dev, test_sets if same else search_test,
                   [parse_budget(r, args.min_pixels) for r in args.resolutions.split(",")])
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = data.load_tokenizer(args.tokenizer or ckpts[0][1])  # default: the run's own (saved in it)
-    evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.max_pixels,
+    evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.eval_max_pixels,
                  search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens,
                  dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)

@@ -101,7 +101,7 @@ def test_torn_metrics_line_is_dropped_on_resume_and_resume_is_exact(tmp_path):
 
 def test_evaluate_creates_a_missing_out_before_evaluating(done_run, tmp_path):
     out = tmp_path / "not" / "yet"
-    evaluate.main(["--ckpt", done_run.out + "/stage1", "--tasks", "vqa_color", "--n", "2", "--max-new-tokens", "2",
+    evaluate.main(["--ckpt", done_run.out + "/stage1", "--tasks", "vqa_color", "--eval-n", "2", "--max-new-tokens", "2",
                    "--out", str(out)])
     assert json.load(open(out / "eval.json"))["checkpoints"]["stage1"]["results"]["vqa_color"]["n"] == 2
 
@@ -157,7 +157,7 @@ def test_truncated_checkpoint_names_its_file(done_run, tmp_path):
     refused(replace(done_run, stage="2", init_from=str(ckpt)), r"ckpt/model.safetensors: cannot read",
             {}, error=ValueError)
     with pytest.raises(ValueError, match=r"ckpt/model.safetensors: cannot read"):
-        evaluate.main(["--ckpt", str(ckpt), "--tasks", "vqa_color", "--n", "1", "--out", str(tmp_path)])
+        evaluate.main(["--ckpt", str(ckpt), "--tasks", "vqa_color", "--eval-n", "1", "--out", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------- bad data, counted
@@ -519,7 +519,7 @@ def test_train_and_evaluate_errors_are_one_line(done_run, tmp_path):
     blob = open(tmp_path / "cut" / "model.safetensors", "rb").read()
     (tmp_path / "cut" / "model.safetensors").write_bytes(blob[:100])
     assert "cut/model.safetensors: cannot read" in one_line_error(
-        evaluate.main, ["--ckpt", str(tmp_path / "cut"), "--tasks", "vqa_color", "--n", "1", "--out", str(tmp_path)])
+        evaluate.main, ["--ckpt", str(tmp_path / "cut"), "--tasks", "vqa_color", "--eval-n", "1", "--out", str(tmp_path)])
     assert "not a checkpoint, stage directory or run directory" in one_line_error(
         evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--tasks", "vqa_color"])
     (tmp_path / "bad.json").write_bytes(b'[{"text": "caf\xe9"}]')
