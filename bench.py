@@ -1094,7 +1094,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup-reps", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
-    # an earlier spelling, still read (train.py's --warmup counts the lr schedule's warm-up steps)
+    # kept out of --help so scripts that spell it --warmup keep working (train.py's --warmup counts the lr
+    # schedule's warm-up steps, hence --warmup-reps here)
     p.add_argument("--warmup", dest="warmup_reps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bench.PEAK_TFLOPS "

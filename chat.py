@@ -107,7 +107,8 @@ def build_parser():
     p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
     p.add_argument("--eval-max-pixels", type=int,
                    help="test-time image pixel budget (default: the one the run trained at)")
-    # an earlier spelling, still read (train.py's --max-pixels is the training budget)
+    # kept out of --help so scripts that spell it --max-pixels keep working (train.py's --max-pixels is the
+    # training budget, hence --eval-max-pixels here)
     p.add_argument("--max-pixels", dest="eval_max_pixels", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--min-pixels", type=int, help="image pixel floor (default: the one the run trained at)")
     p.add_argument("--max-new-tokens", type=int, default=256)

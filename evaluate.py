@@ -588,7 +588,8 @@ def build_parser():
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
                    "files: replace only the files this command writes, keep the others")
-    # earlier spellings, still read (train.py's --max-pixels is the training budget)
+    # kept out of --help so scripts that spell them --n, --dev-n, --max-pixels keep working (train.py's
+    # --max-pixels is the training budget, hence --eval-max-pixels here)
     for old, new in (("--n", "eval_n"), ("--dev-n", "eval_dev_n"), ("--max-pixels", "eval_max_pixels")):
         p.add_argument(old, dest=new, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p

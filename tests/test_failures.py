@@ -303,7 +303,7 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     assert 0 < state["step"] < 200 and any("bad data at step" in line for line in logs)
     # resuming with the record skipped continues from that checkpoint
     out = train.run(replace(cfg, resume=True, on_bad="skip", max_skip_rate=0.5), SMALL, **QUIET)
-    assert out["stages"]["stage1"].steps == 200
+    assert out["stages"]["stage1"].step == 200
 
 
 # ----------------------------------------------------------------------------- outputs never replace what others wrote
@@ -412,7 +412,7 @@ def test_resume_continues_from_the_newest_complete_checkpoint(checkpointed, tmp_
     assert {"no latest": "has no `latest` file", "latest names a deleted checkpoint": "no such directory",
             "truncated train_state.pt": "train_state.pt: cannot read the training state",
             "truncated model.safetensors": "damaged"}[damage] in said[0]
-    assert not any("starting over" in line for line in lines) and result.steps == 3
+    assert not any("starting over" in line for line in lines) and result.step == 3
     # continued exactly: step 3 retrained from step 2 equals the step 3 the uninterrupted run wrote
     got = load_file(os.path.join(result.checkpoint, "model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -454,14 +454,14 @@ def test_a_step_without_loss_tokens_is_skipped_and_counted(tmp_path):
     batch.labels[:] = data.IGNORE
     loss, stats = m(batch, loss_divisor=0.0)  # the model alone: 0, not 0 / 0
     assert float(loss.detach()) == 0.0 and stats["n_loss_tokens"] == 0
-    plan, stage = train.Plan.of(cfg, train.STAGES[3]), train.STAGES[3]
-    st = train.StageState(m, train.build_optimizer(m, stage, 1e-3, cfg, "cpu"), None)
+    st = train.StageRun.plan(cfg, 3)
+    st.model, st.optimizer = m, train.build_optimizer(m, st.stage, 1e-3, cfg, "cpu")
     before = {k: v.clone() for k, v in m.state_dict().items()}
     dist = train.parallel.Dist(0, 1)
     s = train.train_step(m, [p for g in st.optimizer.param_groups for p in g["params"]], [batch, batch], cfg, dist,
                          train.StopRequested(), 0)
-    train.optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
-    assert s["empty"] and s["loss_tokens"] == 0 and st.empty_total == 1 and st.bad_total == 0 and st.step == 1
+    train.optimizer_step(st, s["finite"], dist, s["empty"])
+    assert s["empty"] and s["loss_tokens"] == 0 and st.empty_steps == 1 and st.bad_steps == 0 and st.step == 1
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 

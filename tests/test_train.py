@@ -62,10 +62,10 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MLLM, "forward", forward_with_ctrl_c)
     cut = train.run(config(tmp_path / "b", stage="2", max_steps=4), SMALL, log=lambda *a: None)
-    assert cut["stages"]["stage2"].status == "interrupted" and cut["stages"]["stage2"].steps == 2
+    assert cut["stages"]["stage2"].status == "interrupted" and cut["stages"]["stage2"].step == 2
     monkeypatch.setattr(MLLM, "forward", real_forward)
     resumed = train.run(config(tmp_path / "b", stage="2", max_steps=4, resume=True), SMALL, log=lambda *a: None)
-    assert resumed["stages"]["stage2"].steps == 4
+    assert resumed["stages"]["stage2"].step == 4
     a, b = weights(full["stages"]["stage2"].checkpoint), weights(resumed["stages"]["stage2"].checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x) for x in open(tmp_path / "a" / "run" / "stage2" / "metrics.jsonl")]
@@ -89,7 +89,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     nan_on_steps(monkeypatch, {2})
     out = train.run(config(tmp_path, stage="1", max_steps=3), SMALL, log=lambda *a: None)
     res = out["stages"]["stage1"]
-    assert res.status == "done" and res.bad_steps == 1 and res.steps == 3
+    assert res.status == "done" and res.bad_steps == 1 and res.step == 3
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage1" / "metrics.jsonl")]
     assert [r["skipped"] for r in rows] == [False, True, False] and rows[1]["loss"] is None
 
@@ -100,7 +100,7 @@ def test_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
     cfg = config(tmp_path, stage="1", max_steps=10, max_bad_steps=2)
     out = train.run(cfg, SMALL, log=lines.append)
     res = out["stages"]["stage1"]
-    assert res.steps == 2 and res.bad_steps == 2 and res.status.startswith("stopped")
+    assert res.step == 2 and res.bad_steps == 2 and res.status.startswith("stopped")
     assert any("2 non-finite-loss steps in a row" in line for line in lines)
     before = train.build_model(cfg.preset, None, SMALL, cfg.seed).state_dict()
     after = weights(res.checkpoint)
