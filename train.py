@@ -950,9 +950,9 @@ class StageRun:
         length = cfg.packing_length or stage.packing_length
         budget = max(cfg.min_pixels, int(length * stage.image_share) * data.FACTOR ** 2) if stage.image_share else \
             data.MAX_PIXELS
-        return StageRun(num, stage_dir, total, length, min(cfg.warmup if cfg.warmup is not None else stage.warmup,
-                                                           total),
-                        cfg.lr if cfg.lr is not None else stage.lr, cfg.max_pixels or budget)
+        warmup = min(cfg.warmup if cfg.warmup is not None else stage.warmup, total)
+        return StageRun(num, stage_dir, total, length, warmup, cfg.lr if cfg.lr is not None else stage.lr,
+                        cfg.max_pixels or budget)
 
 
 def train_stage(cfg, ctx, num, stage_dir, init):
