@@ -598,6 +598,9 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    for flag, n in (("--eval-n", args.eval_n), ("--eval-dev-n", args.eval_dev_n)):
+        if n < 1:  # as train.py says it
+            p.error(f"{flag} {n}: must be >= 1")
     if args.export_hf:
         return export_main(p, args)
     if args.average:

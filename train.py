@@ -198,11 +198,16 @@ def _parse_bool(s):
 
 
 def _parser_for(tp, optional):
-    if tp is tuple:
-        return lambda s: None if optional and s.lower() == "none" else tuple(int(x) for x in s.split(",") if x)
+    """The argparse type of a model flag: "none" for an optional field, comma-separated ints for a tuple."""
     if tp is bool:
         return _parse_bool
-    return lambda s: None if optional and s.lower() == "none" else tp(s)
+
+    def parse(s):
+        if optional and s.lower() == "none":
+            return None
+        return tuple(int(x) for x in s.split(",") if x) if tp is tuple else tp(s)
+    parse.__name__ = "comma-separated int" if tp is tuple else tp.__name__  # argparse's "invalid int value: 'x'"
+    return parse
 
 
 def typed_fields(config_class):

@@ -257,6 +257,10 @@ def test_evaluation_flags_are_spelled_alike_in_every_command(capsys):
     assert evaluate.build_parser().parse_args(["--ckpt", "c"]).eval_n == 128  # the hidden spelling keeps the default
     assert chat.build_parser().parse_args(["--ckpt", "c", "--max-pixels", "99"]).eval_max_pixels == 99
     assert chat.build_parser().parse_args(["--ckpt", "c"]).eval_max_pixels is None
+    for flags_, message in ((["--eval-n", "0"], "--eval-n 0: must be >= 1"), (["--dev-n", "-1"], "--eval-dev-n -1: must")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--ckpt", "c", *flags_])
+        assert message in capsys.readouterr().err
     for parser in (evaluate.build_parser(), chat.build_parser()):
         text = parser.format_help()
         assert "--eval-max-pixels" in text and "--max-pixels" not in text.replace("--eval-max-pixels", "")

@@ -112,6 +112,7 @@ def test_evaluate_creates_a_missing_out_before_evaluating(done_run, tmp_path):
     (["--max-steps", "-1"], "--max-steps -1: must be >= 1"),
     (["--packing-length", "0"], "--packing-length 0: must be >= 1"),
     (["--lr", "nan"], "--lr nan: must be > 0"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
     (["--max-skip-rate", "2"], "--max-skip-rate 2.0 must lie in"),
     (["--data", "a=x.jsonl:abc"], r"--data 'a=x.jsonl:abc': weight 'abc' is not a number"),
     (["--data", "a=x.jsonl:-1"], r"--data 'a=x.jsonl:-1': weight '-1' must be a finite number >= 0"),

@@ -154,7 +154,7 @@ def test_optimizer_groups_follow_the_stage_table():
     assert train.STAGES[2].lr_mult["vision"] < train.STAGES[2].lr_mult["decoder"]  # the ViT learns slower
 
 
-def test_every_config_field_is_a_flag_with_help():
+def test_every_config_field_is_a_flag_with_help(capsys):
     parser = train.build_parser()
     actions = {a.dest: a for a in parser._actions}
     for f in train.fields(train.TrainConfig):
@@ -168,6 +168,21 @@ def test_every_config_field_is_a_flag_with_help():
     assert train.config_from_preset("tiny", **overrides).text.num_layers == 3
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "4"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--vision-depth", "x"])
+    assert "argument --vision-depth: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_each_bound_is_taken_at_its_value_and_refused_past_it(tmp_path):
+    """train.BOUNDS: a strict bound is refused at its value (--lr 0), the others taken there (--warmup 0)."""
+    cfg = train.TrainConfig(out=str(tmp_path / "run"))
+    for name, (bound, strict) in train.BOUNDS.items():
+        if not strict:
+            train.check_config(train.replace(cfg, **{name: bound}), {})
+        past = bound if strict else bound - 1
+        with pytest.raises(SystemExit, match=f"^{train.flag(name)} {past}: must be {'>' if strict else '>='} {bound}$"):
+            train.check_config(train.replace(cfg, **{name: past}), {})
+    assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
