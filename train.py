@@ -238,16 +238,15 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     for f, tp, optional in typed_fields(TrainConfig):
-        names, help_ = [flag(f.name)], f.metadata["help"]
+        name, help_ = flag(f.name), f.metadata["help"]
         if tp is bool:
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif tp is list:
-            p.add_argument(*names, dest=f.name, action="append", default=[], metavar=names[0][2:].upper(), help=help_)
+            p.add_argument(name, dest=f.name, action="append", default=[], metavar=name[2:].upper(), help=help_)
         elif f.name == "fsdp":  # a bare --fsdp means our own FSDP
-            p.add_argument(*names, dest=f.name, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
+            p.add_argument(name, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
         else:
-            p.add_argument(*names, dest=f.name, type=tp, default=f.default, choices=f.metadata.get("choices"),
-                           help=help_)
+            p.add_argument(name, dest=f.name, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
     g = p.add_argument_group("model config (override the preset; ModelConfig / VisionConfig / TextConfig)")
     for name, tp, optional in model_fields():
         g.add_argument("--" + name.replace(".", "-").replace("_", "-"), dest="model." + name, default=argparse.SUPPRESS,
