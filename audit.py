@@ -31,6 +31,7 @@ import evaluate
 import model as model_lib
 import train
 from kernels import detect_device
+from train import stage_name
 
 
 AVG = train.AVERAGE_DIR
@@ -64,7 +65,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
     train_to_end(cfg, overrides, log)
     length, steps = train.stage3_runs(cfg)[0]
     stage2_steps = cfg.max_steps if cfg.max_steps is not None else train.STAGES[2].steps
-    train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, train.stage_name(1)), out=os.path.join(out, NO_STAGE2),
+    train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, stage_name(1)), out=os.path.join(out, NO_STAGE2),
                          packing_length=length, max_steps=steps + stage2_steps), {}, log)  # stage 2's steps added
     tasks = [t for t in args.tasks.split(",") if t]
     device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
@@ -73,8 +74,8 @@ def run_seed(args, cfg, overrides, seed, log=print):
                                                                                    ("dev", cfg.eval_dev_n)))
     lengths = [n for n, _ in train.stage3_runs(cfg)]
     averaging = averaging_study(out, lengths, tokenizer, dev, budget, device, log)
-    runs = {train.stage_name(3, n): train.stage_name(3, n) for n in lengths} | {
-        AVG: AVG, NO_STAGE2: os.path.join(NO_STAGE2, train.stage_name(3)), DEV_WEIGHT: DEV_AVERAGE_DIR}
+    runs = {stage_name(3, n): stage_name(3, n) for n in lengths} | {
+        AVG: AVG, NO_STAGE2: os.path.join(NO_STAGE2, stage_name(3)), DEV_WEIGHT: DEV_AVERAGE_DIR}
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     scores, chosen = {}, {}
     for name, path in runs.items():
@@ -112,12 +113,14 @@ def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
     def weights(path):
         return model_lib.read_safetensors(os.path.join(train.checkpoint_dir(os.path.join(out, path)),
                                                        "model.safetensors"))
-    first, second, start = weights(train.stage_name(3, lengths[0])), weights(train.stage_name(3, lengths[1])), weights(train.stage_name(2))
+    first, second = (weights(stage_name(3, n)) for n in lengths[:2])
+    start = weights(stage_name(2))
     flat = lambda s: torch.cat([s[k].double().flatten() for k in sorted(s)])  # noqa: E731
     da, db = flat(first) - flat(start), flat(second) - flat(start)
     study = {"moved_first": float(da.norm() / flat(start).norm()), "moved_second": float(db.norm() / flat(start).norm()),
              "cosine": float(da @ db / (da.norm() * db.norm())), "alphas": ALPHAS, "dev_loss": []}
-    ends, records = [train.checkpoint_dir(os.path.join(out, train.stage_name(3, n))) for n in lengths[:2]], sum(dev.values(), [])
+    ends = [train.checkpoint_dir(os.path.join(out, stage_name(3, n))) for n in lengths[:2]]
+    records = sum(dev.values(), [])
     for alpha in ALPHAS:  # each point written as a weighted average (evaluate.average_checkpoints), then scored
         point = os.path.join(out, "interpolated")
         evaluate.average_checkpoints(ends, [1 - alpha, alpha], out=point)
@@ -171,14 +174,15 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
 def comparisons(seeds, lengths):
     """[(label, A, B, task)] of the recipe's elements: A is the recipe's choice, B what it is compared with, over
     every task (task None); the better single length is picked on the test scores (the average's hardest rival)."""
-    means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][train.stage_name(3, n)].values()]) for s in seeds])
+    means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][stage_name(3, n)].values()]) for s in seeds])
              for n in lengths}
-    better = train.stage_name(3, max(lengths, key=means.get))
+    better = stage_name(3, max(lengths, key=means.get))
     search = " + resolution search"
-    rows = [("stage 2 vs stage 3 from stage 1 given stage 2's steps too (compute-matched)", train.stage_name(3, lengths[0]),
-             NO_STAGE2, None)]
-    rows += [(f"stage 3 at {b} vs {a} tokens", train.stage_name(3, b), train.stage_name(3, a), None) for a, b in zip(lengths, lengths[1:])]
-    rows += [(f"average vs stage 3 at {n} tokens", AVG, train.stage_name(3, n), None) for n in lengths]
+    rows = [("stage 2 vs stage 3 from stage 1 given stage 2's steps too (compute-matched)",
+             stage_name(3, lengths[0]), NO_STAGE2, None)]
+    rows += [(f"stage 3 at {b} vs {a} tokens", stage_name(3, b), stage_name(3, a), None)
+             for a, b in zip(lengths, lengths[1:])]
+    rows += [(f"average vs stage 3 at {n} tokens", AVG, stage_name(3, n), None) for n in lengths]
     return rows + [
         (f"average vs the better single length ({better})", AVG, better, None),
         (f"average, weight chosen on dev, vs {better}", DEV_WEIGHT, better, None),
@@ -260,7 +264,8 @@ def main(argv=None):
     for run, picks in chosen.items():
         text += f"\n\nresolution search on {run} chose (min:max pixels per task, over seeds): " + \
             ", ".join(f"{t} {' / '.join(px)}" for t, px in picks.items())
-    text += f"\n\naveraging, along w(alpha) = (1 - alpha) {train.stage_name(3, lengths[0])} + alpha {train.stage_name(3, lengths[1])}:\n\n" \
+    first, second = (stage_name(3, n) for n in lengths[:2])
+    text += f"\n\naveraging, along w(alpha) = (1 - alpha) {first} + alpha {second}:\n\n" \
         + averaging_markdown(seeds, lengths)
     evaluate.write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
     with open(os.path.join(args.out, "audit.md"), "w") as f:

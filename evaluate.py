@@ -267,7 +267,7 @@ def read_config(ckpt):
         return json.load(f)
 
 
-# the files of a run directory that evaluation writes or reads (one home; train.py and chat.py use them from here)
+# the files of a run directory that evaluation writes or reads (one home; train.py uses them from here)
 RUN_ARGS = "args.json"  # train.py's flags and pixel budget, beside a stage's checkpoints
 EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT, PREDICTIONS = "eval.json", "results.md", "results.png", "predictions.jsonl"
 AVERAGED_FROM = "averaged_from.json"  # an average's sources and weights
