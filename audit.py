@@ -29,8 +29,13 @@ import torch
 import convert
 import evaluate
 import train
-from common import checkpoint_dir, cli, detect_device, read_safetensors, save_plot, write_json
+from common import AVERAGE_DIR, checkpoint_dir, cli, detect_device, read_safetensors, save_plot, stage_name, write_json
 from tasks import SIZES, SYNTHETIC_TASKS
+
+
+AVG = AVERAGE_DIR
+NO_STAGE2 = "no-stage2"  # the compute-matched arm: stage 3 started from stage 1
+DEV_WEIGHT, DEV_AVERAGE_DIR = f"{AVG} (dev weight)", f"{AVG}-dev"  # the average at the weight chosen on dev
 
 
 def parse_args(argv=None):
@@ -59,7 +64,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
     train_to_end(cfg, overrides, log)
     length, steps = train.stage3_runs(cfg)[0]
     stage2_steps = cfg.max_steps if cfg.max_steps is not None else train.STAGES[2].steps
-    train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, "stage1"), out=os.path.join(out, "no-stage2"),
+    train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, stage_name(1)), out=os.path.join(out, NO_STAGE2),
                          packing_length=length, max_steps=steps + stage2_steps), {}, log)  # stage 2's steps added
     tasks = [t for t in args.tasks.split(",") if t]
     device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
@@ -68,8 +73,8 @@ def run_seed(args, cfg, overrides, seed, log=print):
                                                                                    ("dev", cfg.eval_dev_n)))
     lengths = [n for n, _ in train.stage3_runs(cfg)]
     averaging = averaging_study(out, lengths, tokenizer, dev, budget, device, log)
-    runs = {f"stage3-{n}": f"stage3-{n}" for n in lengths} | {"stage3-avg": "stage3-avg", "no-stage2": "no-stage2/stage3",
-                                                            "stage3-avg (dev weight)": "stage3-avg-dev"}
+    runs = {stage_name(3, n): stage_name(3, n) for n in lengths} | {
+        AVG: AVG, NO_STAGE2: os.path.join(NO_STAGE2, stage_name(3)), DEV_WEIGHT: DEV_AVERAGE_DIR}
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     scores, chosen = {}, {}
     for name, path in runs.items():
@@ -77,7 +82,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
         res = evaluate.evaluate_model(model, tokenizer, test, *budget, device=device)
         scores[name] = {t: r["scores"] for t, r in res.items()}
         log(f"seed {seed} {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" for t, r in res.items()))
-        if name.startswith("stage3-") and "dev weight" not in name:
+        if name not in (DEV_WEIGHT, NO_STAGE2):
             search = evaluate.resolution_search(model, tokenizer, dev, test, resolutions, budget, log=log,
                                                 test_default=res, device=device)
             scores[f"{name} + resolution search"], chosen[name] = search["test_searched_scores"], search["chosen"]
@@ -107,12 +112,14 @@ def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
     def weights(path):
         return read_safetensors(os.path.join(checkpoint_dir(os.path.join(out, path)),
                                                        "model.safetensors"))
-    first, second, start = weights(f"stage3-{lengths[0]}"), weights(f"stage3-{lengths[1]}"), weights("stage2")
+    first, second = (weights(stage_name(3, n)) for n in lengths[:2])
+    start = weights(stage_name(2))
     flat = lambda s: torch.cat([s[k].double().flatten() for k in sorted(s)])  # noqa: E731
     da, db = flat(first) - flat(start), flat(second) - flat(start)
     study = {"moved_first": float(da.norm() / flat(start).norm()), "moved_second": float(db.norm() / flat(start).norm()),
              "cosine": float(da @ db / (da.norm() * db.norm())), "alphas": ALPHAS, "dev_loss": []}
-    ends, records = [checkpoint_dir(os.path.join(out, f"stage3-{n}")) for n in lengths[:2]], sum(dev.values(), [])
+    ends = [checkpoint_dir(os.path.join(out, stage_name(3, n))) for n in lengths[:2]]
+    records = sum(dev.values(), [])
     for alpha in ALPHAS:  # each point written as a weighted average (convert.average_checkpoints), then scored
         point = os.path.join(out, "interpolated")
         convert.average_checkpoints(ends, [1 - alpha, alpha], out=point)
@@ -121,7 +128,7 @@ def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
         shutil.rmtree(point)
     inner = [(loss, a) for a, loss in zip(ALPHAS, study["dev_loss"]) if 0 < a < 1]
     study["dev_alpha"] = min(inner)[1]
-    convert.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, "stage3-avg-dev"),
+    convert.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, DEV_AVERAGE_DIR),
                                  overwrite=True)
     log("averaging: " + ", ".join(f"alpha {a} loss {v:.4f}" for a, v in zip(ALPHAS, study["dev_loss"]))
         + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}; "
@@ -166,20 +173,21 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
 def comparisons(seeds, lengths):
     """[(label, A, B, task)] of the recipe's elements: A is the recipe's choice, B what it is compared with, over
     every task (task None); the better single length is picked on the test scores (the average's hardest rival)."""
-    means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][f"stage3-{n}"].values()]) for s in seeds])
+    means = {n: np.mean([np.mean([np.mean(v) for v in s["scores"][stage_name(3, n)].values()]) for s in seeds])
              for n in lengths}
-    better = f"stage3-{max(lengths, key=means.get)}"
+    better = stage_name(3, max(lengths, key=means.get))
     search = " + resolution search"
-    rows = [("stage 2 vs stage 3 from stage 1 given stage 2's steps too (compute-matched)", f"stage3-{lengths[0]}",
-             "no-stage2", None)]
-    rows += [(f"stage 3 at {b} vs {a} tokens", f"stage3-{b}", f"stage3-{a}", None) for a, b in zip(lengths, lengths[1:])]
-    rows += [(f"average vs stage 3 at {n} tokens", "stage3-avg", f"stage3-{n}", None) for n in lengths]
+    rows = [("stage 2 vs stage 3 from stage 1 given stage 2's steps too (compute-matched)",
+             stage_name(3, lengths[0]), NO_STAGE2, None)]
+    rows += [(f"stage 3 at {b} vs {a} tokens", stage_name(3, b), stage_name(3, a), None)
+             for a, b in zip(lengths, lengths[1:])]
+    rows += [(f"average vs stage 3 at {n} tokens", AVG, stage_name(3, n), None) for n in lengths]
     return rows + [
-        (f"average vs the better single length ({better})", "stage3-avg", better, None),
-        (f"average, weight chosen on dev, vs {better}", "stage3-avg (dev weight)", better, None),
-        ("resolution search on the average vs the average", "stage3-avg" + search, "stage3-avg", None),
+        (f"average vs the better single length ({better})", AVG, better, None),
+        (f"average, weight chosen on dev, vs {better}", DEV_WEIGHT, better, None),
+        ("resolution search on the average vs the average", AVG + search, AVG, None),
         (f"resolution search on {better} vs {better}", better + search, better, None),
-        (f"average + search vs {better} + search (the combination)", "stage3-avg" + search, better + search, None)]
+        (f"average + search vs {better} + search (the combination)", AVG + search, better + search, None)]
 
 
 def audit_table(seeds, lengths):
@@ -197,7 +205,7 @@ def audit_table(seeds, lengths):
 
 def task_means(seeds):
     """Markdown: each checkpoint's test score per task, the mean over seeds."""
-    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"]["stage3-avg"])
+    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"][AVG])
     return evaluate.markdown_table({n: {t: float(np.mean([np.mean(s["scores"][n][t]) for s in seeds])) for t in tasks}
                                     for n in names}, tasks)
 
@@ -250,7 +258,8 @@ def main(argv=None):
     for run, picks in chosen.items():
         text += f"\n\nresolution search on {run} chose (min:max pixels per task, over seeds): " + \
             ", ".join(f"{t} {' / '.join(px)}" for t, px in picks.items())
-    text += f"\n\naveraging, along w(alpha) = (1 - alpha) stage3-{lengths[0]} + alpha stage3-{lengths[1]}:\n\n" \
+    first, second = (stage_name(3, n) for n in lengths[:2])
+    text += f"\n\naveraging, along w(alpha) = (1 - alpha) {first} + alpha {second}:\n\n" \
         + averaging_markdown(seeds, lengths)
     write_json({"table": table, "chosen": chosen, "wall_s": time.time() - t0}, os.path.join(args.out, "audit.json"))
     with open(os.path.join(args.out, "audit.md"), "w") as f:

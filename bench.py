@@ -1051,7 +1051,10 @@ def build_parser():
                         "JPEGs; compile, --compile's step; gpu, the GPU table: " + GPU_TABLE + ")")
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
+    p.add_argument("--warmup-reps", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
+    # kept out of --help so scripts that spell it --warmup keep working (train.py's --warmup counts the lr
+    # schedule's warm-up steps, hence --warmup-reps here)
+    p.add_argument("--warmup", dest="warmup_reps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: common.PEAK_TFLOPS "
                    "by device name, else a measured matmul: fp32 on cpu, bf16 elsewhere)")
@@ -1089,7 +1092,7 @@ def main(argv=None):
     if unknown or not parts:
         p.error(f"--what: unknown part(s) {unknown}; choose from {', '.join(COLUMNS)}")
     size = "quick" if args.quick else "cpu" if device == "cpu" else "accel"
-    warmup = args.warmup if args.warmup is not None else 1 if device == "cpu" or args.quick else 3
+    warmup = args.warmup_reps if args.warmup_reps is not None else 1 if device == "cpu" or args.quick else 3
     reps = args.reps if args.reps is not None else 2 if args.quick else 3 if device == "cpu" else 10
     torch.manual_seed(0)
     result = {"command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -5,7 +5,8 @@
     python chat.py --ckpt /ckpt/Qwen2.5-VL-7B-Instruct --image doc.png "Read the text."   # a Hugging Face directory
 
 The checkpoint brings its tokenizer and chat format (saved in it) and the pixel budget its run trained at
-(the stage's args.json; a Hugging Face directory's preprocessor_config.json), unless --max-pixels says otherwise.
+(the stage's args.json; a Hugging Face directory's preprocessor_config.json), unless --eval-max-pixels says
+otherwise.
 """
 import argparse
 import os
@@ -104,7 +105,11 @@ def build_parser():
     p.add_argument("question", nargs="?", help="ask this and exit (default: an interactive conversation)")
     p.add_argument("--ckpt", required=True, help="our checkpoint, stage or run directory, or a Hugging Face dir")
     p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
-    p.add_argument("--max-pixels", type=int, help="image pixel budget (default: the one the run trained at)")
+    p.add_argument("--eval-max-pixels", type=int,
+                   help="test-time image pixel budget (default: the one the run trained at)")
+    # kept out of --help so scripts that spell it --max-pixels keep working (train.py's --max-pixels is the
+    # training budget, hence --eval-max-pixels here)
+    p.add_argument("--max-pixels", dest="eval_max_pixels", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--min-pixels", type=int, help="image pixel floor (default: the one the run trained at)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -131,9 +136,9 @@ def main(argv=None):
         model, tokenizer, budget = load(args.ckpt, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     except (OSError, ValueError, KeyError) as e:
         p.error(f"--ckpt {args.ckpt}: {e}")
-    budget = (args.min_pixels or budget[0], args.max_pixels or budget[1])
+    budget = (args.min_pixels or budget[0], args.eval_max_pixels or budget[1])
     if budget[1] < budget[0]:
-        p.error(f"--max-pixels {budget[1]} is below the pixel floor {budget[0]} (--min-pixels)")
+        p.error(f"--eval-max-pixels {budget[1]} is below the pixel floor {budget[0]} (--min-pixels)")
     if not args.question:
         return interactive(model, tokenizer, budget, args)
     try:

@@ -84,6 +84,22 @@ def read_safetensors(file, keep=lambda name: True):
                          "still being written") from e
 
 
+# ----------------------------------------------------------------------------- a run directory's names
+
+# one name per artifact a run writes under --out (docs/DESIGN.md#checkpoints shows the tree)
+AVERAGE_DIR = "stage3-avg"  # the average of the stage-3 runs
+RUN_ARGS = "args.json"  # train.py's flags and pixel budget, beside a stage's checkpoints
+METRICS_FILE, LOSS_PLOT, FIRST_SAMPLES = "metrics.jsonl", "loss.png", "first_samples.jsonl"  # in each stage dir
+EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT, PREDICTIONS = "eval.json", "results.md", "results.png", "predictions.jsonl"
+AVERAGED_FROM = "averaged_from.json"  # an average's sources and weights
+
+
+def stage_name(num, length=None):
+    """A stage's directory under --out: stage1, stage2, stage3, or stage3-<packing length> for each stage-3 run of
+    --stage all."""
+    return f"stage{num}" + (f"-{length}" if length else "")
+
+
 # ----------------------------------------------------------------------------- checkpoint directories
 
 

@@ -14,8 +14,8 @@ import torch
 
 import data
 
-from common import check_output_dir, is_our_checkpoint, output_dir, read_json, read_safetensors, save_safetensors, \
-    write_checkpoint, write_json
+from common import AVERAGED_FROM, EVAL_REPORT, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, check_output_dir, \
+    is_our_checkpoint, output_dir, read_json, read_safetensors, save_safetensors, write_checkpoint, write_json
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, assign_state, \
     named_state
 
@@ -568,7 +568,7 @@ def hf_origin(ckpt, hops=8):
     path = ckpt
     for _ in range(hops):
         up = [os.path.abspath(os.path.join(path, *[".."] * k)) for k in range(3)]
-        args = next((os.path.join(d, "args.json") for d in up if os.path.isfile(os.path.join(d, "args.json"))), None)
+        args = next((os.path.join(d, RUN_ARGS) for d in up if os.path.isfile(os.path.join(d, RUN_ARGS))), None)
         if args is None:
             return None
         path = read_json(args)["train_config"].get("init_from")
@@ -599,7 +599,7 @@ def config_diff(a, b):
 
 
 # what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
-AVERAGE_FILES = ("model.safetensors", "config.json", "averaged_from.json", "eval.json", "results.md", "results.png",
+AVERAGE_FILES = ("model.safetensors", "config.json", AVERAGED_FROM, EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT,
                  *data.TOKENIZER_FILES)
 
 
@@ -612,7 +612,7 @@ def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
     if len(ckpts) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
     if out is not None:
-        others = check_output_dir(out, "--out", "averaged_from.json", AVERAGE_FILES.__contains__, ckpts, overwrite)
+        others = check_output_dir(out, "--out", AVERAGED_FROM, AVERAGE_FILES.__contains__, ckpts, overwrite)
     weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
@@ -637,5 +637,5 @@ def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
         with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
             write_checkpoint(tmp, avg, configs[0])
             data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
-            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, "averaged_from.json"))
+            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, AVERAGED_FROM))
     return avg

@@ -3,7 +3,7 @@ multiple-choice letter), test-time resolution search (MindVL) and the report (ma
 command line also averages checkpoints (convert.average_checkpoints) and exports them (convert.export_hf).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
-    python evaluate.py --ckpt runs/tiny/stage3-avg --max-pixels 7056 --resolutions 56x56,112x112  # as train.py
+    python evaluate.py --ckpt runs/tiny/stage3-avg --eval-max-pixels 7056 --resolutions 56x56,112x112  # as train.py
     python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/  # that set only
     python evaluate.py --average runs/tiny/stage3-512 runs/tiny/stage3-1024 --weights 1,1 --out runs/tiny/avg
     python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 import data
-from common import checkpoint_dir, cli, detect_device, read_json, replaced, save_plot, write_json
+from common import AVERAGED_FROM, EVAL_REPORT, PREDICTIONS, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, checkpoint_dir, cli, \
+    detect_device, read_json, replaced, save_plot, write_json
 from convert import average_checkpoints, export_hf, hf_origin
 from model import MLLM
 from tasks import SYNTHETIC_TASKS, TASK_METRIC, SyntheticTasks
@@ -410,12 +411,12 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
         log(f"eval {name}: " + ", ".join(f"{t} {100 * r['score']:.1f}" if r["score"] is not None else
                                          f"{t} ({len(test_sets[t])} predictions, no references)"
                                          for t, r in res.items()))
-    with replaced(os.path.join(out, "predictions.jsonl")) as tmp, open(tmp, "w") as f:
+    with replaced(os.path.join(out, PREDICTIONS)) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     rows = {name: scores_of(r["results"]) for name, r in report["checkpoints"].items()}
     if not any(rows.values()):  # predictions only: nothing to tabulate or search
-        write_json(report | {"wall_s": time.time() - t0}, os.path.join(out, "eval.json"))
-        log(f"no references to score: wrote the predictions to {os.path.join(out, 'predictions.jsonl')}")
+        write_json(report | {"wall_s": time.time() - t0}, os.path.join(out, EVAL_REPORT))
+        log(f"no references to score: wrote the predictions to {os.path.join(out, PREDICTIONS)}")
         return report
     if search:
         (name, ckpt), (dev_sets, search_sets, resolutions) = ckpts[-1], search
@@ -429,15 +430,15 @@ def evaluate_run(ckpts, tokenizer, test_sets, out, min_pixels, max_pixels, searc
         rows[f"{name} + resolution search"] = found["test_searched"]
     table = markdown_table(rows)
     report["table"], report["wall_s"] = table, time.time() - t0
-    write_json(report, os.path.join(out, "eval.json"))
-    with open(os.path.join(out, "results.md"), "w") as f:
+    write_json(report, os.path.join(out, EVAL_REPORT))
+    with open(os.path.join(out, RESULTS_TABLE), "w") as f:
         f.write(table + "\n")
-    plot_results(rows, os.path.join(out, "results.png"))
+    plot_results(rows, os.path.join(out, RESULTS_PLOT))
     log("\n" + table)
     if search:
         log("resolution search picked (min:max pixels) per task: "
             + ", ".join(f"{t} {px}" for t, px in report["resolution_search"]["chosen"].items()))
-    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, 'eval.json')}")
+    log(f"evaluation: {time.time() - t0:.0f}s; wrote {os.path.join(out, EVAL_REPORT)}")
     return report
 
 
@@ -451,16 +452,17 @@ def build_parser():
                         "scored by tasks.TASK_METRIC of its task, else VQA accuracy)")
     p.add_argument("--image-root", default=".", help="directory the data files' image paths are relative to")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="synthetic split to score")
-    p.add_argument("--n", type=int, default=128, help="synthetic eval samples per task")
+    p.add_argument("--eval-n", type=int, default=128, help="test samples per task")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (must match training's to keep splits)")
     p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="image pixel floor (smart resize)")
-    p.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="image pixel budget = the default resolution")
+    p.add_argument("--eval-max-pixels", type=int, default=data.MAX_PIXELS,
+                   help="test-time image pixel budget: the default resolution")
     p.add_argument("--resolutions", default="", help="test-time resolution search over these pixel budgets, "
                    "MAX or MIN:MAX (a MIN above an image's size upscales it), e.g. 56x56:56x56,112x112:1M")
-    p.add_argument("--dev-n", type=int, default=64, help="dev samples per task for the resolution search")
+    p.add_argument("--eval-dev-n", type=int, default=64, help="dev samples per task for the resolution search")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
-    p.add_argument("--device", default="auto", help="cpu|cuda|npu|auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="autocast dtype for generation; with --export-hf, the weights' dtype (fp32: as trained)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json dir/file or .tiktoken file (default: byte-level); "
@@ -476,12 +478,19 @@ def build_parser():
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
                    "files: replace only the files this command writes, keep the others")
+    # kept out of --help so scripts that spell them --n, --dev-n, --max-pixels keep working (train.py's
+    # --max-pixels is the training budget, hence --eval-max-pixels here)
+    for old, new in (("--n", "eval_n"), ("--dev-n", "eval_dev_n"), ("--max-pixels", "eval_max_pixels")):
+        p.add_argument(old, dest=new, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    for flag, n in (("--eval-n", args.eval_n), ("--eval-dev-n", args.eval_dev_n)):
+        if n < 1:  # as train.py says it
+            p.error(f"{flag} {n}: must be >= 1")
     if args.export_hf:
         return export_main(p, args)
     if args.average:
@@ -518,16 +527,16 @@ def evaluate_main(p, args):
     if not tasks and not args.data:
         p.error("nothing to evaluate: --tasks '' and no --data")
     files = [data.parse_data_flag(s)[:2] for s in args.data]
-    test_sets = build_eval_sets(tasks, args.split, args.n, args.seed, files, args.image_root)
+    test_sets = build_eval_sets(tasks, args.split, args.eval_n, args.seed, files, args.image_root)
     search = None
     if args.resolutions:
-        dev, search_test = resolution_eval_sets(tasks, args.dev_n, args.n, args.seed, files, args.image_root)
+        dev, search_test = resolution_eval_sets(tasks, args.eval_dev_n, args.eval_n, args.seed, files, args.image_root)
         same = not files and args.split == "test"  # then the search's test sets are the ones just built
         search = (dev, test_sets if same else search_test,
                   [parse_budget(r, args.min_pixels) for r in args.resolutions.split(",")])
     device = torch.device(detect_device() if args.device == "auto" else args.device)
     tokenizer = data.load_tokenizer(args.tokenizer or ckpts[0][1])  # default: the run's own (saved in it)
-    evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.max_pixels,
+    evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.eval_max_pixels,
                  search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens,
                  dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -566,12 +575,12 @@ def trained_budget(ckpt):
     """(min_pixels, max_pixels) the checkpoint's stage trained at, from the args.json beside it (an averaged
     checkpoint: its first source's; the processor's defaults when none is found)."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.abspath(ckpt)):
-        args = os.path.join(d, "args.json")
+        args = os.path.join(d, RUN_ARGS)
         if os.path.isfile(args):  # the budget it trained at (older runs: their flags)
             saved = read_json(args)
             return tuple(saved.get("pixels") or (saved["train_config"]["min_pixels"],
                                                  saved["train_config"]["max_pixels"] or data.MAX_PIXELS))
-    sources = os.path.join(ckpt, "averaged_from.json")
+    sources = os.path.join(ckpt, AVERAGED_FROM)
     if os.path.isfile(sources):
         return trained_budget(read_json(sources)["checkpoints"][0])
     return data.MIN_PIXELS, data.MAX_PIXELS
@@ -581,7 +590,7 @@ def searched_budget(ckpt):
     """(min_pixels, max_pixels) the resolution search picked for the checkpoint (the eval.json of its run:
     the budget most tasks chose), or None when no search ran on it."""
     for d in (os.path.dirname(os.path.abspath(ckpt)), os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))):
-        report = os.path.join(d, "eval.json")
+        report = os.path.join(d, EVAL_REPORT)
         search = read_json(report).get("resolution_search") if os.path.isfile(report) else None
         if search and os.path.abspath(search["checkpoint"]) == os.path.abspath(ckpt):
             picks = list(search["chosen"].values())

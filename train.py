@@ -46,8 +46,9 @@ import data
 import evaluate
 import parallel
 import convert
-from common import accelerators, checkpoint_damage, checkpoint_dir, cli, detect_device, is_our_checkpoint, \
-    peak_flops, peak_memory_gb, read_json, replaced, save_plot, stage_checkpoints, write_checkpoint, write_json
+from common import AVERAGE_DIR, FIRST_SAMPLES, LOSS_PLOT, METRICS_FILE, RUN_ARGS, accelerators, checkpoint_damage, \
+    checkpoint_dir, cli, detect_device, is_our_checkpoint, peak_flops, peak_memory_gb, read_json, replaced, save_plot, \
+    stage_checkpoints, stage_name, write_checkpoint, write_json
 from kernels import ATTENTION_BACKENDS
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, compile_blocks, \
     config_from_preset, loss_tokens, model_flops, update_expert_bias
@@ -68,7 +69,7 @@ class Stage:
     style: str           # tasks.SyntheticTasks style: "pretrain" = loss on all text, "instruct" = replies only
     mix: dict            # synthetic task -> sampling weight (ignored when --data is given)
     max_turns: int = 1   # synthetic conversations of 1..max_turns turns, cut at whole turns to the packing length
-    image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: MAX_PIXELS)
+    image_share: float = 0.0  # an image's pixel budget: this share of the packing length in tokens (0: data.MAX_PIXELS)
 
 
 MODULE_GROUPS = ("vision", "connector", "decoder")
@@ -80,9 +81,8 @@ PERCEPTION = {"vqa_color": 3.0, "vqa_shape": 3.0, "vqa_count": 3.0, "ocr": 3.0}
 # MindVL's abstract (arXiv 2509.11662) names three phases: warm-up, multitask training, supervised instruction
 # tuning; what each row trains, on what data, is our choice (docs/DESIGN.md). Learning rates, steps and lengths
 # are sized for the tiny preset training from scratch on the synthetic curriculum on a 2-core CPU.
-# Peak lrs stay at or below 3e-4: at 3e-3..1e-2 Adam grows the connector's output in one shared direction
-# (std 0.08 -> 400) until image tokens no longer differ and answers come from the question alone
-# (docs/LOG.md, 2026-11-29: what made the image path learn).
+# Peak lrs stay at or below 3e-4: above it (3e-3..1e-2 measured, docs/LOG.md) Adam grows the connector's output
+# along one shared direction until image tokens no longer differ, and answers come from the question alone.
 STAGES = {
     # 1. warm-up: ViT and LLM frozen, only the randomly initialised MLP connector learns, on caption data.
     #    Over a random frozen decoder there is nothing to align to, so the rate is low enough not to collapse it.
@@ -109,8 +109,6 @@ STAGE3_LENGTHS = "512,1024"
 # resolution search's candidates, min:max pixels: fewer pixels, and small images upscaled 2x (our choice)
 EVAL_N, EVAL_DEV_N, RESOLUTIONS = 64, 64, "56x56:56x56,112x112:1M"
 DEV_LOSS_N = 4  # dev records per task of a stage's mix whose loss is measured at checkpoints (loss.png's dots)
-MIN_PIXELS, MAX_PIXELS = data.MIN_PIXELS, data.MAX_PIXELS  # (TrainConfig's `data` field shadows the module)
-
 
 # ----------------------------------------------------------------------------- flags
 
@@ -127,14 +125,14 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    data: list = field(default_factory=list, metadata={"help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
+    datasets: list = field(default_factory=list, metadata={"flag": "--data", "help": "dataset file name=path:weight (repeatable; JSONL, JSON array, OpenAI messages, Parquet or Arrow); default: the synthetic curriculum"})
     image_root: str = field(default=".", metadata={"help": "directory the data files' image paths are relative to"})
     allow_outside_image_root: bool = field(default=False, metadata={"help": "let dataset image paths leave --image-root (absolute or ../ paths)"})
     on_bad: str = field(default="raise", metadata={"help": "bad data sample: raise or skip (counted)", "choices": ["raise", "skip"]})
     max_skip_rate: float = field(default=0.1, metadata={"help": "--on-bad skip: stop when a dataset skips more than this fraction of its records"})
     data_workers: typing.Optional[int] = field(default=None, metadata={"help": "processes that read, decode and tokenize samples ahead of the step, the same batches as 0 (in the training process); default: the CPUs per local rank less 2, at most 8"})
     truncate: bool = field(default=False, metadata={"help": "cut the text of samples longer than --packing-length (else they are bad samples)"})
-    min_pixels: int = field(default=MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
+    min_pixels: int = field(default=data.MIN_PIXELS, metadata={"help": "image pixel floor for smart resize"})
     max_pixels: typing.Optional[int] = field(default=None, metadata={"help": "image pixel budget for smart resize (default: the stage table's: a share of the packing length in stage 3, else the processor's)"})
     tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer.json dir or .tiktoken file (default: byte-level, or the --init-from HF dir's)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/<preset>)"})
@@ -176,12 +174,9 @@ class TrainConfig:
 
 
 def _base_type(tp):
-    """(python type, optional) of a dataclass annotation such as `int | None` or typing.Optional[float]."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing})  # model.py annotations are plain types, tuples and `X | None`
-    args = typing.get_args(tp)
+    """(python type, optional) of a resolved annotation such as `int | None` or typing.Optional[float]."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(a for a in args if a is not type(None)), True
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
     return tp, False
 
 
@@ -194,22 +189,32 @@ def _parse_bool(s):
 
 
 def _parser_for(tp, optional):
-    if tp is tuple:
-        return lambda s: None if optional and s.lower() == "none" else tuple(int(x) for x in s.split(",") if x)
+    """The argparse type of a model flag: "none" for an optional field, comma-separated ints for a tuple."""
     if tp is bool:
         return _parse_bool
-    return lambda s: None if optional and s.lower() == "none" else tp(s)
+
+    def parse(s):
+        if optional and s.lower() == "none":
+            return None
+        return tuple(int(x) for x in s.split(",") if x) if tp is tuple else tp(s)
+    parse.__name__ = "comma-separated int" if tp is tuple else tp.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+def typed_fields(config_class):
+    """(field, python type, optional) of a dataclass, its annotations resolved to types (typing.get_type_hints)."""
+    hints = typing.get_type_hints(config_class)
+    return [(f, *_base_type(hints[f.name])) for f in fields(config_class)]
 
 
 def model_fields():
     """(dotted name, type, optional) for every ModelConfig field, nested configs flattened."""
     out = []
-    for f in fields(ModelConfig):
+    for f, tp, optional in typed_fields(ModelConfig):
         if f.name in ("vision", "text"):
-            for g in fields(VisionConfig if f.name == "vision" else TextConfig):
-                out.append((f"{f.name}.{g.name}", *_base_type(g.type)))
+            out += [(f"{f.name}.{g.name}", gtp, gopt) for g, gtp, gopt in typed_fields(tp)]
         else:
-            out.append((f.name, *_base_type(f.type)))
+            out.append((f.name, tp, optional))
     return out
 
 
@@ -223,17 +228,16 @@ def model_help(dotted):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    for f in fields(TrainConfig):
-        tp, optional = _base_type(f.type)
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+    for f, tp, optional in typed_fields(TrainConfig):
+        name, help_ = flag(f.name), f.metadata["help"]
         if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif tp is list:
-            p.add_argument(flag, action="append", default=[], help=help_)
+            p.add_argument(name, dest=f.name, action="append", default=[], metavar=name[2:].upper(), help=help_)
         elif f.name == "fsdp":  # a bare --fsdp means our own FSDP
-            p.add_argument(flag, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
+            p.add_argument(name, nargs="?", const="ours", default=f.default, choices=f.metadata["choices"], help=help_)
         else:
-            p.add_argument(flag, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
+            p.add_argument(name, dest=f.name, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_)
     g = p.add_argument_group("model config (override the preset; ModelConfig / VisionConfig / TextConfig)")
     for name, tp, optional in model_fields():
         g.add_argument("--" + name.replace(".", "-").replace("_", "-"), dest="model." + name, default=argparse.SUPPRESS,
@@ -243,19 +247,25 @@ def build_parser():
 
 
 def flag(name):
-    return "--" + name.replace("_", "-")
+    """The command-line spelling of a TrainConfig field (its metadata's "flag", else --the-field-name)."""
+    field_ = TrainConfig.__dataclass_fields__.get(name)
+    return field_.metadata.get("flag") if field_ and "flag" in field_.metadata else "--" + name.replace("_", "-")
+
+
+# a numeric flag's lower bound: name -> (bound, strict); strict: the value must exceed it, else reach it
+BOUNDS = {"max_steps": (1, False), "packing_length": (1, False), "grad_accum": (1, False), "log_every": (1, False),
+          "keep_last": (1, False), "ep": (1, False), "cp": (1, False), "eval_n": (1, False), "eval_dev_n": (1, False),
+          "min_pixels": (1, False), "max_bad_steps": (1, False), "warmup": (0, False), "ckpt_every": (0, False),
+          "clip": (0, False), "weight_decay": (0, False), "data_workers": (0, False), "lr": (0, True)}
 
 
 def check_config(cfg, overrides):
     """Every flag, path and the init checkpoint checked before the run directory is touched: a SystemExit that
     names the flag, so a typo costs nothing already on disk."""
-    at_least = {"max_steps": 1, "packing_length": 1, "grad_accum": 1, "log_every": 1, "keep_last": 1, "ep": 1, "cp": 1,
-                "eval_n": 1, "eval_dev_n": 1, "min_pixels": 1, "warmup": 0, "ckpt_every": 0, "clip": 0,
-                "weight_decay": 0, "max_bad_steps": 1, "lr": 1e-30, "data_workers": 0}
-    for name, low in at_least.items():
+    for name, (bound, strict) in BOUNDS.items():
         value = getattr(cfg, name)
-        if value is not None and not value >= low:  # `not >=` also catches NaN
-            raise SystemExit(f"{flag(name)} {value}: must be {'> 0' if low == 1e-30 else f'>= {low}'}")
+        if value is not None and not (value > bound if strict else value >= bound):  # `not` also catches NaN
+            raise SystemExit(f"{flag(name)} {value}: must be {'>' if strict else '>='} {bound}")
     if not 0 <= cfg.max_skip_rate <= 1 or not 0 < cfg.beta2 < 1:
         raise SystemExit(f"--max-skip-rate {cfg.max_skip_rate} must lie in [0, 1] and --beta2 {cfg.beta2} in (0, 1)")
     for name in ("max_pixels", "eval_max_pixels"):
@@ -266,7 +276,7 @@ def check_config(cfg, overrides):
         raise SystemExit(f"--compile with {sharded}: not supported (the sharded blocks' hooks gather weights or "
                          "exchange tokens, which the compiled graphs would have to trace); drop --compile")
     data_specs(cfg)
-    if cfg.data and not os.path.isdir(cfg.image_root):
+    if cfg.datasets and not os.path.isdir(cfg.image_root):
         raise SystemExit(f"--image-root {cfg.image_root}: no such directory")
     fixed = [k for k in overrides if not (cfg.random_vision and k.startswith("vision."))]
     start = cfg.init_from or cfg.init_text_from
@@ -389,15 +399,16 @@ def vision_source_config(path):
 def stage_dirs(cfg):
     """The directories under --out that this run writes."""
     if cfg.stage != "all":
-        return [f"stage{cfg.stage}"]
+        return [stage_name(cfg.stage)]
     runs = stage3_runs(cfg)
-    return ["stage1", "stage2"] + ([f"stage3-{n}" for n, _ in runs] + ["stage3-avg"] if len(runs) > 1 else ["stage3"])
+    return [stage_name(1), stage_name(2)] + ([stage_name(3, n) for n, _ in runs] + [AVERAGE_DIR] if len(runs) > 1
+                                             else [stage_name(3)])
 
 
 def data_specs(cfg):
     """[(name, path, weight)] of the --data flags: names unique, files present."""
     try:
-        specs = [data.parse_data_flag(s) for s in cfg.data]
+        specs = [data.parse_data_flag(s) for s in cfg.datasets]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     names = [name for name, _, _ in specs]
@@ -407,7 +418,7 @@ def data_specs(cfg):
         if not os.path.isfile(path):
             raise SystemExit(f"--data {name}={path}: no such file")
     if specs and not any(w > 0 for _, _, w in specs):
-        raise SystemExit(f"--data: every weight is 0 ({', '.join(cfg.data)}); give at least one dataset a weight > 0")
+        raise SystemExit(f"--data: every weight is 0 ({', '.join(cfg.datasets)}); give at least one dataset a weight > 0")
     return specs
 
 
@@ -526,7 +537,7 @@ def build_source(cfg, stage_num, stage):
     """What a stage reads: the --data files mixed by their weights, else the synthetic tasks of the
     stage's mix. Each stage draws its own instances (seed offset by the stage number)."""
     seed = cfg.seed + 1000 * stage_num
-    if cfg.data:
+    if cfg.datasets:
         sources, weights = {}, {}
         for name, path, weight in data_specs(cfg):
             sources[name] = data.FileDataset(path, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root)
@@ -763,7 +774,7 @@ def check_resume_flags(cfg, overrides, saved, ckpt, log=print):
     then = saved["train_config"]
     then_overrides = saved.get("model_overrides")
     if then_overrides is None:  # checkpoints written before train_state.pt kept them: the stage's args.json
-        with open(os.path.join(os.path.dirname(ckpt), "args.json")) as f:
+        with open(os.path.join(os.path.dirname(ckpt), RUN_ARGS)) as f:
             then_overrides = json.load(f)["model_overrides"]
     same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 (tuples = lists)
     model_flags = [f"--preset {cfg.preset} (was {then['preset']})"] if cfg.preset != then["preset"] else []
@@ -863,15 +874,6 @@ class StopRequested:
 
 
 @dataclass
-class StageResult:
-    checkpoint: str      # the stage's last checkpoint
-    steps: int
-    bad_steps: int
-    status: str          # "done", "interrupted" or "stopped: ..."
-    wall_s: float
-
-
-@dataclass
 class RunContext:
     """What every stage of a run shares: the tokenizer, the process group (one process: world size 1) and
     its device, the model flags given, and the log (a no-op on ranks other than 0)."""
@@ -882,109 +884,137 @@ class RunContext:
 
 
 @dataclass
-class Plan:
-    """A stage's steps, packing length, warm-up, peak lr and image pixel budget: the stage table's unless a flag
-    overrides them. The budget grows with the packing length where the stage says so (image_share): as a real
-    run sizes its images to its sequence length, a shorter run sees images shrunk that a longer one sees whole."""
+class StageRun:
+    """One stage's run: its plan (steps, packing length, warm-up, peak lr, image pixel budget: the stage table's
+    unless a flag overrides them), what the loop changes and a checkpoint keeps (weights, optimizer, data
+    position, counters), and how it ended. train_stage returns it with model, optimizer and loader released."""
+    num: int             # the row of STAGES
+    dir: str             # the stage directory under --out
     total: int
     length: int
     warmup: int
     peak_lr: float
     max_pixels: int
+    model: typing.Optional[torch.nn.Module] = None
+    optimizer: typing.Optional[torch.optim.Optimizer] = None
+    loader: typing.Optional[data.PackedLoader] = None
+    step: int = 0
+    bad_steps: int = 0   # non-finite-loss steps skipped in all
+    bad_run: int = 0     # ... in a row (--max-bad-steps)
+    empty_steps: int = 0  # steps without a loss token, skipped
+    status: str = "done"  # "done", "interrupted" or "stopped: ..."
+    checkpoint: typing.Optional[str] = None  # the stage's last checkpoint
+    wall_s: float = 0.0
+
+    @property
+    def stage(self):
+        return STAGES[self.num]
 
     @staticmethod
-    def of(cfg, stage):
-        total, length = cfg.max_steps if cfg.max_steps is not None else stage.steps, cfg.packing_length or \
-            stage.packing_length
+    def plan(cfg, num, stage_dir=""):
+        """The run of stage `num` the flags ask for, nothing built yet. The pixel budget grows with the packing
+        length where the stage says so (image_share): as a real run sizes its images to its sequence length, a
+        shorter run sees images shrunk that a longer one sees whole."""
+        stage = STAGES[num]
+        total = cfg.max_steps if cfg.max_steps is not None else stage.steps
+        length = cfg.packing_length or stage.packing_length
         budget = max(cfg.min_pixels, int(length * stage.image_share) * data.FACTOR ** 2) if stage.image_share else \
-            MAX_PIXELS
-        return Plan(total, length, min(cfg.warmup if cfg.warmup is not None else stage.warmup, total),
-                    cfg.lr if cfg.lr is not None else stage.lr, cfg.max_pixels or budget)
+            data.MAX_PIXELS
+        warmup = min(cfg.warmup if cfg.warmup is not None else stage.warmup, total)
+        return StageRun(num, stage_dir, total, length, warmup, cfg.lr if cfg.lr is not None else stage.lr,
+                        cfg.max_pixels or budget)
 
 
-@dataclass
-class StageState:
-    """What a stage's loop changes and a checkpoint keeps: weights, optimizer, data position, counters."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: data.PackedLoader
-    step: int = 0
-    bad_total: int = 0   # non-finite-loss steps skipped in all
-    bad_run: int = 0     # ... in a row (--max-bad-steps)
-    empty_total: int = 0  # steps without a loss token, skipped
-
-
-def train_stage(cfg, ctx, stage_num, stage_dir, init):
-    """Train one stage into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
+def train_stage(cfg, ctx, num, stage_dir, init):
+    """Train stage `num` into stage_dir, starting from `init` (checkpoint dir, or None for the preset's random
     weights), or resuming from stage_dir's latest checkpoint when there is one and cfg.resume is set."""
-    stage, plan, dist, log = STAGES[stage_num], Plan.of(cfg, STAGES[stage_num]), ctx.dist, ctx.log
-    resume_ckpt, resumed = resume_point(stage_dir, log) if cfg.resume else (None, None)
-    overrides = check_resume_flags(cfg, ctx.overrides, resumed, resume_ckpt, log) if resume_ckpt else ctx.overrides
-    st = StageState(*build_stage(cfg, ctx, stage_num, plan, resume_ckpt or init))
-    if resume_ckpt:
-        resume_stage(st, resume_ckpt, resumed, stage_num, ctx)
-        if st.step >= plan.total:
-            return StageResult(resume_ckpt, st.step, st.bad_total, "done", 0.0)
-        if dist.is_main:
-            keep_metrics_until(os.path.join(stage_dir, "metrics.jsonl"), st.step, log)
-    st.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
-    if st.loader.skipped and not resume_ckpt:
-        log(f"stage {stage_num}: warning: skipped {st.loader.skipped} samples at start ({st.loader.skip_summary()})")
-    if dist.is_main:  # ... before anything on disk changes
-        prepare_stage_dir(stage_dir, fresh=not resume_ckpt, args={"train_config": asdict(cfg),
-                                                                  "model_overrides": overrides,
-                                                                  "pixels": [cfg.min_pixels, plan.max_pixels]}, log=log)
-        write_first_samples(st.loader, ctx.tokenizer, stage_dir, log)
-    meter = StageLog(cfg, stage_num, plan, stage_dir, ctx)
-    params = [p for g in st.optimizer.param_groups for p in g["params"]]
-    log(f"stage {stage_num} ({stage.name}): trains {', '.join(stage.trains)}; {plan.total} steps x {cfg.grad_accum} "
-        f"x {plan.length} tokens; peak lr {plan.peak_lr:g} (x{stage.lr_mult}); {sum(p.numel() for p in params):,} "
-        f"trainable / {sum(p.numel() for p in st.model.parameters()):,} parameters; {cfg.dtype} compute on "
-        f"{dist.device}")
-    save = lambda loader_state: save_checkpoint(stage_dir, st.model, st.optimizer, dist, cfg.keep_last,  # noqa: E731
-                                                train_state(cfg, overrides, stage_num, plan, st, loader_state),
-                                                ctx.tokenizer)
-    status, saved = "done", st.step
-    with StopRequested() as stop, contextlib.closing(st.loader):  # its data workers end with the stage
-        while st.step < plan.total:
-            t0, before = time.perf_counter(), st.loader.state_dict()
-            try:
-                batches = [next(st.loader) for _ in range(cfg.grad_accum)]
-                data_wait = time.perf_counter() - t0
-            except data.DataError:  # a bad record met mid-stage (--on-bad raise): keep the steps done so far
-                if dist.world_size == 1 and st.step > saved:  # (other ranks would wait in a collective)
-                    log(f"stage {stage_num}: bad data at step {st.step + 1}; wrote {save(before)} (--resume after "
-                        "fixing it)")
-                raise
-            s = train_step(st.model, params, batches, cfg, dist, stop, st.loader.skipped)
-            lr_mult = optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
-            status = meter.record(st, s, batches, lr_mult, time.perf_counter() - t0, data_wait)
-            if status != "done":
-                break
-            if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < plan.total:
-                save(gather_loader(st.loader, dist, cfg.cp))
-                saved = st.step
-        ckpt = save(gather_loader(st.loader, dist, cfg.cp))
-    return meter.finish(st, status, ckpt)
+    run, overrides, resumed = open_stage(cfg, ctx, num, stage_dir, init)
+    if run.step >= run.total:  # a finished stage, resumed
+        return release(run)
+    run.loader.fill()  # the first samples are read (a bad record or a too-short --packing-length found) ...
+    if run.loader.skipped and not resumed:
+        ctx.log(f"stage {num}: warning: skipped {run.loader.skipped} samples at start ({run.loader.skip_summary()})")
+    if ctx.dist.is_main:  # ... before anything on disk changes
+        prepare_stage_dir(stage_dir, fresh=not resumed, args={"train_config": asdict(cfg), "model_overrides": overrides,
+                                                              "pixels": [cfg.min_pixels, run.max_pixels]}, log=ctx.log)
+        write_first_samples(run.loader, ctx.tokenizer, stage_dir, ctx.log)
+    meter = StageLog(cfg, run, ctx)
+
+    def save(loader_state):
+        return save_checkpoint(stage_dir, run.model, run.optimizer, ctx.dist, cfg.keep_last,
+                               train_state(cfg, overrides, run, loader_state), ctx.tokenizer)
+
+    with StopRequested() as stop, contextlib.closing(run.loader):  # its data workers end with the stage
+        run.status = run_steps(cfg, ctx.dist, run, meter, save, stop)
+        run.checkpoint = save(gather_loader(run.loader, ctx.dist, cfg.cp))
+    meter.finish(run)
+    return release(run)
 
 
-def train_state(cfg, overrides, stage_num, plan, st, loader_state):
+def open_stage(cfg, ctx, num, stage_dir, init):
+    """(StageRun built, the model flags of the run, resumed checkpoint or None): weights from `init`, or with
+    --resume the stage's latest checkpoint with its optimizer, data position, RNG and counters."""
+    ckpt, saved = resume_point(stage_dir, ctx.log) if cfg.resume else (None, None)
+    overrides = check_resume_flags(cfg, ctx.overrides, saved, ckpt, ctx.log) if ckpt else ctx.overrides
+    run = StageRun.plan(cfg, num, stage_dir)
+    run.model, run.optimizer, run.loader = build_stage(cfg, ctx, run, ckpt or init)
+    if ckpt:
+        resume_stage(run, ckpt, saved, ctx)
+        run.checkpoint = ckpt
+        if run.step < run.total and ctx.dist.is_main:
+            keep_metrics_until(os.path.join(stage_dir, METRICS_FILE), run.step, ctx.log)
+    return run, overrides, ckpt
+
+
+def release(run):
+    """The run without its model, optimizer and loader: what the stage leaves is its checkpoint."""
+    run.model = run.optimizer = run.loader = None
+    return run
+
+
+def run_steps(cfg, dist, run, meter, save, stop):
+    """The steps to the stage's last, a stop signal (`stop`, a StopRequested) or too many bad steps in a row, with
+    a checkpoint every --ckpt-every steps (save(loader state)). Returns the status."""
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    saved = run.step
+    while run.step < run.total:
+        t0, before = time.perf_counter(), run.loader.state_dict()
+        try:
+            batches = [next(run.loader) for _ in range(cfg.grad_accum)]
+            data_wait = time.perf_counter() - t0
+        except data.DataError:  # a bad record met mid-stage (--on-bad raise): keep the steps done so far
+            if dist.world_size == 1 and run.step > saved:  # (other ranks would wait in a collective)
+                meter.log(f"stage {run.num}: bad data at step {run.step + 1}; wrote {save(before)} (--resume after "
+                          "fixing it)")
+            raise
+        s = train_step(run.model, params, batches, cfg, dist, stop, run.loader.skipped)
+        lr_mult = optimizer_step(run, s["finite"], dist, s["empty"])
+        status = meter.record(run, s, batches, lr_mult, time.perf_counter() - t0, data_wait)
+        if status != "done":
+            return status
+        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step < run.total:
+            save(gather_loader(run.loader, dist, cfg.cp))
+            saved = run.step
+    return "done"
+
+
+def train_state(cfg, overrides, run, loader_state):
     """train_state.pt's contents besides the optimizer: counters, RNG state, data position(s) and the flags."""
-    return {"stage": stage_num, "step": st.step, "total_steps": plan.total, "bad_steps": st.bad_total,
-            "bad_run": st.bad_run, "empty_steps": st.empty_total, "rng": rng_state(), "loader": loader_state,
+    return {"stage": run.num, "step": run.step, "total_steps": run.total, "bad_steps": run.bad_steps,
+            "bad_run": run.bad_run, "empty_steps": run.empty_steps, "rng": rng_state(), "loader": loader_state,
             "train_config": asdict(cfg), "model_overrides": overrides}
 
 
-def resume_stage(st, ckpt, saved, stage_num, ctx):
+def resume_stage(run, ckpt, saved, ctx):
     """Optimizer, data position, RNG and counters from the checkpoint the weights were loaded from (a changed
     --max-steps is taken: the schedule runs over the new total)."""
-    if saved["stage"] != stage_num:
-        raise SystemExit(f"--resume: {ckpt} is stage {saved['stage']}, this run is stage {stage_num}")
-    resume_optimizer_and_data(st.model, st.optimizer, st.loader, saved, ckpt, ctx.dist, ctx.log)
+    if saved["stage"] != run.num:
+        raise SystemExit(f"--resume: {ckpt} is stage {saved['stage']}, this run is stage {run.num}")
+    resume_optimizer_and_data(run.model, run.optimizer, run.loader, saved, ckpt, ctx.dist, ctx.log)
     set_rng_state(saved["rng"])
-    st.step, st.bad_total, st.bad_run = saved["step"], saved["bad_steps"], saved["bad_run"]
-    st.empty_total = saved.get("empty_steps", 0)
-    ctx.log(f"stage {stage_num}: resumed from {ckpt} at step {st.step}")
+    run.step, run.bad_steps, run.bad_run = saved["step"], saved["bad_steps"], saved["bad_run"]
+    run.empty_steps = saved.get("empty_steps", 0)
+    ctx.log(f"stage {run.num}: resumed from {ckpt} at step {run.step}")
 
 
 def train_step(model, params, batches, cfg, dist, stop, skipped):
@@ -1029,24 +1059,24 @@ def train_step(model, params, batches, cfg, dist, stop, skipped):
             "skipped": skipped, "stopping": stopping, "empty": empty}
 
 
-def optimizer_step(st, finite, plan, stage, dist, empty=False):
+def optimizer_step(run, finite, dist, empty=False):
     """The update at the schedule's lr, or (a non-finite loss or norm; no loss token) none, weights and optimizer
     state kept; then the MoE routing biases and the step count. Returns the lr multiplier of this step."""
-    lr_mult = lr_factor(st.step, plan.total, plan.warmup)
+    lr_mult = lr_factor(run.step, run.total, run.warmup)
     if empty:
-        st.empty_total += 1
+        run.empty_steps += 1
     elif finite:
-        for g in st.optimizer.param_groups:
+        for g in run.optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
-        st.optimizer.step()
-        st.bad_run = 0
+        run.optimizer.step()
+        run.bad_run = 0
     else:
-        st.bad_total, st.bad_run = st.bad_total + 1, st.bad_run + 1
+        run.bad_steps, run.bad_run = run.bad_steps + 1, run.bad_run + 1
     # DeepSeek-V3 §2.1.2: MoE routing biases follow the step's expert loads (a frozen decoder keeps them)
-    update_expert_bias(st.model, st.model.config.text.bias_update_speed if finite and not empty and "decoder" in
-                       stage.trains else 0.0, lambda t: parallel.all_reduce_sum(t, dist))
-    st.optimizer.zero_grad(set_to_none=True)
-    st.step += 1
+    update_expert_bias(run.model, run.model.config.text.bias_update_speed if finite and not empty and "decoder" in
+                       run.stage.trains else 0.0, lambda t: parallel.all_reduce_sum(t, dist))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
     return lr_mult
 
 
@@ -1054,75 +1084,80 @@ class StageLog:
     """A stage's metrics.jsonl (one row per step, written by rank 0), progress lines, the stop conditions
     (non-finite steps in a row, a stop signal) and the closing summary with loss.png."""
 
-    def __init__(self, cfg, stage_num, plan, stage_dir, ctx):
-        self.cfg, self.stage_num, self.plan, self.stage_dir, self.dist, self.log = \
-            cfg, stage_num, plan, stage_dir, ctx.dist, ctx.log
-        self.trains = STAGES[stage_num].trains
+    def __init__(self, cfg, run, ctx):
+        self.cfg, self.dist, self.log, self.tokenizer = cfg, ctx.dist, ctx.log, ctx.tokenizer
         self.peak, source = peak_flops(self.dist.device, compute_dtype(cfg), cfg.peak_tflops)
-        self.log(f"stage {stage_num}: MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({source})")
-        self.metrics = os.open(os.path.join(stage_dir, "metrics.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
+        self.log(f"stage {run.num}: MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({source})")
+        self.metrics = os.open(os.path.join(run.dir, METRICS_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
             if self.dist.is_main else None
-        self.t_start, self.dt_avg = time.time(), None
-        stage = STAGES[stage_num]  # dev loss in the stage's own format: synthetic runs in one process
-        self.dev, self.tokenizer = [] if cfg.data or self.dist.world_size > 1 else [
+        self.t_start, self.dt_avg, stage = time.time(), None, run.stage
+        # dev loss in the stage's own format: synthetic runs in one process
+        self.dev = [] if cfg.datasets or self.dist.world_size > 1 else [
             r for t in stage.mix for r in evaluate.synthetic_eval_set(t, "dev", DEV_LOSS_N, cfg.seed, stage.max_turns,
-                                                                     stage.style)], ctx.tokenizer
+                                                                     stage.style)]
+        params = [p for g in run.optimizer.param_groups for p in g["params"]]
+        self.log(f"stage {run.num} ({stage.name}): trains {', '.join(stage.trains)}; {run.total} steps x "
+                 f"{cfg.grad_accum} x {run.length} tokens; peak lr {run.peak_lr:g} (x{stage.lr_mult}); "
+                 f"{sum(p.numel() for p in params):,} trainable / {sum(p.numel() for p in run.model.parameters()):,} "
+                 f"parameters; {cfg.dtype} compute on {self.dist.device}")
 
-    def record(self, st, s, batches, lr_mult, dt, data_wait=0.0):
+    def record(self, run, s, batches, lr_mult, dt, data_wait=0.0):
         """Log the step just taken (data_wait: seconds of dt spent waiting for its batches); returns "done" to
         go on, else why the stage stops."""
-        cfg, step, total, finite = self.cfg, st.step, self.plan.total, s["finite"] and not s["empty"]
+        cfg, step, total, finite = self.cfg, run.step, run.total, s["finite"] and not s["empty"]
         if cfg.compile and self.dt_avg is None:
             self.log(f"--compile: the first step took {dt:.1f}s, compiling included (once: later lengths reuse it)")
         self.dt_avg = dt if self.dt_avg is None else 0.9 * self.dt_avg + 0.1 * dt
-        flops = sum(sum(model_flops(st.model.config, b, self.trains).values()) for b in batches)
+        flops = sum(sum(model_flops(run.model.config, b, run.stage.trains).values()) for b in batches)
         mfu = flops * self.dist.world_size / self.cfg.cp / dt / self.peak  # a context-parallel group shares them
-        lr = self.plan.peak_lr * lr_mult
-        row = {"stage": self.stage_num, "step": step, "loss": s["loss"] if finite else None, "lr": lr,
+        lr = run.peak_lr * lr_mult
+        row = {"stage": run.num, "step": step, "loss": s["loss"] if finite else None, "lr": lr,
                "grad_norm": s["norm"] if finite else None, "tokens": s["tokens"], "loss_tokens": s["loss_tokens"],
                "tokens_per_s": s["tokens"] / dt, "mfu": mfu, "mem_gb": peak_memory_gb(self.dist.device),
-               "skipped": not finite, "bad_steps": st.bad_total, "empty_steps": st.empty_total,
+               "skipped": not finite, "bad_steps": run.bad_steps, "empty_steps": run.empty_steps,
                "skipped_samples": s["skipped"],
-               "packing_efficiency": st.loader.efficiency, "data_wait": data_wait / dt,
+               "packing_efficiency": run.loader.efficiency, "data_wait": data_wait / dt,
                "time_s": time.time() - self.t_start,
-               **sequence_stats(batches, st.model.config.image_pad_id), "truncated_samples": st.loader.truncated}
+               **sequence_stats(batches, run.model.config.image_pad_id), "truncated_samples": run.loader.truncated}
         if self.dev and (step == total or cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            row["dev_loss"] = evaluate.reply_loss(st.model, self.tokenizer, self.dev, cfg.min_pixels,
-                                                  self.plan.max_pixels)
+            row["dev_loss"] = evaluate.reply_loss(run.model, self.tokenizer, self.dev, cfg.min_pixels,
+                                                  run.max_pixels)
         if self.metrics is not None:
             os.write(self.metrics, (json.dumps(row) + "\n").encode())  # one write per whole line: rows never tear
         if s["empty"]:
-            self.log(f"stage {self.stage_num} step {step}: no loss tokens in the step's batches (replies cut away "
-                     f"by --truncate?); update skipped ({st.empty_total} such steps)")
+            self.log(f"stage {run.num} step {step}: no loss tokens in the step's batches (replies cut away "
+                     f"by --truncate?); update skipped ({run.empty_steps} such steps)")
         elif not finite:
-            self.log(f"stage {self.stage_num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
-                     f"update skipped ({st.bad_run} in a row, {st.bad_total} in all)")
+            self.log(f"stage {run.num} step {step}: non-finite loss ({s['loss']}) or grad norm ({s['norm']}); "
+                     f"update skipped ({run.bad_run} in a row, {run.bad_steps} in all)")
         if step % cfg.log_every == 0 or step == total or step == 1:
-            self.log(f"stage {self.stage_num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {lr:.2e} | "
+            self.log(f"stage {run.num} step {step:5d}/{total} | loss {s['loss']:.4f} | lr {lr:.2e} | "
                      f"{s['tokens'] / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | data {100 * data_wait / dt:.0f}% | "
                      f"mem {row['mem_gb']:.2f} GB | "
                      f"ETA {self.dt_avg * (total - step):.0f}s"
                      + (f" | skipped {s['skipped']} samples" if s["skipped"] else ""))
-        if st.bad_run >= cfg.max_bad_steps:
-            status = f"stopped: {st.bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
-            self.log(f"stage {self.stage_num}: {status}")
+        if run.bad_run >= cfg.max_bad_steps:
+            status = f"stopped: {run.bad_run} non-finite-loss steps in a row (--max-bad-steps {cfg.max_bad_steps})"
+            self.log(f"stage {run.num}: {status}")
             return status
         return "interrupted" if s["stopping"] and step < total else "done"
 
-    def finish(self, st, status, ckpt):
-        loader, wall = st.loader, time.time() - self.t_start
+    def finish(self, run):
+        """Close metrics.jsonl, draw loss.png, log the stage's end; sets run.wall_s."""
+        loader = run.loader
+        run.wall_s = wall = time.time() - self.t_start
         if loader.skipped:
-            self.log(f"stage {self.stage_num}: skipped {loader.skipped} samples"
+            self.log(f"stage {run.num}: skipped {loader.skipped} samples"
                      f"{' on rank 0' if self.dist.world_size > 1 else ''} ({loader.skip_summary()}; last: "
-                     f"{loader.last_error}); see metrics.jsonl 'skipped_samples'")
+                     f"{loader.last_error}); see {METRICS_FILE} 'skipped_samples'")
         if self.metrics is not None:
             os.close(self.metrics)
-            png = os.path.join(self.stage_dir, "loss.png")
-            if plot_loss(os.path.join(self.stage_dir, "metrics.jsonl"), png):
+            png = os.path.join(run.dir, LOSS_PLOT)
+            if plot_loss(os.path.join(run.dir, METRICS_FILE), png):
                 self.log(f"wrote {png}")
-        self.log(f"stage {self.stage_num}: {status} at step {st.step} in {wall:.0f}s ({st.bad_total} skipped "
-                 f"steps{f', {st.empty_total} without loss tokens' if st.empty_total else ''}); checkpoint {ckpt}")
-        return StageResult(ckpt, st.step, st.bad_total, status, wall)
+        self.log(f"stage {run.num}: {run.status} at step {run.step} in {wall:.0f}s ({run.bad_steps} skipped "
+                 f"steps{f', {run.empty_steps} without loss tokens' if run.empty_steps else ''}); checkpoint "
+                 f"{run.checkpoint}")
 
 
 def write_first_samples(loader, tokenizer, stage_dir, log):
@@ -1130,12 +1165,12 @@ def write_first_samples(loader, tokenizer, stage_dir, log):
     first_samples.jsonl ({"source", "input_ids", "labels"}; labels -100 where no loss): what the stage trains on."""
     samples = data.first_samples(loader.source, tokenizer, loader.min_pixels, loader.max_pixels)
     rows = [{"source": name, "id": s.id, "input_ids": s.tokens, "labels": s.labels} for name, s in samples.items()]
-    with replaced(os.path.join(stage_dir, "first_samples.jsonl")) as tmp, open(tmp, "w") as f:
+    with replaced(os.path.join(stage_dir, FIRST_SAMPLES)) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for name, s in samples.items():
         n_loss = sum(label != data.IGNORE for label in s.labels)
         text = repr(data.show_sample(s, tokenizer))
-        cut = f"... ({len(text) - 1500:,} more characters in first_samples.jsonl)" if len(text) > 1600 else ""
+        cut = f"... ({len(text) - 1500:,} more characters in {FIRST_SAMPLES})" if len(text) > 1600 else ""
         log(f"first sample of {name} ({s.id}): {len(s.tokens)} tokens, {n_loss} with loss [[marked]]:\n"
             f"  {text[:1500] if cut else text}{cut}")
 
@@ -1154,12 +1189,12 @@ def prepare_stage_dir(stage_dir, fresh, args, log):
         log(f"starting over in {stage_dir}: its old contents are removed")
         shutil.rmtree(stage_dir)
     os.makedirs(stage_dir, exist_ok=True)
-    write_json(args, os.path.join(stage_dir, "args.json"))
+    write_json(args, os.path.join(stage_dir, RUN_ARGS))
 
 
-def build_stage(cfg, ctx, stage_num, plan, init):
-    """(model, optimizer, loader) of a stage: weights from `init`, frozen groups set, sharded as the flags say."""
-    stage, dist, device = STAGES[stage_num], ctx.dist, ctx.dist.device
+def build_stage(cfg, ctx, run, init):
+    """(model, optimizer, loader) of a stage's run: weights from `init`, frozen groups set, sharded as the flags say."""
+    stage, dist, device = run.stage, ctx.dist, ctx.dist.device
     if init is None and cfg.init_text_from:
         model = compose_model(cfg, ctx.tokenizer, ctx.overrides, **runtime_of(cfg)).to(device)
     else:
@@ -1182,13 +1217,13 @@ def build_stage(cfg, ctx, stage_num, plan, init):
         model = parallel.shard_model(model, dist, mode=cfg.fsdp, compute_dtype=compute_dtype(cfg),
                                      group_of=lambda n, p: (module_group(n), p.dim() >= 2))
     model.train()
-    optimizer = build_optimizer(model, stage, plan.peak_lr, cfg, device.type)
-    loader = data.PackedLoader(build_source(cfg, stage_num, stage), ctx.tokenizer, plan.length,
-                               seed=cfg.seed + stage_num, rank=dist.rank // cfg.cp,
+    optimizer = build_optimizer(model, stage, run.peak_lr, cfg, device.type)
+    loader = data.PackedLoader(build_source(cfg, run.num, stage), ctx.tokenizer, run.length,
+                               seed=cfg.seed + run.num, rank=dist.rank // cfg.cp,
                                world_size=dist.world_size // cfg.cp,
-                               min_pixels=cfg.min_pixels, max_pixels=plan.max_pixels,
+                               min_pixels=cfg.min_pixels, max_pixels=run.max_pixels,
                                mrope=model.config.text.mrope_section is not None,
-                               truncate=cfg.truncate or (not cfg.data and stage.max_turns > 1),
+                               truncate=cfg.truncate or (not cfg.datasets and stage.max_turns > 1),
                                on_bad=cfg.on_bad, max_skip_rate=cfg.max_skip_rate,
                                workers=data_workers(cfg.data_workers))
     return model, optimizer, loader
@@ -1295,22 +1330,22 @@ def train_recipe(cfg, ctx):
     for n in stage_nums:
         if n == 3 and cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
             break
-        name = f"stage{n}"
+        name = stage_name(n)
         results[name] = train_stage(cfg, ctx, n, os.path.join(cfg.out, name), init)
         if results[name].status != "done":
             return {"stages": results, "wall_s": time.time() - t0}
         init = results[name].checkpoint
     if cfg.stage == "all" and len(stage3_runs(cfg)) > 1:
         for length, steps in stage3_runs(cfg):
-            name = f"stage3-{length}"
+            name = stage_name(3, length)
             run_cfg = replace(cfg, packing_length=length, max_steps=steps)
             results[name] = train_stage(run_cfg, ctx, 3, os.path.join(cfg.out, name), init)
             if results[name].status != "done":
                 return {"stages": results, "wall_s": time.time() - t0}
         if dist.is_main:
-            convert.average_checkpoints([results[f"stage3-{n}"].checkpoint for n, _ in stage3_runs(cfg)],
-                                         out=os.path.join(cfg.out, "stage3-avg"))
-            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, 'stage3-avg')}")
+            convert.average_checkpoints([results[stage_name(3, n)].checkpoint for n, _ in stage3_runs(cfg)],
+                                         out=os.path.join(cfg.out, AVERAGE_DIR))
+            log(f"averaged the stage-3 runs into {os.path.join(cfg.out, AVERAGE_DIR)}")
     train_wall = time.time() - t0
     summary = {"stages": results, "train_wall_s": train_wall}
     if cfg.stage == "all" and cfg.eval and dist.is_main:
@@ -1325,7 +1360,7 @@ def eval_budget(cfg):
     """(min_pixels, max_pixels) of the default run's evaluation: the budget of the longest stage-3 run (the largest
     the averaged runs trained at; the shorter runs' budgets are search candidates) unless --eval-max-pixels."""
     longest = max(n for n, _ in stage3_runs(cfg))
-    return cfg.min_pixels, cfg.eval_max_pixels or Plan.of(replace(cfg, packing_length=longest), STAGES[3]).max_pixels
+    return cfg.min_pixels, cfg.eval_max_pixels or StageRun.plan(replace(cfg, packing_length=longest), 3).max_pixels
 
 
 def evaluate_recipe(cfg, tokenizer, device, log=print):
@@ -1339,11 +1374,11 @@ def evaluate_recipe(cfg, tokenizer, device, log=print):
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     ckpts = evaluate.resolve_checkpoints(cfg.out)
     earlier = {name: evaluate.reply_loss(evaluate.load_model(ckpt, device), tokenizer, sum(dev.values(), []), *budget,
-                                         device=device) for name, ckpt in ckpts if not name.startswith("stage3")}
+                                         device=device) for name, ckpt in ckpts if not name.startswith(stage_name(3))}
     if earlier:
         log("not scored on replies (trained on pre-training text only); dev reply loss: "
             + ", ".join(f"{name} {loss:.3f}" for name, loss in earlier.items()))
-    return evaluate.evaluate_run([c for c in ckpts if c[0].startswith("stage3")], tokenizer, test_sets, cfg.out,
+    return evaluate.evaluate_run([c for c in ckpts if c[0].startswith(stage_name(3))], tokenizer, test_sets, cfg.out,
                                  *budget, (dev, test_sets, resolutions) if resolutions else None,
                                  report={"dev_reply_loss_not_scored": earlier}, log=log, device=device,
                                  dtype=compute_dtype(cfg))

@@ -66,7 +66,9 @@ def test_a_stopped_seed_stops_the_audit_and_resumes(tmp_path, monkeypatch):
     def fake_run(cfg, overrides, log=print):  # stage 1 stops (Ctrl-C), leaving its directory behind
         calls.append((cfg.out, cfg.resume))
         os.makedirs(os.path.join(cfg.out, "stage1"), exist_ok=True)
-        return {"stages": {"stage1": train.StageResult("ckpt", 3, 0, "interrupted", 1.0)}}
+        stopped = train.replace(train.StageRun.plan(cfg, 1, os.path.join(cfg.out, "stage1")), step=3,
+                                status="interrupted")
+        return {"stages": {"stage1": stopped}}
 
     monkeypatch.setattr(train, "run", fake_run)
     for _ in range(2):

@@ -214,7 +214,7 @@ def test_command_line_average_and_evaluate(tmp_path, capsys):
     save_model(tmp_path / "b", 2)
     evaluate.main(["--average", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,1", "--out",
                    str(tmp_path / "avg"), "--ckpt", str(tmp_path / "a"), "--tasks", "vqa_color,grounding",
-                   "--n", "2", "--max-new-tokens", "4"])
+                   "--eval-n", "2", "--max-new-tokens", "4"])
     report = json.load(open(tmp_path / "avg" / "eval.json"))
     assert list(report["checkpoints"]) == ["a", "avg"]
     res = report["checkpoints"]["avg"]["results"]
@@ -237,3 +237,38 @@ def test_data_alone_evaluates_only_that_set_and_task_typos_list_names(tmp_path, 
         evaluate.main(["--ckpt", str(tmp_path / "a"), "--tasks", "vqa_colour,ocr"])
     err = capsys.readouterr().err
     assert "unknown task 'vqa_colour' (did you mean 'vqa_color'?)" in err and ", ".join(SYNTHETIC_TASKS) in err
+
+
+def test_evaluation_flags_are_spelled_alike_in_every_command(capsys):
+    """--eval-n, --eval-dev-n, --eval-max-pixels, --resolutions and --min-pixels mean the same in train.py and
+    evaluate.py (chat.py: --eval-max-pixels, --min-pixels); the earlier evaluate.py / chat.py / bench.py spellings
+    still parse to the same settings and are not in --help."""
+    import bench
+    import chat
+    import train
+
+    def flags(parser):
+        return {s for a in parser._actions if a.help != "==SUPPRESS==" for s in a.option_strings}
+    shared = {"--eval-n", "--eval-dev-n", "--eval-max-pixels", "--resolutions", "--min-pixels"}
+    assert shared <= flags(train.build_parser()) and shared <= flags(evaluate.build_parser())
+    assert {"--eval-max-pixels", "--min-pixels"} <= flags(chat.build_parser())
+    new = evaluate.build_parser().parse_args(["--ckpt", "c", "--eval-n", "3", "--eval-dev-n", "5",
+                                              "--eval-max-pixels", "7056"])
+    old = evaluate.build_parser().parse_args(["--ckpt", "c", "--n", "3", "--dev-n", "5", "--max-pixels", "7056"])
+    assert vars(old) == vars(new) and (new.eval_n, new.eval_dev_n, new.eval_max_pixels) == (3, 5, 7056)
+    assert evaluate.build_parser().parse_args(["--ckpt", "c"]).eval_n == 128  # the hidden spelling keeps the default
+    assert chat.build_parser().parse_args(["--ckpt", "c", "--max-pixels", "99"]).eval_max_pixels == 99
+    assert chat.build_parser().parse_args(["--ckpt", "c"]).eval_max_pixels is None
+    for flags_, message in ((["--eval-n", "0"], "--eval-n 0: must be >= 1"), (["--dev-n", "-1"], "--eval-dev-n -1: must")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--ckpt", "c", *flags_])
+        assert message in capsys.readouterr().err
+    for parser in (evaluate.build_parser(), chat.build_parser()):
+        text = parser.format_help()
+        assert "--eval-max-pixels" in text and "--max-pixels" not in text.replace("--eval-max-pixels", "")
+    assert " --n " not in evaluate.build_parser().format_help() and "--dev-n" not in \
+        evaluate.build_parser().format_help().replace("--eval-dev-n", "")
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out  # bench's untimed calls are not train.py's warm-up steps
+    assert "--warmup-reps" in text and "--warmup " not in text

@@ -101,7 +101,7 @@ def test_torn_metrics_line_is_dropped_on_resume_and_resume_is_exact(tmp_path):
 
 def test_evaluate_creates_a_missing_out_before_evaluating(done_run, tmp_path):
     out = tmp_path / "not" / "yet"
-    evaluate.main(["--ckpt", done_run.out + "/stage1", "--tasks", "vqa_color", "--n", "2", "--max-new-tokens", "2",
+    evaluate.main(["--ckpt", done_run.out + "/stage1", "--tasks", "vqa_color", "--eval-n", "2", "--max-new-tokens", "2",
                    "--out", str(out)])
     assert json.load(open(out / "eval.json"))["checkpoints"]["stage1"]["results"]["vqa_color"]["n"] == 2
 
@@ -112,6 +112,7 @@ def test_evaluate_creates_a_missing_out_before_evaluating(done_run, tmp_path):
     (["--max-steps", "-1"], "--max-steps -1: must be >= 1"),
     (["--packing-length", "0"], "--packing-length 0: must be >= 1"),
     (["--lr", "nan"], "--lr nan: must be > 0"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
     (["--max-skip-rate", "2"], "--max-skip-rate 2.0 must lie in"),
     (["--data", "a=x.jsonl:abc"], r"--data 'a=x.jsonl:abc': weight 'abc' is not a number"),
     (["--data", "a=x.jsonl:-1"], r"--data 'a=x.jsonl:-1': weight '-1' must be a finite number >= 0"),
@@ -124,7 +125,7 @@ def test_bad_flag_is_named_and_nothing_changes(done_run, flags, match):
 
 def test_duplicate_data_names_are_refused(done_run, tmp_path):
     path = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"a={path}", f"a={path}:2"]), "the name 'a' is given 2 times")
+    refused(replace(done_run, datasets=[f"a={path}", f"a={path}:2"]), "the name 'a' is given 2 times")
 
 
 def test_resume_of_a_missing_run_is_refused(tmp_path):
@@ -135,10 +136,10 @@ def test_resume_of_a_missing_run_is_refused(tmp_path):
 
 def test_too_short_packing_length_names_the_flag(done_run, tmp_path):
     path = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8),
+    refused(replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8),
             r"colors.jsonl:\d+ .*> the packing length 8 \(raise --packing-length", error=DataError)
     # skipping cannot help when no sample fits: the loader gives up instead of spinning
-    cfg = replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8,
+    cfg = replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), packing_length=8,
                         on_bad="skip", max_skip_rate=1.0)
     with pytest.raises(DataError, match="c: too long x"):
         loader = PackedLoader(train.build_source(cfg, 1, train.STAGES[1]), Tokenizer(), 8, on_bad="skip",
@@ -157,7 +158,7 @@ def test_truncated_checkpoint_names_its_file(done_run, tmp_path):
     refused(replace(done_run, stage="2", init_from=str(ckpt)), r"ckpt/model.safetensors: cannot read",
             {}, error=ValueError)
     with pytest.raises(ValueError, match=r"ckpt/model.safetensors: cannot read"):
-        evaluate.main(["--ckpt", str(ckpt), "--tasks", "vqa_color", "--n", "1", "--out", str(tmp_path)])
+        evaluate.main(["--ckpt", str(ckpt), "--tasks", "vqa_color", "--eval-n", "1", "--out", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------- bad data, counted
@@ -171,7 +172,7 @@ def bad_lines_jsonl(tmp_path, n_bad, n_good=1):
 
 def test_mostly_bad_file_stops_the_run_naming_it(done_run, tmp_path):
     path = bad_lines_jsonl(tmp_path, 30)
-    refused(replace(done_run, data=[f"c={path}"], image_root=str(tmp_path / "img"), on_bad="skip"),
+    refused(replace(done_run, datasets=[f"c={path}"], image_root=str(tmp_path / "img"), on_bad="skip"),
             r"data source 'c': \d+ of \d+ samples skipped \(9\d%\), more than --max-skip-rate 0.1 \(c: malformed "
             r"JSON x\d+\); last: .*colors.jsonl:\d+: malformed JSON", error=DataError)
 
@@ -179,7 +180,7 @@ def test_mostly_bad_file_stops_the_run_naming_it(done_run, tmp_path):
 def test_skips_are_reported_in_the_log_and_metrics(tmp_path):
     path = bad_lines_jsonl(tmp_path, 2, n_good=12)
     lines = []
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"c={path}"], image_root=str(tmp_path / "img"),
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"c={path}"], image_root=str(tmp_path / "img"),
                  on_bad="skip", max_skip_rate=0.5, log_every=1)
     train.run(cfg, SMALL, log=lines.append)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
@@ -294,7 +295,7 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     lines = [json.dumps({"text": f"sample number {i} " * 4}) for i in range(2000)]
     lines[1500] = "{not json"
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = config(tmp_path, stage="1", max_steps=200, packing_length=1024, data=[f"t={tmp_path / 't.jsonl'}"])
+    cfg = config(tmp_path, stage="1", max_steps=200, packing_length=1024, datasets=[f"t={tmp_path / 't.jsonl'}"])
     logs = []
     with pytest.raises(DataError, match=r"t.jsonl:1501: malformed JSON"):
         train.run(cfg, SMALL, log=logs.append)
@@ -303,7 +304,7 @@ def test_bad_record_met_mid_stage_keeps_the_steps_done(tmp_path):
     assert 0 < state["step"] < 200 and any("bad data at step" in line for line in logs)
     # resuming with the record skipped continues from that checkpoint
     out = train.run(replace(cfg, resume=True, on_bad="skip", max_skip_rate=0.5), SMALL, **QUIET)
-    assert out["stages"]["stage1"].steps == 200
+    assert out["stages"]["stage1"].step == 200
 
 
 # ----------------------------------------------------------------------------- outputs never replace what others wrote
@@ -412,7 +413,7 @@ def test_resume_continues_from_the_newest_complete_checkpoint(checkpointed, tmp_
     assert {"no latest": "has no `latest` file", "latest names a deleted checkpoint": "no such directory",
             "truncated train_state.pt": "train_state.pt: cannot read the training state",
             "truncated model.safetensors": "damaged"}[damage] in said[0]
-    assert not any("starting over" in line for line in lines) and result.steps == 3
+    assert not any("starting over" in line for line in lines) and result.step == 3
     # continued exactly: step 3 retrained from step 2 equals the step 3 the uninterrupted run wrote
     got = load_file(os.path.join(result.checkpoint, "model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -454,14 +455,14 @@ def test_a_step_without_loss_tokens_is_skipped_and_counted(tmp_path):
     batch.labels[:] = data.IGNORE
     loss, stats = m(batch, loss_divisor=0.0)  # the model alone: 0, not 0 / 0
     assert float(loss.detach()) == 0.0 and stats["n_loss_tokens"] == 0
-    plan, stage = train.Plan.of(cfg, train.STAGES[3]), train.STAGES[3]
-    st = train.StageState(m, train.build_optimizer(m, stage, 1e-3, cfg, "cpu"), None)
+    st = train.StageRun.plan(cfg, 3)
+    st.model, st.optimizer = m, train.build_optimizer(m, st.stage, 1e-3, cfg, "cpu")
     before = {k: v.clone() for k, v in m.state_dict().items()}
     dist = train.parallel.Dist(0, 1)
     s = train.train_step(m, [p for g in st.optimizer.param_groups for p in g["params"]], [batch, batch], cfg, dist,
                          train.StopRequested(), 0)
-    train.optimizer_step(st, s["finite"], plan, stage, dist, s["empty"])
-    assert s["empty"] and s["loss_tokens"] == 0 and st.empty_total == 1 and st.bad_total == 0 and st.step == 1
+    train.optimizer_step(st, s["finite"], dist, s["empty"])
+    assert s["empty"] and s["loss_tokens"] == 0 and st.empty_steps == 1 and st.bad_steps == 0 and st.step == 1
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
@@ -472,7 +473,7 @@ def test_samples_whose_reply_truncate_cuts_away_are_dropped_and_reported(tmp_pat
     with open(path, "a") as f:
         f.writelines(json.dumps(long_prompt) + "\n" for _ in range(2))
     lines = []
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"c={path}"], image_root=str(tmp_path / "img"),
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"c={path}"], image_root=str(tmp_path / "img"),
                  truncate=True, log_every=1)
     result = train.run(cfg, SMALL, log=lines.append)["stages"]["stage3"]
     assert result.status == "done"
@@ -519,7 +520,7 @@ def test_train_and_evaluate_errors_are_one_line(done_run, tmp_path):
     blob = open(tmp_path / "cut" / "model.safetensors", "rb").read()
     (tmp_path / "cut" / "model.safetensors").write_bytes(blob[:100])
     assert "cut/model.safetensors: cannot read" in one_line_error(
-        evaluate.main, ["--ckpt", str(tmp_path / "cut"), "--tasks", "vqa_color", "--n", "1", "--out", str(tmp_path)])
+        evaluate.main, ["--ckpt", str(tmp_path / "cut"), "--tasks", "vqa_color", "--eval-n", "1", "--out", str(tmp_path)])
     assert "not a checkpoint, stage directory or run directory" in one_line_error(
         evaluate.main, ["--ckpt", str(tmp_path / "nowhere"), "--tasks", "vqa_color"])
     (tmp_path / "bad.json").write_bytes(b'[{"text": "caf\xe9"}]')
@@ -556,7 +557,7 @@ def test_bad_files_are_named(tmp_path):
 def test_empty_file_and_zero_weights_name_the_flag(done_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     good = make_jsonl(tmp_path, 3)
-    refused(replace(done_run, data=[f"e={tmp_path / 'empty.jsonl'}", f"c={good}"], image_root=str(tmp_path / "img")),
+    refused(replace(done_run, datasets=[f"e={tmp_path / 'empty.jsonl'}", f"c={good}"], image_root=str(tmp_path / "img")),
             r"--data e=.*empty.jsonl: the file holds no records")
-    refused(replace(done_run, data=[f"c={good}:0"], image_root=str(tmp_path / "img")),
+    refused(replace(done_run, datasets=[f"c={good}:0"], image_root=str(tmp_path / "img")),
             r"--data: every weight is 0 \(c=.*:0\)")

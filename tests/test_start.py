@@ -196,7 +196,7 @@ def test_stage1_moves_only_the_connector_and_the_run_keeps_its_tokenizer(sources
         evaluate.main(["--average", str(tmp_path / "run" / "stage1"), str(tmp_path / "run" / "stage3"), "--out",
                        str(tmp_path / "avg")])
     assert data.encode(record, data.load_tokenizer(str(tmp_path / "avg"))).tokens == data.encode(record, tok).tokens
-    evaluate.main(["--ckpt", str(tmp_path / "run" / "stage3"), "--tasks", "vqa_color", "--n", "2", "--device", "cpu",
+    evaluate.main(["--ckpt", str(tmp_path / "run" / "stage3"), "--tasks", "vqa_color", "--eval-n", "2", "--device", "cpu",
                    "--max-new-tokens", "4", "--out", str(tmp_path / "eval")])  # the run's tokenizer, no flag
     assert json.load(open(tmp_path / "eval" / "eval.json"))
 

@@ -74,7 +74,7 @@ def test_synthetic_native_sizes_and_the_stage3_budgets():
     sides = {im.size for r in recs if r["task"] != "ocr" for im in r["images"]}
     assert sides == {(56, 56), (84, 84)}  # scenes: 2x2 and 3x3 one-token cells
     cfg = train.TrainConfig()
-    short, long = (train.Plan.of(train.replace(cfg, packing_length=n), train.STAGES[3]).max_pixels for n in (512, 1024))
+    short, long = (train.StageRun.plan(train.replace(cfg, packing_length=n), 3).max_pixels for n in (512, 1024))
     # the 1,024-token run sees every image whole; the 512 one shrinks 3x3 scenes and text images
     assert all(data.smart_resize(h, w, max_pixels=long) == (h, w) for w, h in sides | {(224, 56)})
     assert data.smart_resize(84, 84, max_pixels=short) != (84, 84) and data.smart_resize(56, 56, max_pixels=short) == (56, 56)

@@ -63,10 +63,10 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MLLM, "forward", forward_with_ctrl_c)
     cut = train.run(config(tmp_path / "b", stage="2", max_steps=4), SMALL, log=lambda *a: None)
-    assert cut["stages"]["stage2"].status == "interrupted" and cut["stages"]["stage2"].steps == 2
+    assert cut["stages"]["stage2"].status == "interrupted" and cut["stages"]["stage2"].step == 2
     monkeypatch.setattr(MLLM, "forward", real_forward)
     resumed = train.run(config(tmp_path / "b", stage="2", max_steps=4, resume=True), SMALL, log=lambda *a: None)
-    assert resumed["stages"]["stage2"].steps == 4
+    assert resumed["stages"]["stage2"].step == 4
     a, b = weights(full["stages"]["stage2"].checkpoint), weights(resumed["stages"]["stage2"].checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x) for x in open(tmp_path / "a" / "run" / "stage2" / "metrics.jsonl")]
@@ -90,7 +90,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     nan_on_steps(monkeypatch, {2})
     out = train.run(config(tmp_path, stage="1", max_steps=3), SMALL, log=lambda *a: None)
     res = out["stages"]["stage1"]
-    assert res.status == "done" and res.bad_steps == 1 and res.steps == 3
+    assert res.status == "done" and res.bad_steps == 1 and res.step == 3
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage1" / "metrics.jsonl")]
     assert [r["skipped"] for r in rows] == [False, True, False] and rows[1]["loss"] is None
 
@@ -101,7 +101,7 @@ def test_stops_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
     cfg = config(tmp_path, stage="1", max_steps=10, max_bad_steps=2)
     out = train.run(cfg, SMALL, log=lines.append)
     res = out["stages"]["stage1"]
-    assert res.steps == 2 and res.bad_steps == 2 and res.status.startswith("stopped")
+    assert res.step == 2 and res.bad_steps == 2 and res.status.startswith("stopped")
     assert any("2 non-finite-loss steps in a row" in line for line in lines)
     before = train.build_model(cfg.preset, None, SMALL, cfg.seed).state_dict()
     after = weights(res.checkpoint)
@@ -155,7 +155,7 @@ def test_optimizer_groups_follow_the_stage_table():
     assert train.STAGES[2].lr_mult["vision"] < train.STAGES[2].lr_mult["decoder"]  # the ViT learns slower
 
 
-def test_every_config_field_is_a_flag_with_help():
+def test_every_config_field_is_a_flag_with_help(capsys):
     parser = train.build_parser()
     actions = {a.dest: a for a in parser._actions}
     for f in train.fields(train.TrainConfig):
@@ -164,11 +164,26 @@ def test_every_config_field_is_a_flag_with_help():
         assert actions["model." + name].help
     cfg, overrides = train.parse_args(["--stage", "2", "--text-num-layers", "3", "--vision-fullatt-blocks", "0",
                                        "--text-mrope-section", "none", "--data", "a=x.jsonl:2", "--data", "b=y.jsonl"])
-    assert cfg.stage == "2" and cfg.data == ["a=x.jsonl:2", "b=y.jsonl"] and cfg.out == os.path.join("runs", "tiny")
+    assert cfg.stage == "2" and cfg.datasets == ["a=x.jsonl:2", "b=y.jsonl"] and cfg.out == os.path.join("runs", "tiny")
     assert overrides == {"text.num_layers": 3, "vision.fullatt_blocks": (0,), "text.mrope_section": None}
     assert train.config_from_preset("tiny", **overrides).text.num_layers == 3
     with pytest.raises(SystemExit):
         train.parse_args(["--stage", "4"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--vision-depth", "x"])
+    assert "argument --vision-depth: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_each_bound_is_taken_at_its_value_and_refused_past_it(tmp_path):
+    """train.BOUNDS: a strict bound is refused at its value (--lr 0), the others taken there (--warmup 0)."""
+    cfg = train.TrainConfig(out=str(tmp_path / "run"))
+    for name, (bound, strict) in train.BOUNDS.items():
+        if not strict:
+            train.check_config(train.replace(cfg, **{name: bound}), {})
+        past = bound if strict else bound - 1
+        with pytest.raises(SystemExit, match=f"^{train.flag(name)} {past}: must be {'>' if strict else '>='} {bound}$"):
+            train.check_config(train.replace(cfg, **{name: past}), {})
+    assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
@@ -216,7 +231,7 @@ def make_jsonl(tmp_path, n):
 def test_jsonl_dataset_trains_and_evaluates_end_to_end(tmp_path, capsys):
     path = make_jsonl(tmp_path, 12)
     cfg = config(tmp_path, stage="3", max_steps=20, packing_length=512, lr=3e-3, warmup=2,
-                 data=[f"colors={path}:1"], image_root=str(tmp_path / "img"))
+                 datasets=[f"colors={path}:1"], image_root=str(tmp_path / "img"))
     out = train.run(cfg, SMALL, log=lambda *a: None)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
     assert out["stages"]["stage3"].status == "done" and rows[-1]["loss"] < rows[0]["loss"] / 2
@@ -236,7 +251,7 @@ def test_every_data_format_trains_and_evaluates(tmp_path):
     """--data name=path: JSONL, a JSON array, OpenAI messages (JSONL, JSON), Parquet and Arrow with image bytes,
     told from the file, mixed in one run (256 buffered reads: each file is read) and each evaluated."""
     paths = {fmt.replace(".", "_"): write_records(tmp_path, fmt, ["red"] * 4)[0] for fmt in FORMATS}
-    cfg = config(tmp_path, stage="3", max_steps=2, data=[f"{k}={p}:1" for k, p in paths.items()],
+    cfg = config(tmp_path, stage="3", max_steps=2, datasets=[f"{k}={p}:1" for k, p in paths.items()],
                  image_root=str(tmp_path))
     assert train.run(cfg, SMALL, log=lambda *a: None)["stages"]["stage3"].status == "done"
     rows = [json.loads(x) for x in open(tmp_path / "run" / "stage3" / "metrics.jsonl")]
