@@ -6,15 +6,16 @@ import os
 
 import pytest
 import torch
-import transformers
 
 import convert
 import data
 import evaluate
 import model as M
 import train
+from conftest import requires
 from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, sample  # noqa: F401 (a fixture)
 
+transformers = requires("transformers")
 TOL = 1e-5  # max abs logit difference between transformers on our export and our model (fp32)
 # the tiny preset in Qwen2.5-VL's layout: Qwen2 decoder (q/k/v bias, no QK-norm) with M-RoPE over head_dim/2 = 16
 QWEN2_5_VL_LAYOUT = {"text.num_layers": 2, "vision.depth": 2, "text.qkv_bias": True, "text.qk_norm": False,
