@@ -109,7 +109,6 @@ HF_DECODERS = {
 }
 
 
-
 @pytest.mark.parametrize("kind", list(HF_DECODERS))
 def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
     """Hugging Face LLM -> train.py --init-text-from (stage 2: 2 steps that train the decoder) -> --export-hf
