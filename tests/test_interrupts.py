@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--stage", "1", "--max-steps", "4", "--ckpt-every", "1", "--keep-last", "1", "--device", "cpu",
+FLAGS = ["--stage", "1", "--max-steps", "3", "--ckpt-every", "1", "--keep-last", "1", "--device", "cpu",
          "--packing-length", "256", "--peak-tflops", "1", "--log-every", "1000", "--text-num-layers", "2",
          "--vision-depth", "1", "--vision-fullatt-blocks", "0"]
 VICTIM = "step-000002"  # the checkpoint every test here interrupts; step-000001 is complete before it

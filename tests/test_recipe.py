@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import data
 import train
 
-LENGTHS, STEPS, EVAL_N = (256, 512), 2, 2
+LENGTHS, STEPS, EVAL_N = (256, 512), 1, 1
 RESOLUTIONS = ("3136:3136", "12544:1000000")  # MIN:MAX pixel budgets the search tries besides the default
 CHECKPOINTS = [f"stage3-{n}" for n in LENGTHS] + ["stage3-avg"]
 
