@@ -133,13 +133,15 @@ def text_config_from_hf(d, tie_word_embeddings=None):
 
 
 def _qwen3_moe_fields(d):
-    """Qwen3-MoE: softmax routing over all experts, no shared experts, every layer MoE."""
+    """Qwen3-MoE: softmax routing over all experts, no shared experts, every layer MoE, and no balancing bias
+    (bias_update_speed 0: its layout has no tensor for DeepSeek-V3's, so one trained here could not be exported)."""
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(f"qwen3_moe config: decoder_sparse_step {d.get('decoder_sparse_step')} / mlp_only_layers "
                          f"{d.get('mlp_only_layers')}: only all-MoE layers are supported")
     return dict(n_routed_experts=d.get("num_experts") or d["num_local_experts"], n_shared_experts=0,
                 num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
-                scoring="softmax", norm_topk_prob=d.get("norm_topk_prob", False), routed_scaling_factor=1.0)
+                scoring="softmax", norm_topk_prob=d.get("norm_topk_prob", False), routed_scaling_factor=1.0,
+                bias_update_speed=0.0)
 
 
 def _deepseek_v3_config(d):

@@ -4,7 +4,10 @@ the models MindVL starts from: a Qwen2.5-VL (its ViT), a Qwen3 and a Llama causa
 import json
 
 import torch
-import transformers
+
+from conftest import requires
+
+transformers = requires("transformers")
 
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -35,6 +38,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 def tokenizer_dir(path, style="qwen", template=True):
     """A trained byte-level BPE tokenizer.json + tokenizer_config.json (with the style's chat template) in `path`;
     returns transformers' tokenizer loaded from it."""
+    requires("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as HFTokenizer
     path.mkdir(parents=True, exist_ok=True)

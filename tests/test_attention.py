@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+from conftest import requires
 from kernels import varlen_attention
 
 
@@ -40,8 +41,7 @@ def device_for(backend, dtype):
     """Where a backend's test tensors live; skips what this machine cannot run."""
     if backend != "triton":
         return "cpu"
-    if kernels.triton is None:
-        pytest.skip("triton is not installed")
+    requires("triton")
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("triton 3.9's interpreter multiplies bf16 tl.dot operands as raw uint16 bits")
     return "cpu" if INTERPRETED else "cuda"
@@ -155,7 +155,7 @@ def test_default_backends():
     assert kernels.default_backend("cpu") == "sdpa"  # measured fastest there (bench.py --what step)
 
 
-@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+@pytest.mark.requires("triton")
 def test_triton_backend_refuses_cpu_tensors_outside_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.randn(4, 2, 16)

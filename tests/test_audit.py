@@ -14,6 +14,7 @@ FLAGS = ["--device", "cpu", "--max-steps", "1", "--eval-n", "3", "--eval-dev-n",
          "--text-num-layers", "2", "--vision-depth", "1", "--vision-fullatt-blocks", "0", "--eval-max-pixels", "3136"]
 
 
+@pytest.mark.requires("matplotlib")  # audit.png
 def test_audit_runs_seeds_and_reports_intervals(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "audit")
     audit.main(["--seeds", "1", "--out", out, *FLAGS])

@@ -151,8 +151,8 @@ def test_peer_bench_runs_and_losses_agree():
     assert gen["replies_agree"] == 1.0 and positive(gen, ["ours_tokens_per_s", "transformers_tokens_per_s"])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or bench.kernels.triton is None,
-                    reason="runs the Triton kernels under the interpreter")
+@pytest.mark.requires("triton")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels under the interpreter")
 def test_triton_vs_sdpa_row_on_the_interpreter():
     """The GPU check bench.py --what triton runs per head dim, here on CPU tensors (fp16: the interpreter
     mishandles bf16 dots): it runs and its errors are the kernels' fp16 rounding, not a mismatch."""

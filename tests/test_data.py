@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import requires
 from data import DataError, FileDataset, Mixture, PackedLoader, Tokenizer, collate, encode, pack, process_image, \
     smart_resize
 
@@ -35,6 +36,7 @@ TEXTS = ["Hello world! It's a test, isn't it? 3.14159 and 42.",
 
 def train_hf_tokenizer(path, specials_in_vocab):
     """A Qwen-style byte-level BPE tokenizer.json trained here with the `tokenizers` library."""
+    requires("tokenizers")
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
     hf = HFTokenizer(models.BPE())
@@ -103,6 +105,7 @@ def test_tiktoken_file_and_default(tmp_path):
 # ----------------------------------------------------------------------------- images
 
 def reference_processor(**kw):
+    requires("transformers")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(size={"shortest_edge": kw["min_pixels"], "longest_edge": kw["max_pixels"]})
 
@@ -128,6 +131,7 @@ def test_process_image_matches_qwen2vl_processor(size, mode, min_pixels, max_pix
 
 
 def test_smart_resize_rules():
+    requires("transformers")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref
     for h, w in [(1, 150), (28, 28), (1000, 333), (4000, 3000), (57, 29)]:
         assert smart_resize(h, w, 28, 3136, 200704) == ref(h, w, 28, 3136, 200704)
@@ -190,6 +194,7 @@ def test_pretraining_formats_label_all_text():
 # ----------------------------------------------------------------------------- packing
 
 def test_mrope_positions_match_get_rope_index():
+    requires("transformers")
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     tok = Tokenizer()
@@ -364,6 +369,7 @@ def write_records(tmp_path, fmt, replies):
     place."""
     small_image("red").save(tmp_path / "red.png")
     if fmt in ("parquet", "arrow"):
+        requires("pyarrow")
         import pyarrow as pa
         import pyarrow.parquet as pq
         png = (tmp_path / "red.png").read_bytes()
@@ -501,6 +507,7 @@ def test_too_long_sample():
 
 def test_from_hf_chained_splits_match_tokenizers(tmp_path):
     """DeepSeek-V3's layout: three Split pre-tokenizers (digits, CJK runs, words) before ByteLevel."""
+    requires("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
     hf = HFTokenizer(models.BPE())

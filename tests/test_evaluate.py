@@ -209,6 +209,7 @@ def test_generation_is_batch_independent():
     assert together == alone and len(refs) == len(recs) and all(refs)
 
 
+@pytest.mark.requires("matplotlib")  # results.png
 def test_command_line_average_and_evaluate(tmp_path, capsys):
     save_model(tmp_path / "a", 1)
     save_model(tmp_path / "b", 2)

@@ -3,18 +3,21 @@ logits equal ours; Hugging Face -> ours -> Hugging Face gives the same tensors b
 transformers class cannot express is refused by name."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
-import transformers
+from safetensors.torch import load_file, save_file
 
 import convert
 import data
 import evaluate
 import model as M
 import train
+from conftest import requires
 from test_model import GRIDS, hf_pixels, pack, qwen2_5_vl_dir, sample  # noqa: F401 (a fixture)
 
+transformers = requires("transformers")
 TOL = 1e-5  # max abs logit difference between transformers on our export and our model (fp32)
 # the tiny preset in Qwen2.5-VL's layout: Qwen2 decoder (q/k/v bias, no QK-norm) with M-RoPE over head_dim/2 = 16
 QWEN2_5_VL_LAYOUT = {"text.num_layers": 2, "vision.depth": 2, "text.qkv_bias": True, "text.qk_norm": False,
@@ -54,14 +57,28 @@ def test_qwen2_5_vl_export_after_training_matches_transformers(tmp_path, capsys)
     assert back.keys() == trained.keys() and all(torch.equal(t, back[k]) for k, t in trained.items())
 
 
-def test_qwen2_5_vl_hf_ours_hf_is_bitwise(qwen2_5_vl_dir):  # noqa: F811
+def test_qwen2_5_vl_hf_ours_hf_is_bitwise(qwen2_5_vl_dir, tmp_path):  # noqa: F811
+    """Every tensor back bit for bit; the patch embedding, of which still images see only the sum over the
+    Conv3d's two frames, comes back as that sum split evenly over both frames in Qwen2.5-VL's own layout
+    [out, 3, 2, 14, 14]: exactly the source's where its frames are equal."""
     path, _ = qwen2_5_vl_dir
+    conv = "visual.patch_embed.proj.weight"
     theirs = convert._read_hf_tensors(path)
     exported = convert.hf_tensors(convert.load_hf(path))
     assert exported.keys() == theirs.keys()
-    conv = "visual.patch_embed.proj.weight"  # still images see the sum over the Conv3d's two frames, nothing else
     assert all(torch.equal(exported[k], theirs[k]) for k in theirs if k != conv)
     assert torch.equal(convert.fold_patch_embed(exported[conv]), convert.fold_patch_embed(theirs[conv]))
+    assert exported[conv].shape == theirs[conv].shape == (32, 3, 2, 14, 14)
+    assert torch.equal(exported[conv][:, :, 0], exported[conv][:, :, 1])
+    still = tmp_path / "still"  # the source with its second frame's kernel made equal to the first's
+    shutil.copytree(path, still)
+    tensors = load_file(still / "model.safetensors")
+    frames = next(t for k, t in tensors.items() if k.endswith("patch_embed.proj.weight"))
+    frames[:, :, 1] = frames[:, :, 0]
+    save_file(tensors, still / "model.safetensors", metadata={"format": "pt"})
+    theirs, exported = convert._read_hf_tensors(still), convert.hf_tensors(convert.load_hf(still))
+    assert not torch.equal(theirs[conv], convert._read_hf_tensors(path)[conv])
+    assert all(torch.equal(exported[k], theirs[k]) for k in theirs)
 
 
 def write_byte_tokenizer(path):
@@ -94,9 +111,10 @@ HF_DECODERS = {
 
 @pytest.mark.parametrize("kind", list(HF_DECODERS))
 def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
-    """Hugging Face LLM -> train.py --init-text-from (stage 1: 2 steps, the decoder frozen) -> --export-hf
-    --decoder-only: the tensors are the source's bit for bit, transformers' logits equal our decoder's, and
-    the run's tokenizer files (saved in its checkpoints) come along."""
+    """Hugging Face LLM -> train.py --init-text-from (stage 2: 2 steps that train the decoder) -> --export-hf
+    --decoder-only: the tensors moved away from the source's and are our trained decoder's, read back bit for
+    bit; transformers' logits equal our decoder's; the run's tokenizer files (saved in its checkpoints) come
+    along."""
     torch.manual_seed(0)
     src = tmp_path / "src"
     source = HF_DECODERS[kind]().eval()
@@ -107,17 +125,21 @@ def test_decoder_export_after_training_matches_transformers(tmp_path, kind):
             b.normal_(0, 0.1) if name.endswith("e_score_correction_bias") else None
     source.save_pretrained(src)
     write_byte_tokenizer(src)
-    cfg = train.TrainConfig(out=str(tmp_path / "run"), stage="1", max_steps=2, packing_length=256, device="cpu",
+    cfg = train.TrainConfig(out=str(tmp_path / "run"), stage="2", max_steps=2, packing_length=256, device="cpu",
                             log_every=1000, eval=False, peak_tflops=1.0, init_text_from=str(src), random_vision=True,
                             chat_template="chatml")
-    ckpt = train.run(cfg, {}, log=quiet)["stages"]["stage1"].checkpoint
+    ckpt = train.run(cfg, {}, log=quiet)["stages"]["stage2"].checkpoint
     out = tmp_path / "hf"
     evaluate.main(["--export-hf", str(out), "--ckpt", ckpt, "--decoder-only"])
     theirs, exported = convert._read_hf_tensors(src), convert._read_hf_tensors(out)
-    assert exported.keys() == theirs.keys() and all(torch.equal(exported[k], theirs[k]) for k in theirs)
+    assert exported.keys() == theirs.keys()
+    assert [k for k in theirs if torch.equal(exported[k], theirs[k])] == []  # every tensor trained
+    ours = M.MLLM.from_pretrained(ckpt).decoder.eval()
+    back = convert.load_hf_decoder(str(out)).state_dict()
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(t, back[k]) for k, t in ours.state_dict().items())
     assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = M.MLLM.from_pretrained(ckpt).decoder.eval()
     seqs = [torch.randint(0, 300, (n,)) for n in (29, 7)]  # 29 > YaRN's original 16 positions
     with torch.no_grad():
         want = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])

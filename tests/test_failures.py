@@ -23,6 +23,7 @@ import common
 import data
 import evaluate
 import train
+from conftest import requires
 from data import DataError, FileDataset, PackedLoader, Tokenizer, encode
 
 from test_train import SMALL, config, make_jsonl
@@ -542,6 +543,7 @@ def test_json_array_with_a_byte_order_mark_reads(tmp_path):
 
 
 def test_bad_files_are_named(tmp_path):
+    requires("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
     (tmp_path / "latin1.json").write_bytes(b'[{"text": "one"},\n {"text": "caf\xe9"}]')

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import transformers
 from PIL import Image
 
 import chat
@@ -17,9 +16,11 @@ import data
 import evaluate
 import model as M
 import train
+from conftest import requires
 from hf_sources import llama_dir, qwen2_5_vl_vision_dir, qwen3_dir
 from test_model import hf_pixels
 
+transformers = requires("transformers")
 QUESTION = "What colour is the square?"
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import common
 import fake_torch_npu
 import kernels
+from conftest import requires
 from test_attention import naive_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,7 +27,7 @@ def cumulative(lengths):
 # ----------------------------------------------------------------------------- Triton RMSNorm
 
 
-@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+@pytest.mark.requires("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_rms_norm_matches_torch(dtype, monkeypatch):
     """[T, H, D] with D not a power of two (masked lanes), several rows per backward program."""
@@ -202,6 +203,7 @@ def test_host_lists_synced_once_per_batch(monkeypatch):
 
 
 def test_npu_small_ops(fake_npu):
+    requires("transformers")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     x = torch.randn(5, 3, 64, requires_grad=True)
     w = torch.randn(64, requires_grad=True)

@@ -5,14 +5,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from safetensors.torch import load_file, save_file
 
 import convert
 import model as M
+from conftest import requires
 from data import PackedBatch as Batch
+
+transformers = requires("transformers")
 
 PATCH = 3 * 14 * 14
 TOL = 1e-4  # max abs logit difference against transformers (fp32)

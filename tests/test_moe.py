@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import convert
+from conftest import requires
 import model as M
 from data import PackedBatch as Batch
 
-transformers = pytest.importorskip("transformers")
+transformers = requires("transformers")
 
 TOL = 1e-4  # max abs logit difference against transformers (fp32)
 

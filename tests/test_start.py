@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-import transformers
 
 import common
 import convert
@@ -17,8 +16,10 @@ import data
 import evaluate
 import model as M
 import train
+from conftest import requires
 from hf_sources import QWEN_TEMPLATE, llama_dir, qwen2_5_vl_vision_dir, qwen3_dir, randomize, tokenizer_dir
 
+transformers = requires("transformers")
 CONVERSATIONS = [
     [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "It is red."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " How many shapes? "},

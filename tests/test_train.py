@@ -199,6 +199,7 @@ def test_checkpoint_is_atomic_and_latest_points_to_the_newest(tmp_path, keep_las
     assert state["step"] == 3 and state["stage"] == 1 and "state" in state["optimizer"] and state["loader"]["batches"] == 3
 
 
+@pytest.mark.requires("matplotlib")
 def test_stage_writes_loss_png(tmp_path, capsys):
     """`python train.py --stage 1 --max-steps 5` on a fresh install of requirements.txt draws the loss curve."""
     train.main(["--stage", "1", "--max-steps", "5", "--out", str(tmp_path / "run"), "--device", "cpu",

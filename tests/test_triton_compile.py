@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = {80: 166_912, 86: 101_376, 90: 232_448}
 MAX_STACK = 256  # bytes of per-thread stack (register spills); FlashAttention-2's tiles spill 0.6-2.1 KB here
 
-pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+pytestmark = pytest.mark.requires("triton")
 
 
 def without_interpreter():
