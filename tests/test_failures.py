@@ -276,9 +276,11 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         if kills == 4:
             assert proc.wait(timeout=300) == 0
             break
-        while proc.poll() is None and steps_logged(out) <= seen:  # training has moved on: kill at a random moment
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 0.6))
+        # a random moment a few steps past the last life's progress (a step, a checkpoint write, a rename)
+        target = seen + rng.randint(1, 5)
+        while proc.poll() is None and steps_logged(out) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
         assert proc.poll() is None, "the run ended before it could be killed: give it more steps"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
