@@ -30,7 +30,7 @@ RUNNER = textwrap.dedent("""
     import io, os, shutil, signal, sys, time
     import torch
     sys.path.insert(0, sys.argv[1])
-    import model, train
+    import common, train
     phase, victim = sys.argv[2], sys.argv[3]
     torch.set_num_threads(2)
     kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -74,7 +74,7 @@ RUNNER = textwrap.dedent("""
         return train_step(*a, **k)
 
     os.replace, torch.save, shutil.rmtree, train.train_step = os_replace, torch_save, shutil_rmtree, step_with_ctrl_c
-    model.cli(train.main, sys.argv[4:])
+    common.cli(train.main, sys.argv[4:])
 """)
 
 

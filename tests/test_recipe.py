@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
-import data
 import train
+from tasks import SYNTHETIC_TASKS
 
 LENGTHS, STEPS, EVAL_N = (256, 512), 1, 1
 RESOLUTIONS = ("3136:3136", "12544:1000000")  # MIN:MAX pixel budgets the search tries besides the default
@@ -53,7 +53,7 @@ def test_evaluation_scores_every_task_of_every_stage3_checkpoint(run):
     assert list(report["checkpoints"]) == CHECKPOINTS
     assert report["checkpoints"]["stage3-avg"]["path"] == str(out / "stage3-avg")
     for name, c in report["checkpoints"].items():
-        assert set(c["results"]) == set(data.SYNTHETIC_TASKS), name
+        assert set(c["results"]) == set(SYNTHETIC_TASKS), name
         assert all(r["n"] == EVAL_N and 0 <= r["score"] <= 1 for r in c["results"].values()), name
     # stages 1 and 2 never saw an instruction prompt: their dev reply loss instead of scores
     assert set(report["dev_reply_loss_not_scored"]) == {"stage1", "stage2"}
@@ -67,7 +67,7 @@ def test_evaluation_scores_every_task_of_every_stage3_checkpoint(run):
         assert rows[name] == pytest.approx(scores + [sum(scores) / len(scores)], abs=0.051)
     with Image.open(out / "results.png") as img:
         assert img.format == "PNG" and len(np.unique(np.asarray(img.convert("L")))) > 2
-    assert sum(1 for _ in open(out / "predictions.jsonl")) == len(CHECKPOINTS) * len(data.SYNTHETIC_TASKS) * EVAL_N
+    assert sum(1 for _ in open(out / "predictions.jsonl")) == len(CHECKPOINTS) * len(SYNTHETIC_TASKS) * EVAL_N
 
 
 def test_resolution_search_chooses_among_its_candidates(run):
@@ -77,7 +77,7 @@ def test_resolution_search_chooses_among_its_candidates(run):
     trained = json.loads((out / f"stage3-{max(LENGTHS)}" / "args.json").read_text())["pixels"]
     candidates = {*RESOLUTIONS, f"{trained[0]}:{trained[1]}"}
     assert search["checkpoint"] == str(out / "stage3-avg") and set(search["dev"]) == candidates
-    assert set(search["chosen"]) == set(data.SYNTHETIC_TASKS) and set(search["chosen"].values()) <= candidates
+    assert set(search["chosen"]) == set(SYNTHETIC_TASKS) and set(search["chosen"].values()) <= candidates
     default = report["checkpoints"]["stage3-avg"]["results"]
     for task, budget in search["chosen"].items():  # where the default stays, so does its test score
         if budget == f"{trained[0]}:{trained[1]}":
