@@ -14,7 +14,6 @@ checkpoints, so a stopped audit continues where it stopped.
 Writes OUT/seed-N/ (the runs and scores.json), OUT/audit.json, OUT/audit.md and OUT/audit.png.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,13 +28,14 @@ import torch
 import convert
 import evaluate
 import train
-from common import AVERAGE_DIR, checkpoint_dir, cli, detect_device, read_safetensors, save_plot, stage_name, write_json
+from common import AVERAGE_DIR, checkpoint_dir, cli, read_json, read_safetensors, resolve_device, save_plot, \
+    stage_name, write_json
 from tasks import SIZES, SYNTHETIC_TASKS
 
 
-AVG = AVERAGE_DIR
 NO_STAGE2 = "no-stage2"  # the compute-matched arm: stage 3 started from stage 1
-DEV_WEIGHT, DEV_AVERAGE_DIR = f"{AVG} (dev weight)", f"{AVG}-dev"  # the average at the weight chosen on dev
+# the average at the weight chosen on dev: its row and its directory
+DEV_WEIGHT, DEV_AVERAGE_DIR = f"{AVERAGE_DIR} (dev weight)", f"{AVERAGE_DIR}-dev"
 
 
 def parse_args(argv=None):
@@ -59,7 +59,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
     """Train the recipe and the compute-matched no-stage-2 arm for one seed, score every checkpoint per sample
     (each stage-3 length, their equal average, the average at the weight chosen on dev, each with and without the
     resolution search), keep scores.json."""
-    out = os.path.join(args.out, f"seed-{seed}")
+    out = os.path.dirname(scores_path(args, seed))
     cfg = replace(cfg, seed=seed, out=out, stage="all", eval=False)
     train_to_end(cfg, overrides, log)
     length, steps = train.stage3_runs(cfg)[0]
@@ -67,14 +67,14 @@ def run_seed(args, cfg, overrides, seed, log=print):
     train_to_end(replace(cfg, stage="3", init_from=os.path.join(out, stage_name(1)), out=os.path.join(out, NO_STAGE2),
                          packing_length=length, max_steps=steps + stage2_steps), {}, log)  # stage 2's steps added
     tasks = [t for t in args.tasks.split(",") if t]
-    device = torch.device(detect_device() if cfg.device == "auto" else cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     tokenizer, budget = train.build_tokenizer(cfg), train.eval_budget(cfg)
     test, dev = (evaluate.build_eval_sets(tasks, split, n, seed) for split, n in (("test", args.eval_n),
                                                                                    ("dev", cfg.eval_dev_n)))
     lengths = [n for n, _ in train.stage3_runs(cfg)]
     averaging = averaging_study(out, lengths, tokenizer, dev, budget, device, log)
     runs = {stage_name(3, n): stage_name(3, n) for n in lengths} | {
-        AVG: AVG, NO_STAGE2: os.path.join(NO_STAGE2, stage_name(3)), DEV_WEIGHT: DEV_AVERAGE_DIR}
+        AVERAGE_DIR: AVERAGE_DIR, NO_STAGE2: os.path.join(NO_STAGE2, stage_name(3)), DEV_WEIGHT: DEV_AVERAGE_DIR}
     resolutions = [evaluate.parse_budget(r, cfg.min_pixels) for r in cfg.resolutions.split(",") if r]
     scores, chosen = {}, {}
     for name, path in runs.items():
@@ -87,7 +87,7 @@ def run_seed(args, cfg, overrides, seed, log=print):
                                                 test_default=res, device=device)
             scores[f"{name} + resolution search"], chosen[name] = search["test_searched_scores"], search["chosen"]
     result = {"seed": seed, "scores": scores, "chosen": chosen, "averaging": averaging}
-    write_json(result, os.path.join(out, "scores.json"))
+    write_json(result, scores_path(args, seed))
     return result
 
 
@@ -167,7 +167,7 @@ def run_seeds(args, rest, cfg, overrides, seeds, log=print):
         if failed:
             raise SystemExit("audit: " + ", ".join(f"seed {s} exited {rc} (see {args.out}/seed-{s}.log)" for s, rc in failed)
                              + "; the same command again resumes what they had trained")
-    return [json.load(open(scores_path(args, s))) for s in seeds]
+    return [read_json(scores_path(args, s)) for s in seeds]
 
 
 def comparisons(seeds, lengths):
@@ -181,13 +181,13 @@ def comparisons(seeds, lengths):
              stage_name(3, lengths[0]), NO_STAGE2, None)]
     rows += [(f"stage 3 at {b} vs {a} tokens", stage_name(3, b), stage_name(3, a), None)
              for a, b in zip(lengths, lengths[1:])]
-    rows += [(f"average vs stage 3 at {n} tokens", AVG, stage_name(3, n), None) for n in lengths]
+    rows += [(f"average vs stage 3 at {n} tokens", AVERAGE_DIR, stage_name(3, n), None) for n in lengths]
     return rows + [
-        (f"average vs the better single length ({better})", AVG, better, None),
+        (f"average vs the better single length ({better})", AVERAGE_DIR, better, None),
         (f"average, weight chosen on dev, vs {better}", DEV_WEIGHT, better, None),
-        ("resolution search on the average vs the average", AVG + search, AVG, None),
+        ("resolution search on the average vs the average", AVERAGE_DIR + search, AVERAGE_DIR, None),
         (f"resolution search on {better} vs {better}", better + search, better, None),
-        (f"average + search vs {better} + search (the combination)", AVG + search, better + search, None)]
+        (f"average + search vs {better} + search (the combination)", AVERAGE_DIR + search, better + search, None)]
 
 
 def audit_table(seeds, lengths):
@@ -205,7 +205,7 @@ def audit_table(seeds, lengths):
 
 def task_means(seeds):
     """Markdown: each checkpoint's test score per task, the mean over seeds."""
-    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"][AVG])
+    names, tasks = list(seeds[0]["scores"]), list(seeds[0]["scores"][AVERAGE_DIR])
     return evaluate.markdown_table({n: {t: float(np.mean([np.mean(s["scores"][n][t]) for s in seeds])) for t in tasks}
                                     for n in names}, tasks)
 

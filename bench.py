@@ -45,7 +45,7 @@ import data
 import kernels
 import parallel
 import train
-from common import cli, device_name, peak_flops, resolve_device, synchronize
+from common import cli, device_name, peak_flops, refuse_flag, resolve_device, synchronize
 from convert import load_hf
 from model import MLLM, Attention, AttentionInputs, TextConfig, compile_blocks, config_from_preset, count_parameters, \
     loss_tokens, model_flops, rope_cos_sin
@@ -1052,9 +1052,8 @@ def build_parser():
     p.add_argument("--out", default="bench.json", help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no torch.compile (a smoke test)")
     p.add_argument("--warmup-reps", type=int, default=None, help="untimed calls before timing (default 3 on cuda/npu, 1 on cpu)")
-    # kept out of --help so scripts that spell it --warmup keep working (train.py's --warmup counts the lr
-    # schedule's warm-up steps, hence --warmup-reps here)
-    p.add_argument("--warmup", dest="warmup_reps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    refuse_flag(p, "--warmup", "untimed calls are --warmup-reps (train.py's --warmup is the lr schedule's "
+                "warm-up steps)")
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 10 on cuda/npu, 3 on cpu)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: common.PEAK_TFLOPS "
                    "by device name, else a measured matmul: fp32 on cpu, bf16 elsewhere)")

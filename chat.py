@@ -17,7 +17,7 @@ import torch
 import convert
 import data
 from evaluate import resolve_checkpoints, trained_budget
-from common import detect_device, read_json
+from common import cli, read_json, refuse_flag, resolve_device
 from model import MLLM
 
 HELP = "commands: /image PATH (attach to your next message), /reset (forget the conversation), /quit"
@@ -107,9 +107,8 @@ def build_parser():
     p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
     p.add_argument("--eval-max-pixels", type=int,
                    help="test-time image pixel budget (default: the one the run trained at)")
-    # kept out of --help so scripts that spell it --max-pixels keep working (train.py's --max-pixels is the
-    # training budget, hence --eval-max-pixels here)
-    p.add_argument("--max-pixels", dest="eval_max_pixels", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    refuse_flag(p, "--max-pixels", "the test-time budget is --eval-max-pixels (train.py's --max-pixels is the "
+                "training budget)")
     p.add_argument("--min-pixels", type=int, help="image pixel floor (default: the one the run trained at)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -131,7 +130,7 @@ def main(argv=None):
         p.error(f"--image {missing[0]}: no such file")
     if args.image and not args.question:
         p.error("--image goes with a question (interactive: /image PATH)")
-    device = torch.device(detect_device() if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     try:
         model, tokenizer, budget = load(args.ckpt, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     except (OSError, ValueError, KeyError) as e:
@@ -149,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

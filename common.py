@@ -2,6 +2,7 @@
 safetensors files that name themselves in their errors, checkpoint and output directories, a command's one-line
 errors, devices (detection, names, peak FLOP/s for MFU, memory) and plots. It imports nothing of ours.
 """
+import argparse
 import contextlib
 import errno
 import json
@@ -92,12 +93,20 @@ RUN_ARGS = "args.json"  # train.py's flags and pixel budget, beside a stage's ch
 METRICS_FILE, LOSS_PLOT, FIRST_SAMPLES = "metrics.jsonl", "loss.png", "first_samples.jsonl"  # in each stage dir
 EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT, PREDICTIONS = "eval.json", "results.md", "results.png", "predictions.jsonl"
 AVERAGED_FROM = "averaged_from.json"  # an average's sources and weights
+LATEST = "latest"  # in a stage dir: names its newest complete checkpoint
+TRAIN_STATE = "train_state.pt"  # in a training checkpoint: optimizer, RNG and data position, counters, flags
+CHECKPOINT_PREFIX = "step-"  # a training checkpoint's directory: step-NNNNNN (checkpoint_name)
 
 
 def stage_name(num, length=None):
     """A stage's directory under --out: stage1, stage2, stage3, or stage3-<packing length> for each stage-3 run of
     --stage all."""
     return f"stage{num}" + (f"-{length}" if length else "")
+
+
+def checkpoint_name(step):
+    """A training checkpoint's directory in its stage dir: step-NNNNNN (names sort by step)."""
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 # ----------------------------------------------------------------------------- checkpoint directories
@@ -111,16 +120,21 @@ def write_checkpoint(path, tensors, config):
     write_json(config, os.path.join(path, "config.json"))
 
 
+def is_our_config(config):
+    """Our config.json's dict: it has `vision` and `text` (a Hugging Face one does not)."""
+    return {"vision", "text"} <= config.keys()
+
+
 def is_our_checkpoint(path):
-    """A directory with our config.json (it has `vision` and `text`; a Hugging Face one does not)."""
+    """A directory with our config.json."""
     config = os.path.join(path, "config.json")
-    return os.path.isfile(config) and {"vision", "text"} <= read_json(config).keys()
+    return os.path.isfile(config) and is_our_config(read_json(config))
 
 
 def checkpoint_dir(path, log=print):
     """A checkpoint directory: `path` itself, or in a stage directory the one its `latest` file names; when
     `latest` is missing or names a missing or damaged checkpoint, the newest complete one, with a line saying so."""
-    has_latest = os.path.isfile(os.path.join(path, "latest"))
+    has_latest = os.path.isfile(os.path.join(path, LATEST))
     if not has_latest and os.path.isfile(os.path.join(path, "config.json")):
         return path
     candidates = stage_checkpoints(path)
@@ -136,11 +150,11 @@ def checkpoint_dir(path, log=print):
 def stage_checkpoints(stage_dir):
     """The checkpoints a stage directory may hold, newest first: the one `latest` names (present or not), then
     every step-NNNNNN directory."""
-    latest, named = os.path.join(stage_dir, "latest"), []
+    latest, named = os.path.join(stage_dir, LATEST), []
     if os.path.isfile(latest):
         with open(latest) as f:
             named = [os.path.join(stage_dir, f.read().strip())]
-    steps = sorted((d for d in os.listdir(stage_dir) if d.startswith("step-")), reverse=True) \
+    steps = sorted((d for d in os.listdir(stage_dir) if d.startswith(CHECKPOINT_PREFIX)), reverse=True) \
         if os.path.isdir(stage_dir) else []
     return named + [os.path.join(stage_dir, d) for d in steps if os.path.join(stage_dir, d) not in named]
 
@@ -148,9 +162,9 @@ def stage_checkpoints(stage_dir):
 def latest_problem(stage_dir):
     """Why a stage directory's `latest` does not lead to a complete checkpoint (a phrase)."""
     named = stage_checkpoints(stage_dir)
-    if not os.path.isfile(os.path.join(stage_dir, "latest")):
+    if not os.path.isfile(os.path.join(stage_dir, LATEST)):
         return f"{stage_dir} has no `latest` file"
-    return f"{os.path.join(stage_dir, 'latest')} names {named[0]}: {checkpoint_damage(named[0])}"
+    return f"{os.path.join(stage_dir, LATEST)} names {named[0]}: {checkpoint_damage(named[0])}"
 
 
 def checkpoint_damage(ckpt, files=("config.json", "model.safetensors")):
@@ -218,6 +232,15 @@ def output_dir(out, ours, keep_others=False):
 # ----------------------------------------------------------------------------- command lines
 
 
+def refuse_flag(parser, flag, instead):
+    """`flag` is another command's name for a different setting: refused with the name this command uses,
+    rather than read as something it does not mean here (and kept out of --help)."""
+    class Refuse(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            p.error(f"{flag}: {instead}")
+    parser.add_argument(flag, action=Refuse, help=argparse.SUPPRESS)
+
+
 def cli(main, argv=None):
     """A script's main(argv) as a command: an error the user can cause (a file, a path, a record, a full disk,
     memory) ends it with one line `error: ...` and exit status 1, not a traceback; `--debug` (anywhere in argv)
@@ -259,15 +282,18 @@ def detect_device():
 
 def resolve_device(name=None):
     """`--device` value -> device type; None/"auto" picks `detect_device()`. Asking for a device that
-    is not there is an error that says what is missing."""
+    is not there is a ValueError that says what is missing (a command's one-line error, common.cli)."""
     if name in (None, "auto"):
         return detect_device()
     if name == "npu":
-        import_torch_npu()
+        try:
+            import_torch_npu()
+        except RuntimeError as e:
+            raise ValueError(f"--device npu: {e}") from None
         if not torch.npu.is_available():
-            raise RuntimeError("--device npu: torch_npu is installed but sees no NPU")
+            raise ValueError("--device npu: torch_npu is installed but sees no NPU")
     elif name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device")
+        raise ValueError("--device cuda: torch sees no CUDA device")
     elif name not in ("npu", "cuda", "cpu"):
         raise ValueError(f"--device {name!r}: choose from npu, cuda, cpu, auto")
     return name

@@ -447,7 +447,7 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
 # side, so the bicubic resize that follows still averages over >= 2 source pixels per output pixel (as PIL's
 # thumbnail does): pixels within DRAFT_TOLERANCE of the full decode's, at a fraction of the decode time
 DRAFT_GAP = 2
-DRAFT_TOLERANCE = (1.0, 32)  # mean and max absolute pixel difference, 0..255 scale (tests/test_data.py measures it)
+DRAFT_TOLERANCE = (1.0, 32)  # mean and max absolute pixel difference, 0..255 scale (tests/test_workers.py measures it)
 
 
 def load_image(path, budget=None):
@@ -754,7 +754,7 @@ def first_samples(source, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXEL
 
 def show_sample(sample, tokenizer):
     """The sample's text with the tokens that carry loss in [[ ]] and each image's pads as <|image_pad|>xN."""
-    pieces, k = [], 0
+    pieces = []
     for (loss, pad), run in itertools.groupby(zip(sample.tokens, sample.labels),
                                               key=lambda x: (x[1] != IGNORE, x[0] == tokenizer.image_pad_id)):
         ids = [t for t, _ in run]

@@ -3,7 +3,7 @@ multiple-choice letter), test-time resolution search (MindVL) and the report (ma
 command line also averages checkpoints (convert.average_checkpoints) and exports them (convert.export_hf).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
-    python evaluate.py --ckpt runs/tiny/stage3-avg --eval-max-pixels 7056 --resolutions 56x56,112x112  # as train.py
+    python evaluate.py --ckpt runs/tiny/stage3-avg --eval-max-pixels 12544 --resolutions 56x56:56x56,112x112:1M  # as train.py
     python evaluate.py --ckpt CKPT --data docvqa=val.jsonl --image-root images/  # that set only
     python evaluate.py --average runs/tiny/stage3-512 runs/tiny/stage3-1024 --weights 1,1 --out runs/tiny/avg
     python evaluate.py --export-hf hf-out --ckpt runs/tiny/stage3-avg     # a Hugging Face Qwen2.5-VL directory
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import data
 from common import AVERAGED_FROM, EVAL_REPORT, PREDICTIONS, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, checkpoint_dir, cli, \
-    detect_device, read_json, replaced, save_plot, write_json
+    is_our_checkpoint, read_json, refuse_flag, replaced, resolve_device, save_plot, stage_checkpoints, write_json
 from convert import average_checkpoints, export_hf, hf_origin
 from model import MLLM
 from tasks import SYNTHETIC_TASKS, TASK_METRIC, SyntheticTasks
@@ -373,22 +373,20 @@ def plot_results(rows, out_png, tasks=None):
 
 
 def resolve_checkpoints(path):
-    """[(name, checkpoint dir)]: a checkpoint dir itself, a stage dir (its `latest` checkpoint), or a run
-    dir (every stage in it, in training order)."""
+    """[(name, checkpoint dir)]: a checkpoint dir itself, a stage dir (its newest complete checkpoint:
+    common.checkpoint_dir), or a run dir (every stage in it, in training order)."""
+    name = os.path.basename(os.path.normpath(path))
     if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return [(os.path.basename(os.path.normpath(path)), path)]
-    if os.path.isfile(os.path.join(path, "latest")):
-        return [(os.path.basename(os.path.normpath(path)), checkpoint_dir(path))]
-    if os.path.isdir(path):
-        found = []
-        for sub in sorted(os.listdir(path)):
-            full = os.path.join(path, sub)
-            if sub.startswith("stage") and os.path.isdir(full) and not sub.endswith(".tmp"):
-                if os.path.isfile(os.path.join(full, "latest")) or os.path.isfile(os.path.join(full, "model.safetensors")):
-                    found.extend(resolve_checkpoints(full))
-        if found:
-            return found
-    raise FileNotFoundError(f"--ckpt {path}: not a checkpoint, stage directory or run directory")
+        return [(name, path)]
+    if stage_checkpoints(path):
+        return [(name, checkpoint_dir(path))]
+    # a run dir: its stage dirs and checkpoints (not a write's .tmp, not an export to Hugging Face inside it)
+    stages = [os.path.join(path, d) for d in sorted(os.listdir(path)) if not d.endswith(".tmp")] \
+        if os.path.isdir(path) else []
+    found = [c for d in stages if is_our_checkpoint(d) or stage_checkpoints(d) for c in resolve_checkpoints(d)]
+    if not found:
+        raise FileNotFoundError(f"--ckpt {path}: not a checkpoint, stage directory or run directory")
+    return found
 
 
 def load_model(ckpt, device):
@@ -478,10 +476,10 @@ def build_parser():
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--export-hf: safetensors shard size limit")
     p.add_argument("--overwrite", action="store_true", help="--average / --export-hf into a directory holding other "
                    "files: replace only the files this command writes, keep the others")
-    # kept out of --help so scripts that spell them --n, --dev-n, --max-pixels keep working (train.py's
-    # --max-pixels is the training budget, hence --eval-max-pixels here)
-    for old, new in (("--n", "eval_n"), ("--dev-n", "eval_dev_n"), ("--max-pixels", "eval_max_pixels")):
-        p.add_argument(old, dest=new, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    refuse_flag(p, "--n", "test samples per task are --eval-n, as in train.py and audit.py")
+    refuse_flag(p, "--dev-n", "dev samples per task are --eval-dev-n, as in train.py and audit.py")
+    refuse_flag(p, "--max-pixels", "the test-time budget is --eval-max-pixels (train.py's --max-pixels is the "
+                "training budget)")
     return p
 
 
@@ -534,7 +532,7 @@ def evaluate_main(p, args):
         same = not files and args.split == "test"  # then the search's test sets are the ones just built
         search = (dev, test_sets if same else search_test,
                   [parse_budget(r, args.min_pixels) for r in args.resolutions.split(",")])
-    device = torch.device(detect_device() if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     tokenizer = data.load_tokenizer(args.tokenizer or ckpts[0][1])  # default: the run's own (saved in it)
     evaluate_run(ckpts, tokenizer, test_sets, out, args.min_pixels, args.eval_max_pixels,
                  search, report={"settings": vars(args)}, device=device, batch_size=args.batch_size,

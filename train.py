@@ -46,9 +46,10 @@ import data
 import evaluate
 import parallel
 import convert
-from common import AVERAGE_DIR, FIRST_SAMPLES, LOSS_PLOT, METRICS_FILE, RUN_ARGS, accelerators, checkpoint_damage, \
-    checkpoint_dir, cli, detect_device, is_our_checkpoint, peak_flops, peak_memory_gb, read_json, replaced, save_plot, \
-    stage_checkpoints, stage_name, write_checkpoint, write_json
+from common import AVERAGE_DIR, CHECKPOINT_PREFIX, FIRST_SAMPLES, LATEST, LOSS_PLOT, METRICS_FILE, RUN_ARGS, \
+    TRAIN_STATE, accelerators, checkpoint_damage, checkpoint_dir, checkpoint_name, cli, is_our_checkpoint, \
+    is_our_config, peak_flops, peak_memory_gb, read_json, replaced, resolve_device, save_plot, stage_checkpoints, \
+    stage_name, write_checkpoint, write_json
 from kernels import ATTENTION_BACKENDS
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, compile_blocks, \
     config_from_preset, loss_tokens, model_flops, update_expert_bias
@@ -366,7 +367,7 @@ def source_config(path, flag_):
         config = read_json(os.path.join(path, "config.json"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag_} {path}: unreadable config.json ({e})") from None
-    return "ours" if {"vision", "text"} <= config.keys() else config.get("model_type"), config
+    return "ours" if is_our_config(config) else config.get("model_type"), config
 
 
 def text_source_config(path):
@@ -501,7 +502,7 @@ def tokenizer_source(cfg):
     if cfg.tokenizer or start:
         return cfg.tokenizer or checkpoint_dir(start)
     for d in stage_dirs(cfg) if cfg.resume else ():  # the run's own checkpoints keep its tokenizer
-        if os.path.isfile(os.path.join(cfg.out, d, "latest")):
+        if os.path.isfile(os.path.join(cfg.out, d, LATEST)):
             try:
                 return checkpoint_dir(os.path.join(cfg.out, d))
             except FileNotFoundError:
@@ -674,7 +675,7 @@ def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokeniz
     """stage_dir/step-NNNNNN/ {model.safetensors, config.json, train_state.pt, the tokenizer's files} written
     under a temp name and renamed, then `latest` is switched to it (also by rename) and all but the newest
     `keep_last` checkpoints are removed, so a crash at any moment leaves a complete checkpoint behind."""
-    name = f"step-{state['step']:06d}"
+    name = checkpoint_name(state["step"])
     final, tmp = os.path.join(stage_dir, name), os.path.join(stage_dir, f".tmp-{name}")
     sharded = parallel.is_sharded(model)  # else every rank holds the same weights and optimizer: rank 0 writes
     with replaced(final, tmp) if dist.is_main else contextlib.nullcontext(tmp):
@@ -691,12 +692,12 @@ def save_checkpoint(stage_dir, model, optimizer, dist, keep_last, state, tokeniz
             model.save_pretrained(tmp)
         if dist.is_main:  # through a Python file: a full disk is OSError 28, not a C++ stream error
             tokenizer.save(tmp)  # the run's tokenizer and chat format travel with every checkpoint
-            with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
+            with open(os.path.join(tmp, TRAIN_STATE), "wb") as f:
                 torch.save({**state, "optimizer": None if sharded else optimizer.state_dict()}, f)
     if dist.is_main:
-        with replaced(os.path.join(stage_dir, "latest")) as latest, open(latest, "w") as f:
+        with replaced(os.path.join(stage_dir, LATEST)) as latest, open(latest, "w") as f:
             f.write(name)
-        for old in sorted(d for d in os.listdir(stage_dir) if d.startswith("step-"))[:-keep_last]:
+        for old in sorted(d for d in os.listdir(stage_dir) if d.startswith(CHECKPOINT_PREFIX))[:-keep_last]:
             if old != name:
                 shutil.rmtree(os.path.join(stage_dir, old))
     parallel.barrier(dist)
@@ -736,7 +737,7 @@ def resume_optimizer_and_data(model, optimizer, loader, state, ckpt, dist, log=p
 def load_train_state(ckpt):
     """train_state.pt (our own file: optimizer tensors plus Python RNG state and loader positions); a truncated
     or corrupt one is a ValueError naming it."""
-    file = os.path.join(ckpt, "train_state.pt")
+    file = os.path.join(ckpt, TRAIN_STATE)
     try:
         return torch.load(file, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
@@ -749,10 +750,10 @@ def resume_point(stage_dir, log=print):
     names a missing or damaged checkpoint, the newest complete one (a line says which and why); (None, None)
     for a stage killed before its first checkpoint (it restarts at step 0). All damaged: refused, named."""
     candidates, problems = stage_checkpoints(stage_dir), []
-    if candidates and not os.path.isfile(os.path.join(stage_dir, "latest")):
+    if candidates and not os.path.isfile(os.path.join(stage_dir, LATEST)):
         problems.append(f"{stage_dir} has no `latest` file")
     for ckpt in candidates:
-        why = checkpoint_damage(ckpt, ("config.json", "model.safetensors", "train_state.pt"))
+        why = checkpoint_damage(ckpt, ("config.json", "model.safetensors", TRAIN_STATE))
         try:
             state = load_train_state(ckpt) if why is None else None
         except ValueError as e:
@@ -774,8 +775,7 @@ def check_resume_flags(cfg, overrides, saved, ckpt, log=print):
     then = saved["train_config"]
     then_overrides = saved.get("model_overrides")
     if then_overrides is None:  # checkpoints written before train_state.pt kept them: the stage's args.json
-        with open(os.path.join(os.path.dirname(ckpt), RUN_ARGS)) as f:
-            then_overrides = json.load(f)["model_overrides"]
+        then_overrides = read_json(os.path.join(os.path.dirname(ckpt), RUN_ARGS))["model_overrides"]
     same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 (tuples = lists)
     model_flags = [f"--preset {cfg.preset} (was {then['preset']})"] if cfg.preset != then["preset"] else []
     model_flags += [f"{flag(k.replace('.', '_'))} {v} (was {then_overrides.get(k, 'the preset')})"
@@ -1261,7 +1261,7 @@ def run(cfg, overrides, log=print):
     """Train what --stage asks; for `all` the whole recipe including evaluation. Returns a summary dict.
     Flags and paths are checked first, then --out is locked for the run's duration."""
     check_config(cfg, overrides)
-    device_type = detect_device() if cfg.device == "auto" else cfg.device
+    device_type = resolve_device(cfg.device)
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type))
     # under torchrun every process joins the group: data parallel by default, sharded with --fsdp / --ep
     dist = parallel.init_distributed(device_type)

@@ -242,8 +242,8 @@ def test_data_alone_evaluates_only_that_set_and_task_typos_list_names(tmp_path, 
 
 def test_evaluation_flags_are_spelled_alike_in_every_command(capsys):
     """--eval-n, --eval-dev-n, --eval-max-pixels, --resolutions and --min-pixels mean the same in train.py and
-    evaluate.py (chat.py: --eval-max-pixels, --min-pixels); the earlier evaluate.py / chat.py / bench.py spellings
-    still parse to the same settings and are not in --help."""
+    evaluate.py (chat.py: --eval-max-pixels, --min-pixels); another command's name for a different setting
+    (train.py's --max-pixels, --warmup) is refused with the name to use, and is not in --help."""
     import bench
     import chat
     import train
@@ -255,12 +255,19 @@ def test_evaluation_flags_are_spelled_alike_in_every_command(capsys):
     assert {"--eval-max-pixels", "--min-pixels"} <= flags(chat.build_parser())
     new = evaluate.build_parser().parse_args(["--ckpt", "c", "--eval-n", "3", "--eval-dev-n", "5",
                                               "--eval-max-pixels", "7056"])
-    old = evaluate.build_parser().parse_args(["--ckpt", "c", "--n", "3", "--dev-n", "5", "--max-pixels", "7056"])
-    assert vars(old) == vars(new) and (new.eval_n, new.eval_dev_n, new.eval_max_pixels) == (3, 5, 7056)
-    assert evaluate.build_parser().parse_args(["--ckpt", "c"]).eval_n == 128  # the hidden spelling keeps the default
-    assert chat.build_parser().parse_args(["--ckpt", "c", "--max-pixels", "99"]).eval_max_pixels == 99
+    assert (new.eval_n, new.eval_dev_n, new.eval_max_pixels) == (3, 5, 7056)
+    assert evaluate.build_parser().parse_args(["--ckpt", "c"]).eval_n == 128
     assert chat.build_parser().parse_args(["--ckpt", "c"]).eval_max_pixels is None
-    for flags_, message in ((["--eval-n", "0"], "--eval-n 0: must be >= 1"), (["--dev-n", "-1"], "--eval-dev-n -1: must")):
+    ckpt = ["--ckpt", "c"]
+    for parser, args, old, new_name in ((evaluate.build_parser(), ckpt, "--n", "--eval-n"),
+                                        (evaluate.build_parser(), ckpt, "--dev-n", "--eval-dev-n"),
+                                        (evaluate.build_parser(), ckpt, "--max-pixels", "--eval-max-pixels"),
+                                        (chat.build_parser(), ckpt, "--max-pixels", "--eval-max-pixels"),
+                                        (bench.build_parser(), [], "--warmup", "--warmup-reps")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*args, old, "3"])
+        assert f"{old}: " in (err := capsys.readouterr().err) and new_name in err, (old, err)
+    for flags_, message in ((["--eval-n", "0"], "--eval-n 0: must be >= 1"), (["--eval-dev-n", "-1"], "--eval-dev-n -1: must")):
         with pytest.raises(SystemExit):
             evaluate.main(["--ckpt", "c", *flags_])
         assert message in capsys.readouterr().err

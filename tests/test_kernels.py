@@ -264,7 +264,7 @@ def test_fake_torch_npu_enforces_documented_limits():
 
 def test_npu_requested_without_torch_npu(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes `import torch_npu` raise ImportError
-    with pytest.raises(RuntimeError, match="torch_npu"):
+    with pytest.raises(ValueError, match="--device npu: the npu paths need torch_npu"):
         common.resolve_device("npu")
     q = torch.randn(4, 2, 16)
     with pytest.raises(RuntimeError, match="torch_npu"):
