@@ -25,11 +25,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-import convert
 import evaluate
 import train
-from common import AVERAGE_DIR, checkpoint_dir, cli, read_json, read_safetensors, resolve_device, save_plot, \
-    stage_name, write_json
+from common import AVERAGE_DIR, checkpoint_dir, cli, read_json, read_safetensors, save_plot, stage_name, write_json
+from kernels import resolve_device
 from tasks import SIZES, SYNTHETIC_TASKS
 
 
@@ -120,15 +119,15 @@ def averaging_study(out, lengths, tokenizer, dev, budget, device, log=print):
              "cosine": float(da @ db / (da.norm() * db.norm())), "alphas": ALPHAS, "dev_loss": []}
     ends = [checkpoint_dir(os.path.join(out, stage_name(3, n))) for n in lengths[:2]]
     records = sum(dev.values(), [])
-    for alpha in ALPHAS:  # each point written as a weighted average (convert.average_checkpoints), then scored
+    for alpha in ALPHAS:  # each point written as a weighted average (evaluate.average_checkpoints), then scored
         point = os.path.join(out, "interpolated")
-        convert.average_checkpoints(ends, [1 - alpha, alpha], out=point)
+        evaluate.average_checkpoints(ends, [1 - alpha, alpha], out=point)
         study["dev_loss"].append(evaluate.reply_loss(evaluate.load_model(point, device), tokenizer, records, *budget,
                                                      device))
         shutil.rmtree(point)
     inner = [(loss, a) for a, loss in zip(ALPHAS, study["dev_loss"]) if 0 < a < 1]
     study["dev_alpha"] = min(inner)[1]
-    convert.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, DEV_AVERAGE_DIR),
+    evaluate.average_checkpoints(ends, [1 - study["dev_alpha"], study["dev_alpha"]], out=os.path.join(out, DEV_AVERAGE_DIR),
                                  overwrite=True)
     log("averaging: " + ", ".join(f"alpha {a} loss {v:.4f}" for a, v in zip(ALPHAS, study["dev_loss"]))
         + f"; moved {study['moved_first']:.3f} / {study['moved_second']:.3f} of |w|, cosine {study['cosine']:.3f}; "

@@ -45,8 +45,9 @@ import data
 import kernels
 import parallel
 import train
-from common import cli, device_name, peak_flops, refuse_flag, resolve_device, synchronize
+from common import cli, device_name, peak_flops, refuse_flag, synchronize
 from convert import load_hf
+from kernels import resolve_device
 from model import MLLM, Attention, AttentionInputs, TextConfig, compile_blocks, config_from_preset, count_parameters, \
     loss_tokens, model_flops, rope_cos_sin
 from tasks import SYNTHETIC_TASKS, SyntheticTasks

@@ -17,7 +17,8 @@ import torch
 import convert
 import data
 from evaluate import resolve_checkpoints, trained_budget
-from common import cli, read_json, refuse_flag, resolve_device
+from common import cli, read_json, refuse_flag
+from kernels import resolve_device
 from model import MLLM
 
 HELP = "commands: /image PATH (attach to your next message), /reset (forget the conversation), /quit"

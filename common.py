@@ -1,6 +1,6 @@
 """What every script shares and none of it is about the model: files written whole (write-then-rename), JSON and
 safetensors files that name themselves in their errors, checkpoint and output directories, a command's one-line
-errors, devices (detection, names, peak FLOP/s for MFU, memory) and plots. It imports nothing of ours.
+errors, devices (names, peak FLOP/s for MFU, memory; kernels.py detects them) and plots. It imports nothing of ours.
 """
 import argparse
 import contextlib
@@ -267,46 +267,6 @@ def error_line(e):
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-def detect_device():
-    """The best available device type: npu > cuda > cpu."""
-    try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
-        if torch.npu.is_available():
-            return "npu"
-    except ImportError:
-        pass
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(name=None):
-    """`--device` value -> device type; None/"auto" picks `detect_device()`. Asking for a device that
-    is not there is a ValueError that says what is missing (a command's one-line error, common.cli)."""
-    if name in (None, "auto"):
-        return detect_device()
-    if name == "npu":
-        try:
-            import_torch_npu()
-        except RuntimeError as e:
-            raise ValueError(f"--device npu: {e}") from None
-        if not torch.npu.is_available():
-            raise ValueError("--device npu: torch_npu is installed but sees no NPU")
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
-    elif name not in ("npu", "cuda", "cpu"):
-        raise ValueError(f"--device {name!r}: choose from npu, cuda, cpu, auto")
-    return name
-
-
-def import_torch_npu():
-    """torch_npu, imported only when an Ascend path is taken (it registers the "npu" device)."""
-    try:
-        import torch_npu
-    except ImportError as e:
-        raise RuntimeError("the npu paths need torch_npu (pip install -r requirements-npu.txt on an "
-                           "Ascend machine with CANN)") from e
-    return torch_npu
 
 
 def accelerators():

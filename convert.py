@@ -1,9 +1,8 @@
 """Hugging Face checkpoints: the name tables between our modules and the published Qwen2.5-VL / Qwen2 / Qwen3 /
 Qwen3-MoE / DeepSeek-V3 layouts, loading their weights into model.py's modules (load_hf, load_hf_decoder) and
 exporting ours in their layout (hf_tensors, hf_decoder_tensors, *_config_to_hf, save_hf; export_hf writes a
-checkpoint as a directory transformers' from_pretrained loads), and the weighted average of our checkpoints
-(average_checkpoints). Kept beside model.py as DeepSeek-V3 keeps convert.py beside its model.py: model.py computes,
-this file only renames, reshapes and averages.
+checkpoint as a directory transformers' from_pretrained loads). Kept beside model.py as DeepSeek-V3 keeps
+convert.py beside its model.py: model.py computes, this file only renames and reshapes.
 """
 import json
 import math
@@ -14,8 +13,8 @@ import torch
 
 import data
 
-from common import AVERAGED_FROM, EVAL_REPORT, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, check_output_dir, \
-    is_our_checkpoint, output_dir, read_json, read_safetensors, save_safetensors, write_checkpoint, write_json
+from common import RUN_ARGS, check_output_dir, is_our_checkpoint, output_dir, read_json, read_safetensors, \
+    save_safetensors, write_json
 from model import Decoder, MLLM, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, assign_state, \
     named_state
 
@@ -579,65 +578,3 @@ def hf_origin(ckpt, hops=8):
         if is_hf_dir(path):
             return path
     return None
-
-
-# ----------------------------------------------------------------------------- checkpoint averaging
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def config_diff(a, b):
-    """Dotted names of the config fields in which two config dicts differ."""
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
-
-
-# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
-AVERAGE_FILES = ("model.safetensors", "config.json", AVERAGED_FROM, EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT,
-                 *data.TOKENIZER_FILES)
-
-
-def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
-    """Model weight averaging (MindVL's abstract: of checkpoints trained at different sequence lengths; the
-    element-wise weighted mean is our reading): the mean of the checkpoints' weights (weights are
-    normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
-    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
-    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
-    if len(ckpts) < 2:
-        raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
-    if out is not None:
-        others = check_output_dir(out, "--out", AVERAGED_FROM, AVERAGE_FILES.__contains__, ckpts, overwrite)
-    weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
-    configs = [read_json(os.path.join(c, "config.json")) for c in ckpts]
-    for c, cfg in zip(ckpts[1:], configs[1:]):
-        diff = config_diff(configs[0], cfg)
-        if diff:
-            raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
-    states = [read_safetensors(os.path.join(c, "model.safetensors")) for c in ckpts]
-    for c, s in zip(ckpts[1:], states[1:]):
-        if s.keys() != states[0].keys():
-            raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
-                             f"({sorted(s.keys() ^ states[0].keys())[:5]})")
-    total = sum(weights)
-    avg = {}
-    for name, t0 in states[0].items():
-        acc = torch.zeros(t0.shape, dtype=torch.float64)
-        for w, s in zip(weights, states):
-            acc += (w / total) * s[name].double()
-        avg[name] = acc.to(t0.dtype)
-    if out is not None:
-        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
-            write_checkpoint(tmp, avg, configs[0])
-            data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
-            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, AVERAGED_FROM))
-    return avg

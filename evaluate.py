@@ -1,6 +1,6 @@
 """Evaluation: greedy generation over eval sets, the scorers (exact match, VQA accuracy, ANLS, IoU@0.5,
-multiple-choice letter), test-time resolution search (MindVL) and the report (markdown table + eval.json). The
-command line also averages checkpoints (convert.average_checkpoints) and exports them (convert.export_hf).
+multiple-choice letter), checkpoint averaging and test-time resolution search (MindVL) and the report (markdown table + eval.json).
+The command line also exports a checkpoint to Hugging Face (convert.export_hf).
 
     python evaluate.py --ckpt runs/tiny                        # every checkpoint of a run, synthetic test split
     python evaluate.py --ckpt runs/tiny/stage3-avg --eval-max-pixels 12544 --resolutions 56x56:56x56,112x112:1M  # as train.py
@@ -20,9 +20,11 @@ import time
 import numpy as np
 import torch
 import data
-from common import AVERAGED_FROM, EVAL_REPORT, PREDICTIONS, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, checkpoint_dir, cli, \
-    is_our_checkpoint, read_json, refuse_flag, replaced, resolve_device, save_plot, stage_checkpoints, write_json
-from convert import average_checkpoints, export_hf, hf_origin
+from common import AVERAGED_FROM, EVAL_REPORT, PREDICTIONS, RESULTS_PLOT, RESULTS_TABLE, RUN_ARGS, check_output_dir, \
+    checkpoint_dir, cli, is_our_checkpoint, output_dir, read_json, read_safetensors, refuse_flag, replaced, save_plot, \
+    stage_checkpoints, write_checkpoint, write_json
+from convert import export_hf, hf_origin
+from kernels import resolve_device
 from model import MLLM
 from tasks import SYNTHETIC_TASKS, TASK_METRIC, SyntheticTasks
 
@@ -239,6 +241,68 @@ def reply_loss(model, tokenizer, records, min_pixels=data.MIN_PIXELS, max_pixels
 def scores_of(results):
     """{set: score} of the sets that have references."""
     return {name: r["score"] for name, r in results.items() if r["score"] is not None}
+
+
+# ----------------------------------------------------------------------------- checkpoint averaging
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_diff(a, b):
+    """Dotted names of the config fields in which two config dicts differ."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+# what `evaluate.py --average --out DIR` writes in DIR: the average, then its evaluation (evaluate_run)
+AVERAGE_FILES = ("model.safetensors", "config.json", AVERAGED_FROM, EVAL_REPORT, RESULTS_TABLE, RESULTS_PLOT,
+                 *data.TOKENIZER_FILES)
+
+
+def average_checkpoints(ckpts, weights=None, out=None, overwrite=False):
+    """Model weight averaging (MindVL's abstract: of checkpoints trained at different sequence lengths; the
+    element-wise weighted mean is our reading): the mean of the checkpoints' weights (weights are
+    normalised to sum to 1; default equal). All configs must match exactly (an error names the differing
+    fields). Writes model.safetensors + config.json to `out` (temp dir, then rename; only over a directory that
+    is new, empty or an earlier average, or with overwrite beside other files) and returns the state."""
+    if len(ckpts) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(ckpts)}")
+    if out is not None:
+        others = check_output_dir(out, "--out", AVERAGED_FROM, AVERAGE_FILES.__contains__, ckpts, overwrite)
+    weights = [1.0] * len(ckpts) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(ckpts) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights {weights}: need {len(ckpts)} non-negative weights with a positive sum")
+    configs = [read_json(os.path.join(c, "config.json")) for c in ckpts]
+    for c, cfg in zip(ckpts[1:], configs[1:]):
+        diff = config_diff(configs[0], cfg)
+        if diff:
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: configs differ in {', '.join(diff)}")
+    states = [read_safetensors(os.path.join(c, "model.safetensors")) for c in ckpts]
+    for c, s in zip(ckpts[1:], states[1:]):
+        if s.keys() != states[0].keys():
+            raise ValueError(f"cannot average {ckpts[0]} and {c}: weight names differ "
+                             f"({sorted(s.keys() ^ states[0].keys())[:5]})")
+    total = sum(weights)
+    avg = {}
+    for name, t0 in states[0].items():
+        acc = torch.zeros(t0.shape, dtype=torch.float64)
+        for w, s in zip(weights, states):
+            acc += (w / total) * s[name].double()
+        avg[name] = acc.to(t0.dtype)
+    if out is not None:
+        with output_dir(out, AVERAGE_FILES.__contains__, keep_others=bool(others)) as tmp:
+            write_checkpoint(tmp, avg, configs[0])
+            data.load_tokenizer(ckpts[0]).save(tmp)  # the runs' tokenizer and chat format
+            write_json({"checkpoints": list(ckpts), "weights": weights}, os.path.join(tmp, AVERAGED_FROM))
+    return avg
 
 
 # ----------------------------------------------------------------------------- test-time resolution search
@@ -500,7 +564,7 @@ def main(argv=None):
 
 
 def average_main(p, args):
-    """--average: the weighted average of the checkpoints written to --out (convert.average_checkpoints)."""
+    """--average: the weighted average of the checkpoints written to --out (average_checkpoints)."""
     if not args.out:
         p.error("--average needs --out DIR")
     try:

@@ -16,8 +16,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from common import import_torch_npu
-
 try:
     import triton
     import triton.language as tl
@@ -28,6 +26,49 @@ except ImportError:  # e.g. Ascend or CPU-only installs: the "triton" paths are 
 def _on_npu(x):
     """Whether x lives on an Ascend NPU, i.e. whether the small ops take their torch_npu path."""
     return x.device.type == "npu"
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def detect_device():
+    """The best available device type: npu > cuda > cpu."""
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+        if torch.npu.is_available():
+            return "npu"
+    except ImportError:
+        pass
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name=None):
+    """`--device` value -> device type; None/"auto" picks `detect_device()`. Asking for a device that
+    is not there is a ValueError that says what is missing (a command's one-line error, common.cli)."""
+    if name in (None, "auto"):
+        return detect_device()
+    if name == "npu":
+        try:
+            import_torch_npu()
+        except RuntimeError as e:
+            raise ValueError(f"--device npu: {e}") from None
+        if not torch.npu.is_available():
+            raise ValueError("--device npu: torch_npu is installed but sees no NPU")
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    elif name not in ("npu", "cuda", "cpu"):
+        raise ValueError(f"--device {name!r}: choose from npu, cuda, cpu, auto")
+    return name
+
+
+def import_torch_npu():
+    """torch_npu, imported only when an Ascend path is taken (it registers the "npu" device)."""
+    try:
+        import torch_npu
+    except ImportError as e:
+        raise RuntimeError("the npu paths need torch_npu (pip install -r requirements-npu.txt on an "
+                           "Ascend machine with CANN)") from e
+    return torch_npu
 
 
 # ----------------------------------------------------------------------------- attention

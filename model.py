@@ -846,7 +846,7 @@ class MLLM(nn.Module):
         targets = next_token_targets(batch.labels, batch.cu_seqlens)[lo:hi]
         # chunked over tokens: [tokens, vocab] fp32 logits never exist at once (8B vocab: 2.4 GB per 4k tokens)
         ce_sum, z_sum = linear_cross_entropy(hidden, self.decoder.lm_head.weight, targets, z_loss=True)
-        n_loss = loss_tokens(batch, lo, hi)
+        n_loss = int((targets != -100).sum())  # loss_tokens(batch, lo, hi), from the targets at hand
         # no loss token anywhere (a global divisor of 0): the sums are 0, so is the loss; never a 0 / 0
         divisor = loss_divisor or max(n_loss, 1)
         ce = ce_sum / divisor

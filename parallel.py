@@ -44,7 +44,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from common import replaced, resolve_device
+from common import replaced
+from kernels import resolve_device
 from model import MoE
 
 # torch 2.13 renamed the flat collectives; torch_npu pins older torch releases that have only the old names

@@ -48,9 +48,9 @@ import parallel
 import convert
 from common import AVERAGE_DIR, CHECKPOINT_PREFIX, FIRST_SAMPLES, LATEST, LOSS_PLOT, METRICS_FILE, RUN_ARGS, \
     TRAIN_STATE, accelerators, checkpoint_damage, checkpoint_dir, checkpoint_name, cli, is_our_checkpoint, \
-    is_our_config, peak_flops, peak_memory_gb, read_json, replaced, resolve_device, save_plot, stage_checkpoints, \
-    stage_name, write_checkpoint, write_json
-from kernels import ATTENTION_BACKENDS
+    is_our_config, peak_flops, peak_memory_gb, read_json, replaced, save_plot, stage_checkpoints, stage_name, \
+    write_checkpoint, write_json
+from kernels import ATTENTION_BACKENDS, resolve_device
 from model import MLLM, PRESETS, ModelConfig, PatchMerger, TextConfig, VisionConfig, VisionEncoder, compile_blocks, \
     config_from_preset, loss_tokens, model_flops, update_expert_bias
 from tasks import MAX_TURNS, SYNTHETIC_TASKS, SyntheticTasks
@@ -1343,7 +1343,7 @@ def train_recipe(cfg, ctx):
             if results[name].status != "done":
                 return {"stages": results, "wall_s": time.time() - t0}
         if dist.is_main:
-            convert.average_checkpoints([results[stage_name(3, n)].checkpoint for n, _ in stage3_runs(cfg)],
+            evaluate.average_checkpoints([results[stage_name(3, n)].checkpoint for n, _ in stage3_runs(cfg)],
                                          out=os.path.join(cfg.out, AVERAGE_DIR))
             log(f"averaged the stage-3 runs into {os.path.join(cfg.out, AVERAGE_DIR)}")
     train_wall = time.time() - t0

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import convert
 import data
 import evaluate
 from model import MLLM, config_from_preset
@@ -75,13 +74,13 @@ def save_model(path, seed, **overrides):
 
 def test_average_is_the_weighted_mean(tmp_path):
     a, b = save_model(tmp_path / "a", 1), save_model(tmp_path / "b", 2)
-    avg = convert.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
+    avg = evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
     on_disk = load_file(tmp_path / "avg" / "model.safetensors")
     for k in a:
         assert not torch.equal(a[k], b[k]) or a[k].unique().numel() == 1, k  # the two really differ
         torch.testing.assert_close(on_disk[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-7)
         assert torch.equal(on_disk[k], avg[k])
-    weighted = convert.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], weights=[1, 3])
+    weighted = evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], weights=[1, 3])
     for k in a:
         torch.testing.assert_close(weighted[k], 0.25 * a[k] + 0.75 * b[k], rtol=0, atol=1e-7)
     assert json.load(open(tmp_path / "avg" / "config.json")) == json.load(open(tmp_path / "a" / "config.json"))
@@ -92,10 +91,10 @@ def test_average_refuses_mismatched_configs(tmp_path):
     save_model(tmp_path / "a", 1)
     save_model(tmp_path / "b", 1, **{"text.num_layers": 2, "image_pad_id": 260})
     with pytest.raises(ValueError, match=r"configs differ in image_pad_id, text\.num_layers"):
-        convert.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
+        evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "avg"))
     assert not os.path.exists(tmp_path / "avg")
     with pytest.raises(ValueError, match="weights"):
-        convert.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "a")], weights=[1])
+        evaluate.average_checkpoints([str(tmp_path / "a"), str(tmp_path / "a")], weights=[1])
 
 
 # ----------------------------------------------------------------------------- resolution search

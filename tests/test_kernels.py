@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import fake_torch_npu
 import kernels
 from conftest import requires
@@ -265,7 +264,7 @@ def test_fake_torch_npu_enforces_documented_limits():
 def test_npu_requested_without_torch_npu(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes `import torch_npu` raise ImportError
     with pytest.raises(ValueError, match="--device npu: the npu paths need torch_npu"):
-        common.resolve_device("npu")
+        kernels.resolve_device("npu")
     q = torch.randn(4, 2, 16)
     with pytest.raises(RuntimeError, match="torch_npu"):
         kernels.varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="npu")
