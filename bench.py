@@ -855,6 +855,7 @@ LOADER = {"accel": dict(records=400, size=(1600, 1200), length=4096, batches=6, 
           "cpu": dict(records=400, size=(1600, 1200), length=4096, batches=6, model="tiny"),
           "quick": dict(records=40, size=(320, 240), length=512, batches=2, model="tiny")}
 LOADER_WORKERS = (0, 1, 2)
+LOADER_WARM_BATCHES = 2  # the loop is timed in steady state: after the workers' prefetch has filled
 
 
 def write_jpeg_records(folder, n, size):
@@ -878,9 +879,12 @@ def bench_loader(device, size, reps):
     """Loader samples/s at 0, 1, 2 --data-workers (the loader alone), what one training step consumes (samples
     per batch / eager step time), and the wall-clock step rate of a training loop fed by each loader, the
     settings interleaved round by round; each round starts every loader fresh from the same position (its
-    buffer filled in process, untimed), so no loader prefetches while another is timed."""
+    buffer filled in process, untimed), so no loader prefetches while another is timed. The loader alone is
+    timed from its start (workers forked, nothing prefetched), the loop after LOADER_WARM_BATCHES batches."""
     s = LOADER[size]
-    rows = []
+    rows, threads = [], torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # the step keeps one core busy, as it keeps an accelerator's host thread busy
     with tempfile.TemporaryDirectory() as folder:
         ds = write_jpeg_records(folder, s["records"], s["size"])
         kw = dict(max_tokens=s["length"], max_pixels=112 * 112, buffer_size=64)
@@ -896,8 +900,10 @@ def bench_loader(device, size, reps):
                 for timed, with_model in ((alone, False), (loop, True)):
                     loader = data.PackedLoader(ds, data.Tokenizer(), workers=n, **kw)
                     loader.load_state_dict(state)
-                    reads, t0 = loader.reads, time.perf_counter()
-                    for _ in range(s["batches"]):
+                    warm = LOADER_WARM_BATCHES if with_model else 0
+                    for i in range(warm + s["batches"]):
+                        if i == warm:
+                            reads, t0 = loader.reads, time.perf_counter()
                         b = next(loader)
                         per_batch.append(len(b.cu_seqlens) - 1)
                         if with_model:
@@ -914,7 +920,9 @@ def bench_loader(device, size, reps):
             rows.append(dict(workers=n, image=f"{s['size'][0]}x{s['size'][1]} jpeg", max_pixels=112 * 112,
                              length=s["length"], loader_samples_per_s=rate, samples_per_batch=samples_per_batch,
                              step_needs_samples_per_s=samples_per_batch / max(step_s, 1e-9),
-                             loop_steps_per_s=steps_per_s, cpus=len(os.sched_getaffinity(0))))
+                             loop_steps_per_s=steps_per_s, cpus=len(os.sched_getaffinity(0)),
+                             torch_threads=torch.get_num_threads()))
+    torch.set_num_threads(threads)
     for r in rows:
         r["x_workers_0"] = r["loop_steps_per_s"] / rows[0]["loop_steps_per_s"]
     return rows

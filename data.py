@@ -1202,12 +1202,13 @@ def pack(samples, max_tokens, mrope=False, truncate=False):
 
 # ----------------------------------------------------------------------------- data workers
 
-PREFETCH = 8  # samples each data worker encodes ahead of the loader (its queue's bound)
+PREFETCH_BATCHES = 2  # the workers together encode up to this many batches' tokens ahead of the loader
+WORKER_NICE = 10  # workers yield the CPU to the training step: they fill the cores it leaves idle
 
 
 def _die_with(parent):
     """Linux: the kernel kills this process when the training process dies, however it dies (kill -9 too);
-    elsewhere _worker's put loop notices the parent is gone."""
+    elsewhere _worker's credit wait notices the parent is gone."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -1216,15 +1217,24 @@ def _die_with(parent):
         os._exit(0)
 
 
-def _worker(loader, start, k, n, out, parent):
+def _tokens_of(item):
+    """What a worker's item holds against its prefetch budget: a sample's tokens, 1 for an error."""
+    return len(item[1].tokens) if item[0] == "ok" else 1
+
+
+def _worker(loader, start, k, n, out, credits, parent):
     """Data worker k of n: encodes the loader's reads start + k, start + k + n, ... into `out` in order, as
     ("ok", sample with numpy patches) or ("bad", message, reason) for a DataError; any other failure is sent
-    as ("crash", traceback) and ends it. Signals are the training process's to act on: it finishes its step
-    and checkpoints (train.StopRequested), then kills its workers."""
+    as ("crash", traceback) and ends it. It queues at most PREFETCH_BATCHES * max_tokens / n tokens (one sample at
+    least) and holds the next one until the loader, which sends each item's tokens back on `credits` as it
+    takes it, has made room. Signals are the
+    training process's to act on: it finishes its step and checkpoints (train.StopRequested), then kills it."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     _die_with(parent)
     torch.set_num_threads(1)
+    os.nice(WORKER_NICE)
+    budget, ahead = PREFETCH_BATCHES * loader.max_tokens // n, 0
     for j in itertools.count(start + k, n):
         try:
             s = loader._sample(j)
@@ -1233,27 +1243,28 @@ def _worker(loader, start, k, n, out, parent):
             item = ("bad", str(e), e.reason)
         except Exception:  # noqa: BLE001 (sent to the training process, which raises it)
             item = ("crash", traceback.format_exc())
-        while True:
+        while ahead and ahead + _tokens_of(item) > budget:
             try:
-                out.put(item, timeout=1.0)
-                break
-            except queue.Full:
+                ahead -= credits.get(timeout=1.0)
+            except queue.Empty:
                 if os.getppid() != parent:
                     os._exit(0)
+        ahead += _tokens_of(item)
+        out.put(item)
         if item[0] == "crash":
             return
 
 
 class Workers:
-    """`n` forked processes encoding a PackedLoader's reads from `start` on, each up to PREFETCH ahead: read j
-    is worker (j - start) % n's, so samples arrive in read order whatever each one costs."""
+    """`n` forked processes encoding a PackedLoader's reads from `start` on, PREFETCH_BATCHES batches' tokens
+    ahead: read j is worker (j - start) % n's, so samples arrive in read order whatever each one costs."""
 
     def __init__(self, loader, start, n):
         ctx = multiprocessing.get_context("fork")  # the loader (tokenizer, open data files) is inherited, not pickled
         self.start, self.next = start, start
-        self.queues = [ctx.Queue(PREFETCH) for _ in range(n)]
-        self.procs = [ctx.Process(target=_worker, args=(loader, start, k, n, q, os.getpid()), daemon=True,
-                                  name=f"data worker {k}") for k, q in enumerate(self.queues)]
+        self.queues, self.credits = [ctx.Queue() for _ in range(n)], [ctx.Queue() for _ in range(n)]
+        self.procs = [ctx.Process(target=_worker, args=(loader, start, k, n, q, c, os.getpid()), daemon=True,
+                                  name=f"data worker {k}") for k, (q, c) in enumerate(zip(self.queues, self.credits))]
         for p in self.procs:
             p.start()
         atexit.register(self.close)  # before multiprocessing's own exit hook, which would wait on them
@@ -1271,6 +1282,7 @@ class Workers:
                     raise RuntimeError(f"data worker {k} (pid {self.procs[k].pid}) died with exit code "
                                        f"{self.procs[k].exitcode} (out of memory?) before read {j}") from None
         self.next += 1
+        self.credits[k].put(_tokens_of(item))
         if item[0] == "crash":
             raise RuntimeError(f"data worker {k} failed on read {j}:\n{item[1]}")
         if item[0] == "bad":
@@ -1285,7 +1297,7 @@ class Workers:
                 p.kill()
         for p in self.procs:
             p.join()
-        for q in self.queues:
+        for q in self.queues + self.credits:
             q.cancel_join_thread()
             q.close()
         self.procs = []

@@ -95,6 +95,39 @@ def test_worker_raises_the_bad_record_as_in_process(tmp_path):
         assert e.value.reason == "malformed JSON"
 
 
+class LoggedRecords:
+    """Text-only records of one token length; each read appends its index to `log` (from any process)."""
+
+    def __init__(self, log, n=500):
+        self.log, self.n = log, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{i}\n")
+        return {"format": "conversation", "conversations": [{"from": "human", "value": f"What is {1000 + i}?"},
+                                  {"from": "gpt", "value": f"{2000 + i}"}]}
+
+
+def test_workers_prefetch_at_most_two_batches_of_tokens(tmp_path):
+    """Workers queue PREFETCH_BATCHES * max_tokens tokens ahead of the loader at most (each worker its share, one
+    sample at least) and hold the next one encoded, whatever the sample count: they wait there for credit."""
+    log = tmp_path / "reads"
+    source, max_tokens, n = LoggedRecords(log), 200, 2
+    size = len(data.encode(source[0], Tokenizer()).tokens)
+    log.unlink()
+    loader = PackedLoader(source, Tokenizer(), max_tokens, buffer_size=4, workers=n)
+    try:
+        next(loader)
+        time.sleep(2)  # the workers fill their budget and wait for credit
+        ahead = len(log.read_text().split()) - loader.reads
+        assert n <= ahead <= n * (max(1, data.PREFETCH_BATCHES * max_tokens // n // size) + 1), (ahead, size)
+    finally:
+        loader.close()
+
+
 def test_draft_decode_within_the_stated_tolerance():
     """Where the resize shrinks a JPEG 2x or more it is decoded at reduced DCT scale: pixels within
     DRAFT_TOLERANCE (0..255) of the full decode, patch grid identical; no draft where it does not shrink."""
