@@ -222,6 +222,54 @@ def test_workers_end_with_the_run_on_sigterm_and_on_a_bad_record(tmp_path, monke
     assert len(started) == 2 and not wait_gone(started) and not set(children(os.getpid())) - before
 
 
+class FailingRecords:
+    """Records whose reads fail in a data worker (any process but the one that built it): `how` is "raise" (a
+    bug in a reader, not a bad record) or "die" (the worker killed, as the OOM killer would)."""
+
+    def __init__(self, how):
+        self.how, self.parent = how, os.getpid()
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        if os.getpid() != self.parent:
+            if self.how == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ZeroDivisionError(f"reader bug at {i}")
+        return {"format": "text", "text": f"record {i}"}
+
+
+@pytest.mark.parametrize("how, error", [("raise", r"data worker 0 failed on read 0:\n(.|\n)*ZeroDivisionError: "
+                                                  r"reader bug at"),
+                                        ("die", r"data worker 0 \(pid \d+\) died with exit code -9")])
+def test_a_failing_worker_stops_the_loader_with_its_cause(how, error, started):
+    loader = PackedLoader(FailingRecords(how), Tokenizer(), 64, buffer_size=2, workers=2)
+    with pytest.raises(RuntimeError, match=error):
+        next(loader)
+    assert loader.pool is None and len(started) == 2 and not wait_gone(started)  # the loader closed its workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_end_when_the_step_raises(tmp_path, monkeypatch, started):
+    """An exception in the training process (here the forward of step 2) ends the run's workers with it."""
+    jpeg_dataset(tmp_path, n=30, bad=(25,))
+    real_forward, calls = train.MLLM.forward, []
+
+    def failing_forward(self, batch, loss_divisor=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in step 2")
+        return real_forward(self, batch, loss_divisor)
+
+    monkeypatch.setattr(train.MLLM, "forward", failing_forward)
+    torch.set_num_threads(1)
+    before = set(children(os.getpid()))
+    with pytest.raises(MemoryError, match="step 2"):
+        train.main(run_flags(tmp_path, "--on-bad", "skip"))
+    assert len(started) == 2 and not wait_gone(started) and not set(children(os.getpid())) - before
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
 def test_workers_die_with_a_killed_run(tmp_path):
     """kill -9 of the training process (nothing of it runs after): its workers die with it, no orphans."""
