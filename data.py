@@ -691,8 +691,8 @@ def encode_chat(record, tok, images, for_generation=False):
 
 
 def _template_pieces(tok, ids, text, spans, images):
-    """The template's `ids` of `text` as (ids, has_loss) pieces, one a token, each image's pad repeated to its
-    merged-token count; a token carries loss where its characters overlap a reply span and it is no image
+    """The template's `ids` of `text` as (ids, has_loss) pieces, one piece per token, each image's pad repeated
+    to its merged-token count; a token carries loss where its characters overlap a reply span and it is no image
     token. With the token index of each image's first pad and the index just past each span."""
     offsets = tok.enc.decode_with_offsets(ids)[1] + [len(text)]
     image_ids = {tok.vision_start_id, tok.vision_end_id, tok.image_pad_id}
@@ -1227,8 +1227,8 @@ def _worker(loader, start, k, n, out, credits, parent):
     ("ok", sample with numpy patches) or ("bad", message, reason) for a DataError; any other failure is sent
     as ("crash", traceback) and ends it. It queues at most PREFETCH_BATCHES * max_tokens / n tokens (one sample at
     least) and holds the next one until the loader, which sends each item's tokens back on `credits` as it
-    takes it, has made room. Signals are the
-    training process's to act on: it finishes its step and checkpoints (train.StopRequested), then kills it."""
+    takes it, has made room. Signals are the training process's to act on: it finishes its step and
+    checkpoints (train.StopRequested), then kills it."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     _die_with(parent)
